@@ -1,0 +1,76 @@
+"""Reading a JSON request body safely: media type, size (enforced by Flask's MAX_CONTENT_LENGTH), UTF-8, syntax,
+nesting, and characters no database column can hold."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import current_app, request
+
+from app.config import Settings
+from app.errors import ApiError, InvalidRequest
+from app.schemas import Limits
+
+
+def read_json_object() -> dict[str, Any]:
+    if request.mimetype != "application/json":
+        raise ApiError(415, "Send a JSON body with 'Content-Type: application/json'.", code="unsupported_media_type")
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty.", code="empty_body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_utf8") from exc
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise InvalidRequest("The request body is nested too deeply.", code="too_deep") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
+            code="invalid_json",
+        ) from exc
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    try:
+        _check_strings(data, "")
+    except RecursionError as exc:
+        raise InvalidRequest("The request body is nested too deeply.", code="too_deep") from exc
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"The request body contains {name}, which is not valid JSON.")
+
+
+def _check_strings(value: Any, path: str) -> None:
+    # NUL and lone surrogates parse as JSON but cannot be stored (PostgreSQL refuses both), so refuse them here.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest("Text must not contain NUL characters.", param=path or None, code="invalid_text")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest("Text contains an unpaired surrogate.", param=path or None,
+                                 code="invalid_text") from exc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, path)
+            _check_strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_strings(item, f"{path}[{index}]")
+
+
+def current_limits() -> Limits:
+    settings: Settings = current_app.extensions["verdict.settings"]
+    return Limits(
+        max_text_chars=settings.max_text_chars,
+        max_texts_per_submission=settings.max_texts_per_submission,
+        max_items_per_request=settings.max_items_per_request,
+        max_metadata_bytes=settings.max_metadata_bytes,
+    )

@@ -1,0 +1,112 @@
+"""`/v1/submissions`: submit content for asynchronous review, read one back (optionally long-polling), list them."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from app.api.body import current_limits, read_json_object
+from app.auth import current_principal, require_scope
+from app.db import request_session
+from app.models import Submission
+from app.queue import dispatch_moderation
+from app.request_context import current_request_id
+from app.schemas import (
+    SubmissionAccepted,
+    SubmissionBatchAccepted,
+    SubmissionBatchIn,
+    SubmissionError,
+    SubmissionGetQuery,
+    SubmissionIn,
+    SubmissionListQuery,
+    SubmissionOut,
+    SubmissionPage,
+    VerdictOut,
+)
+from app.use_cases.submissions import (
+    SubmissionFilter,
+    await_submission,
+    list_submissions,
+    submit_content,
+)
+
+bp = Blueprint("submissions", __name__)
+
+
+@bp.post("/v1/submissions")
+@require_scope("submit")
+def create_submissions() -> tuple[Response, int, dict[str, str]]:
+    body = read_json_object()
+    context = {"limits": current_limits()}
+    batch = "items" in body
+    items = (SubmissionBatchIn.model_validate(body, context=context).items if batch
+             else [SubmissionIn.model_validate(body, context=context)])
+    submissions = submit_content(request_session(), current_principal(), items,
+                                 request_id=current_request_id(), dispatch=dispatch_moderation)
+    accepted = [SubmissionAccepted(id=s.id, links={"self": _self_link(s.id)}) for s in submissions]
+    if batch:
+        return jsonify(SubmissionBatchAccepted(data=accepted).model_dump(mode="json")), 202, {}
+    return jsonify(accepted[0].model_dump(mode="json")), 202, {"Location": accepted[0].links["self"]}
+
+
+@bp.get("/v1/submissions/<submission_id>")
+@require_scope("read")
+def get_submission(submission_id: str) -> Response:
+    query = SubmissionGetQuery.model_validate(request.args.to_dict())
+    submission = await_submission(request_session(), current_principal().tenant_id, submission_id,
+                                  wait_seconds=query.wait)
+    return jsonify(submission_out(submission).model_dump(mode="json"))
+
+
+@bp.get("/v1/submissions")
+@require_scope("read")
+def list_all() -> Response:
+    query = SubmissionListQuery.model_validate(request.args.to_dict())
+    page = list_submissions(
+        request_session(), current_principal().tenant_id,
+        SubmissionFilter(status=query.status, decision=query.decision, role=query.role),
+        limit=query.limit, cursor=query.cursor,
+    )
+    body = SubmissionPage(data=[submission_out(s) for s in page.submissions],
+                          has_more=page.next_cursor is not None, next_cursor=page.next_cursor)
+    return jsonify(body.model_dump(mode="json"))
+
+
+def _self_link(submission_id: str) -> str:
+    return url_for("submissions.get_submission", submission_id=submission_id)
+
+
+def submission_out(submission: Submission) -> SubmissionOut:
+    verdict = submission.verdict
+    return SubmissionOut(
+        id=submission.id,
+        status=submission.status,
+        role=submission.role,
+        text_count=submission.text_count,
+        conversation_id=submission.conversation_id,
+        turn_id=submission.turn_id,
+        metadata=submission.client_metadata,
+        policy=submission.policy_name,
+        model=submission.model,
+        created_at=submission.created_at,
+        completed_at=submission.completed_at,
+        verdict=None if verdict is None else VerdictOut(
+            decision=verdict.decision,
+            flagged=verdict.flagged,
+            categories=verdict.categories,
+            category_scores=verdict.category_scores,
+            not_judged=verdict.not_judged,
+            results=verdict.results,
+            provider=verdict.provider,
+            model=verdict.model,
+            policy=verdict.policy_name,
+            policy_version=verdict.policy_version,
+            thresholds=verdict.thresholds,
+            cached=verdict.cached,
+            degraded=verdict.degraded,
+            latency_ms=verdict.latency_ms,
+            decided_at=verdict.created_at,
+        ),
+        error=None if submission.error_code is None else SubmissionError(
+            code=submission.error_code, message=submission.error_message or ""),
+        links={"self": _self_link(submission.id)},
+    )

@@ -1,0 +1,103 @@
+"""API keys: how they are made, stored (SHA-256 digest only) and checked (constant-time), and the scope guard.
+
+A key reads `vk_<id>_<secret>`. The id part is not secret: it finds the row and names the actor in logs and the
+audit trail. The whole key is hashed and compared with `hmac.compare_digest`, so the time taken does not depend on
+how much of a guess matches. Keys are 256-bit random, so a fast hash is the right one (no password stretching).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from flask import g, request
+from sqlalchemy.orm import Session
+
+from app.db import request_session
+from app.errors import ApiError
+from app.models import ApiKey, utcnow
+
+SCOPES = ("submit", "read", "audit", "admin")
+_KEY_PATTERN = re.compile(r"^vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    tenant_id: str
+    scopes: frozenset[str]
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str]:
+    """A new (key id, plaintext key)."""
+    id_part = secrets.token_hex(8)
+    return f"key_{id_part}", f"vk_{id_part}_{secrets.token_urlsafe(32)}"
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="verdict"'})
+
+
+def authenticate(session: Session, authorization: str | None) -> Principal:
+    if not authorization:
+        raise _unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("Malformed Authorization header. Send 'Authorization: Bearer <key>'.")
+    match = _KEY_PATTERN.match(token.strip())
+    if match is None:
+        raise _unauthorized("Invalid API key.")
+    key = session.get(ApiKey, f"key_{match.group(1)}")
+    presented = hash_key(token.strip())
+    # Compare even when the id is unknown, so a miss and a wrong secret take the same path.
+    stored = key.secret_hash if key is not None else hash_key(secrets.token_hex(16))
+    if not hmac.compare_digest(presented, stored) or key is None:
+        raise _unauthorized("Invalid API key.")
+    now = utcnow()
+    if key.revoked_at is not None:
+        raise _unauthorized("This API key has been revoked.")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise _unauthorized("This API key has expired.")
+    if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
+        key.last_used_at = now
+        session.commit()
+    return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def require_scope(scope: str | None) -> Callable[[F], F]:
+    """Authenticate the request's key and require `scope` (None: any valid key); then see `current_principal()`."""
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def decorator(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            principal = authenticate(request_session(), request.headers.get("Authorization"))
+            g.principal = principal
+            if scope is not None and scope not in principal.scopes:
+                raise ApiError(403, f"This API key lacks the '{scope}' scope.", code="missing_scope")
+            return view(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def current_principal() -> Principal:
+    principal: Principal = g.principal
+    return principal

@@ -1,0 +1,126 @@
+"""The one error shape of the API, `{"error": {"type", "message", "param", "code"}}`, for every failure.
+
+Every error leaves through here: our own `ApiError`s, werkzeug's HTTP errors (unknown route, wrong method, body too
+large) and anything unexpected, which is logged with its request id and answered without a stack trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = structlog.get_logger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, *, code: str, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(ApiError):
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(400, message, code=code, param=param)
+
+
+class NotFound(ApiError):
+    def __init__(self, message: str = "No such object.", *, param: str | None = None) -> None:
+        super().__init__(404, message, code="not_found", param=param)
+
+
+def error_response(
+    status: int, message: str, *, code: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    body = {"error": {"type": _TYPE_BY_STATUS.get(status, "api_error"), "message": message, "param": param,
+                      "code": code}}
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def validation_error_response(exc: ValidationError) -> Response:
+    """The first problem pydantic found, naming the field the way a client wrote it (`items[3].input`)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    param = _param_path(first["loc"])
+    message = first["msg"]
+    if first["type"] == "value_error" and "error" in first.get("ctx", {}):
+        message = str(first["ctx"]["error"])
+    elif first["type"] == "extra_forbidden":
+        message = "Unknown field."
+    elif first["type"] == "missing":
+        message = "This field is required."
+    return error_response(400, f"{param}: {message}" if param else message, code=first["type"], param=param)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _UNION_TAGS or "[" in part:
+            # pydantic names union members in the location (`str`, `list[str]`); a client never wrote those.
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
+
+    @app.errorhandler(ValidationError)
+    def _validation_error(exc: ValidationError) -> Response:
+        return validation_error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        messages: dict[int, tuple[str, str]] = {
+            404: ("Unknown route.", "unknown_route"),
+            405: ("Method not allowed on this route.", "method_not_allowed"),
+            413: ("The request body is too large.", "request_too_large"),
+        }
+        message, code = messages.get(status, (exc.description or exc.name, exc.name.lower().replace(" ", "_")))
+        headers: dict[str, Any] = {}
+        if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return error_response(status, message, code=code, headers=headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.error("unhandled_error", error_type=type(exc).__name__, exc_info=exc)
+        return error_response(500, "Internal error. Quote the X-Request-ID header when reporting it.",
+                              code="internal_error")

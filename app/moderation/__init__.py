@@ -1,0 +1,1 @@
+"""Moderation: the category taxonomy, the providers that score text, and the policy that turns scores into decisions."""

@@ -1,0 +1,55 @@
+"""The local engine: moderation inside Verdict, with no network and no download.
+
+It uses `alt-profanity-check`, a small linear model trained on offensive language that ships inside its wheel. That
+model honestly measures one thing, insulting or abusive language, which we report as `harassment`. Every other
+category is reported as not judged rather than as a made-up zero.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from app.moderation.providers import ModelInfo, ProviderResult, TextScores
+from app.moderation.taxonomy import CATEGORIES
+
+LOCAL_MODEL = "verdict-local-profanity-1"
+JUDGED = ("harassment",)
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self) -> None:
+        self._predict: Callable[[list[str]], Sequence[float]] | None = None
+        self._lock = threading.Lock()
+
+    def _predictor(self) -> Callable[[list[str]], Sequence[float]]:
+        # Loading the model costs ~100 ms and some memory; do it on first use, once per process.
+        with self._lock:
+            if self._predict is None:
+                from profanity_check import predict_prob
+
+                self._predict = predict_prob
+            return self._predict
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(
+            id=LOCAL_MODEL,
+            provider=self.name,
+            judged_categories=list(JUDGED),
+            not_judged_categories=[c for c in CATEGORIES if c not in JUDGED],
+        )]
+
+    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
+        started = time.monotonic()
+        probabilities = self._predictor()(list(texts))
+        results = [TextScores(scores={"harassment": round(float(p), 6)}) for p in probabilities]
+        return ProviderResult(
+            provider=self.name,
+            model=LOCAL_MODEL,
+            results=results,
+            judged=frozenset(JUDGED),
+            latency_ms=int((time.monotonic() - started) * 1000),
+        )

@@ -1,0 +1,91 @@
+"""Celery, wired the way Flask documents it, and every Celery setting in one place.
+
+The API only ever *sends* tasks, by their stable names, so it never imports the task modules; the worker loads them
+from `workers.tasks` (see `include`). Renaming a Python function therefore never strands messages already queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from flask import Flask, current_app
+
+from app.config import Settings
+from app.db import Database
+
+log = structlog.get_logger(__name__)
+
+MODERATE_SUBMISSION = "moderation.moderate_submission"
+REQUEUE_STALLED = "moderation.requeue_stalled"
+MODERATION_QUEUE = "moderation"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options: dict[str, Any] = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redis hands an unacknowledged message to another worker after this long; no countdown may exceed it.
+        transport_options["visibility_timeout"] = settings.broker_visibility_timeout
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 4,
+        "include": ["workers.tasks"],
+        "task_ignore_result": True,
+        "task_default_queue": MODERATION_QUEUE,
+        "task_routes": {"moderation.*": {"queue": MODERATION_QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A message is acknowledged only after the task ran, and given back if the worker process dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": max(1, settings.task_time_limit - 5),
+        "task_time_limit": settings.task_time_limit,
+        # Publishing must not hang an API request when the broker is down: the row stays queued and the sweep
+        # sends it later.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                      "interval_max": 1},
+        "worker_hijack_root_logger": False,
+        "worker_concurrency": settings.worker_concurrency,
+        "beat_schedule": {
+            "requeue-stalled-submissions": {"task": REQUEUE_STALLED, "schedule": settings.sweep_interval_seconds},
+        },
+        "timezone": "UTC",
+    }
+
+
+def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celery:
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(celery_config(settings))
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+
+    @worker_process_init.connect(weak=False)
+    def _dispose_inherited_connections(**_kwargs: Any) -> None:
+        # A forked pool process must open its own database connections, never reuse the parent's.
+        database.dispose_after_fork()
+
+    return celery_app
+
+
+def dispatch_moderation(submission_ids: Sequence[str]) -> None:
+    """Enqueue moderation for committed submissions. A broker failure is logged, not raised: the rows are the
+    source of truth and the requeue sweep will send them."""
+    celery_app: Celery = current_app.extensions["celery"]
+    try:
+        with celery_app.producer_or_acquire() as producer:
+            for submission_id in submission_ids:
+                celery_app.send_task(MODERATE_SUBMISSION, args=[submission_id], producer=producer)
+    except Exception as exc:  # noqa: BLE001 - any broker failure means the same thing here
+        log.warning("dispatch_failed", count=len(submission_ids), error_type=type(exc).__name__)
