@@ -1,0 +1,88 @@
+# Verdict's one task runner: people and CI (.ci/run) call the same targets.
+# `make help` lists them.
+
+# python3.11 if the machine has it, else python3 (pyproject.toml asks for >=3.11 and pip refuses anything older).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+VENV := .venv
+BIN := $(VENV)/bin
+# Written after a successful install; pyproject.toml being newer than it means the install is stale.
+STAMP := $(VENV)/.installed
+
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+# migrations-check runs Alembic against a scratch database on the same PostgreSQL the tests use.
+# PG_ADMIN_URL is a database to connect to while creating and dropping the scratch one.
+MIGRATIONS_CHECK_DB := verdict_migrations_check
+PG_ADMIN_URL ?= $(or $(TEST_DATABASE_URL),postgresql+psycopg://postgres@127.0.0.1:5432/postgres)
+# psql and psycopg take libpq URLs, which know no SQLAlchemy "+driver" suffix.
+PG_ADMIN_DSN = $(subst +psycopg,,$(PG_ADMIN_URL))
+# The admin URL with its database name swapped for the scratch database (query string, if any, kept).
+MIGRATIONS_CHECK_URL = $(shell printf '%s' '$(PG_ADMIN_URL)' \
+	| sed -E 's#^([A-Za-z0-9+.-]+://[^/?]*)(/[^?]*)?#\1/$(MIGRATIONS_CHECK_DB)#')
+
+# Run one SQL statement on the admin database: psql when installed, else psycopg from the venv.
+# PGOPTIONS (read by libpq, so by both) hides DROP ... IF EXISTS's "does not exist, skipping" notice.
+define pg_admin
+if command -v psql >/dev/null 2>&1; then \
+	PGOPTIONS='-c client_min_messages=warning' psql '$(PG_ADMIN_DSN)' -X -q -v ON_ERROR_STOP=1 -c '$(1)'; \
+else \
+	PGOPTIONS='-c client_min_messages=warning' $(BIN)/python -c 'import sys, psycopg; psycopg.connect(sys.argv[1], autocommit=True).execute(sys.argv[2])' \
+		'$(PG_ADMIN_DSN)' '$(1)'; \
+fi
+endef
+
+.DEFAULT_GOAL := help
+# `make -j ci` must still run its steps in the order given.
+.NOTPARALLEL:
+.PHONY: help install dev services test lint typecheck migrations-check ci clean
+
+help: ## List the targets
+	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name']"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## Create .venv and install Verdict with its dev tools (again only when pyproject.toml changes)
+
+$(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "No python3.11 or python3 on PATH: install Python 3.11 or newer." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check --no-input -e '.[dev]'
+	@touch $@
+
+dev: install ## Run the API and a worker on the embedded default (SQLite, no servers) on PORT
+	$(BIN)/verdict dev --port $(PORT)
+
+services: ## Make sure PostgreSQL and Redis answer (starts the machine's own if it can)
+	bash ops/ensure-services.sh
+
+# pytest's exit code 5 means "no tests collected"; it fails the build like any other non-zero code.
+test: install services ## Run the test suite (extra pytest arguments in PYTEST_ARGS)
+	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure." >&2; fi; \
+	exit $$status
+
+lint: install ## ruff check
+	$(BIN)/ruff check .
+
+typecheck: install ## mypy, strict, on app/ and workers/
+	$(BIN)/mypy
+
+# The scratch database is dropped afterwards whether Alembic passed or not.
+migrations-check: install services ## alembic upgrade head + alembic check on a scratch PostgreSQL database
+	@echo "migrations-check: scratch database $(MIGRATIONS_CHECK_DB)"
+	@$(call pg_admin,DROP DATABASE IF EXISTS $(MIGRATIONS_CHECK_DB) WITH (FORCE))
+	@$(call pg_admin,CREATE DATABASE $(MIGRATIONS_CHECK_DB))
+	@status=0; \
+	{ DATABASE_URL='$(MIGRATIONS_CHECK_URL)' $(BIN)/alembic upgrade head \
+	  && DATABASE_URL='$(MIGRATIONS_CHECK_URL)' $(BIN)/alembic check; } || status=$$?; \
+	$(call pg_admin,DROP DATABASE IF EXISTS $(MIGRATIONS_CHECK_DB) WITH (FORCE)); \
+	exit $$status
+
+ci: install services lint typecheck migrations-check test ## Everything CI runs, in order
+
+clean: ## Remove var/ (the embedded default's data) and caches; keeps .venv
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
