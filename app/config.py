@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     database_url: str = ""
     broker_url: str = ""
+    # Prefix for every key Verdict's broker writes in Redis, so several deployments (or test runs) share one Redis.
+    broker_key_prefix: str = ""
 
     moderation_provider: Literal["local", "openai"] = "local"
     upstream_base_url: str = "https://api.openai.com/v1"

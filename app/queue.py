@@ -29,6 +29,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Redis hands an unacknowledged message to another worker after this long; no countdown may exceed it.
         transport_options["visibility_timeout"] = settings.broker_visibility_timeout
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,

@@ -26,7 +26,11 @@ from app.use_cases.keys import create_key
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-SERVICES_HINT = "Run `make services` (or `docker compose up -d postgres redis`), or set TEST_DATABASE_URL/TEST_REDIS_URL."
+# Each run's broker keys carry their own prefix, so concurrent runs on one Redis never take each other's messages.
+BROKER_KEY_PREFIX = f"verdict-test-{uuid.uuid4().hex[:8]}:"
+SERVICES_HINT = (
+    "Run `make services` (or `docker compose up -d postgres redis`), or set TEST_DATABASE_URL/TEST_REDIS_URL."
+)
 
 
 def _admin_conninfo(url: str) -> str:
@@ -52,7 +56,7 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_url() -> Iterator[str]:
     client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=5)
     try:
         client.ping()
@@ -60,19 +64,24 @@ def redis_url() -> str:
         pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: {exc}. {SERVICES_HINT}", pytrace=False)
     finally:
         client.close()
-    return TEST_REDIS_URL
+    yield TEST_REDIS_URL
+    flush_redis(TEST_REDIS_URL)
 
 
 def flush_redis(url: str) -> None:
+    """Drop every broker key of this run (what a Redis restart does to a Redis that keeps nothing on disk)."""
     client = redis.Redis.from_url(url)
     try:
-        client.flushdb()
+        keys = list(client.scan_iter(match=f"{BROKER_KEY_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
 
 
 def make_settings(database_url: str, broker_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"database_url": database_url, "broker_url": broker_url, "log_format": "json"}
+    values: dict[str, Any] = {"database_url": database_url, "broker_url": broker_url, "log_format": "json",
+                              "broker_key_prefix": BROKER_KEY_PREFIX}
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from tests.conftest import TenantKey, flush_redis
+from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +93,8 @@ class WorkerProcess:
 def worker_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "MODERATION_"))}
     env.update(WORKER_ENV)
-    env.update({"DATABASE_URL": database_url, "BROKER_URL": redis_url, "PYTHONPATH": str(ROOT)})
+    env.update({"DATABASE_URL": database_url, "BROKER_URL": redis_url, "BROKER_KEY_PREFIX": BROKER_KEY_PREFIX,
+                "PYTHONPATH": str(ROOT)})
     env.update(overrides)
     return env
 
