@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 from app.db import request_session
 from app.errors import ApiError
 from app.models import ApiKey, utcnow
+from app.request_context import current_request_id
+from app.use_cases.audit import record_failed_authentication
 
 SCOPES = ("submit", "read", "audit", "admin")
 _KEY_PATTERN = re.compile(r"^vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -46,30 +48,37 @@ def generate_key() -> tuple[str, str]:
     return f"key_{id_part}", f"vk_{id_part}_{secrets.token_urlsafe(32)}"
 
 
-def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="verdict"'})
+class AuthenticationFailed(ApiError):
+    """401. `reason` says why, for the audit trail; `key` is the key the id part named, if it exists."""
+
+    def __init__(self, message: str, *, reason: str, key: ApiKey | None = None) -> None:
+        super().__init__(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="verdict"'})
+        self.reason = reason
+        self.key_id = key.id if key is not None else None
+        self.tenant_id = key.tenant_id if key is not None else None
 
 
 def authenticate(session: Session, authorization: str | None) -> Principal:
     if not authorization:
-        raise _unauthorized("Missing API key. Send 'Authorization: Bearer <key>'.")
+        raise AuthenticationFailed("Missing API key. Send 'Authorization: Bearer <key>'.", reason="missing")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _unauthorized("Malformed Authorization header. Send 'Authorization: Bearer <key>'.")
+        raise AuthenticationFailed("Malformed Authorization header. Send 'Authorization: Bearer <key>'.",
+                                   reason="malformed_header")
     match = _KEY_PATTERN.match(token.strip())
     if match is None:
-        raise _unauthorized("Invalid API key.")
+        raise AuthenticationFailed("Invalid API key.", reason="malformed_key")
     key = session.get(ApiKey, f"key_{match.group(1)}")
     presented = hash_key(token.strip())
     # Compare even when the id is unknown, so a miss and a wrong secret take the same path.
     stored = key.secret_hash if key is not None else hash_key(secrets.token_hex(16))
     if not hmac.compare_digest(presented, stored) or key is None:
-        raise _unauthorized("Invalid API key.")
+        raise AuthenticationFailed("Invalid API key.", reason="wrong_secret" if key else "unknown_key", key=key)
     now = utcnow()
     if key.revoked_at is not None:
-        raise _unauthorized("This API key has been revoked.")
+        raise AuthenticationFailed("This API key has been revoked.", reason="revoked", key=key)
     if key.expires_at is not None and key.expires_at <= now:
-        raise _unauthorized("This API key has expired.")
+        raise AuthenticationFailed("This API key has expired.", reason="expired", key=key)
     if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
         key.last_used_at = now
         session.commit()
@@ -87,7 +96,18 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            principal = authenticate(request_session(), request.headers.get("Authorization"))
+            session = request_session()
+            try:
+                principal = authenticate(session, request.headers.get("Authorization"))
+            except AuthenticationFailed as exc:
+                # A presented credential that fails is audited; a request that sent none is simply refused.
+                if exc.reason != "missing":
+                    record_failed_authentication(
+                        session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
+                        request_id=current_request_id(), method=request.method,
+                        route=request.url_rule.rule if request.url_rule else None,
+                    )
+                raise
             g.principal = principal
             if scope is not None and scope not in principal.scopes:
                 raise ApiError(403, f"This API key lacks the '{scope}' scope.", code="missing_scope")

@@ -1,13 +1,16 @@
-"""The `verdict` command: run the API, a worker, beat, or everything embedded; migrate; manage keys."""
+"""The `verdict` command: run the API, a worker, beat, or everything embedded; migrate; manage keys and tenant
+settings; verify and export the audit trail."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 from alembic import command
@@ -16,6 +19,9 @@ from gunicorn.app.base import BaseApplication
 
 from app.auth import SCOPES
 from app.config import Settings
+
+if TYPE_CHECKING:
+    from app.use_cases.audit import Verification
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +38,7 @@ def _alembic_config(settings: Settings) -> AlembicConfig:
 
 def migrate_database(settings: Settings) -> None:
     settings.ensure_var_dir()
-    command.upgrade(_alembic_config(settings), "head")
+    command.upgrade(_alembic_config(settings), "heads")
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -52,8 +58,10 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 def _serve_api(bind: str, workers: int, threads: int) -> None:
     # gthread workers: long-polls (`?wait=`) park a thread, not a whole process.
+    # No control socket (gunicorn 25+): its default path is one per user, so a second server on the machine (a test
+    # run, `verdict dev` beside `verdict api`) would take it over; Verdict is managed by signals and its CLI.
     _Gunicorn({"bind": bind, "workers": workers, "worker_class": "gthread", "threads": threads,
-               "accesslog": None, "timeout": 60, "graceful_timeout": 20}).run()
+               "accesslog": None, "timeout": 60, "graceful_timeout": 20, "control_socket_disable": True}).run()
 
 
 def _celery_argv(*args: str) -> list[str]:
@@ -165,6 +173,169 @@ def keys_revoke(key_id: str) -> None:
         except KeyRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"revoked {key.id}")
+
+
+@main.group()
+def tenants() -> None:
+    """Tenant settings: content retention and PII masking."""
+
+
+@tenants.command("configure")
+@click.argument("name")
+@click.option("--retention-days", default=None,
+              help="Days to keep submitted content; 0 keeps it forever; 'default' follows CONTENT_RETENTION_DAYS.")
+@click.option("--mask-by-default", type=click.Choice(["on", "off", "default"]), default=None,
+              help="Mask submissions that do not say `mask`; 'default' follows MASK_BY_DEFAULT.")
+def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None) -> None:
+    """Change a tenant's settings (only those given) and print them."""
+    from app.db import Database
+    from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
+
+    retention: int | None | Keep = KEEP
+    if retention_days is not None:
+        if retention_days == "default":
+            retention = None
+        elif retention_days.isdigit():
+            retention = int(retention_days)
+        else:
+            raise click.BadParameter("a number of days (0: forever) or 'default'", param_hint="--retention-days")
+    mask: bool | None | Keep = KEEP
+    if mask_by_default is not None:
+        mask = None if mask_by_default == "default" else mask_by_default == "on"
+    database = Database(Settings().database_url)
+    with database.session_scope() as session:
+        try:
+            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask)
+        except TenantRequestError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"tenant: {tenant.name} ({tenant.id})")
+        click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
+        click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
+
+
+class CannotVerify(click.ClickException):
+    """Verification could not run (unknown tenant, unreadable file): exit 2, apart from a broken chain's 1."""
+
+    exit_code = 2
+
+
+def _chain_id(session: Any, tenant: str | None, system: bool) -> str:
+    from sqlalchemy import select
+
+    from app.models import Tenant
+    from app.use_cases.audit import SYSTEM_CHAIN
+
+    if system:
+        return SYSTEM_CHAIN
+    tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
+    if tenant_id is None:
+        raise CannotVerify(f"no tenant named {tenant!r}")
+    return str(tenant_id)
+
+
+def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter("an ISO 8601 time, such as 2026-01-31T00:00:00Z") from exc
+    # An operator's time without a zone is UTC, like every time Verdict stores.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@main.group()
+def audit() -> None:
+    """Verify and export the audit trail."""
+
+
+@audit.command("verify")
+@click.option("--tenant", default=None, help="Verify this tenant's chain in the database.")
+@click.option("--system", "system_chain", is_flag=True, help="Verify the system chain (events of no tenant).")
+@click.option("--file", "export_file", type=click.File("rb"), default=None,
+              help="Verify an NDJSON export offline instead ('-' reads stdin); with --tenant, it must be theirs.")
+@click.option("--start-seq", type=click.IntRange(min=1), default=None, help="First seq to check (database).")
+@click.option("--end-seq", type=click.IntRange(min=1), default=None, help="Last seq to check (database).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def audit_verify(tenant: str | None, system_chain: bool, export_file: BinaryIO | None, start_seq: int | None,
+                 end_seq: int | None, as_json: bool) -> None:
+    """Recompute a hash chain: print `ok` with the count and head hash, or the first broken event and why.
+
+    Exit status: 0 the chain holds, 1 it is broken, 2 it could not be verified.
+    """
+    from app.db import Database
+    from app.use_cases.audit import verify_chain, verify_export
+
+    if tenant is not None and system_chain:
+        raise click.UsageError("give --tenant or --system, not both")
+    if tenant is None and not system_chain and export_file is None:
+        raise click.UsageError("give --tenant NAME or --system (the database), or --file EXPORT.ndjson")
+    expected_chain = None
+    if tenant is not None or system_chain:
+        database = Database(Settings().database_url)
+        with database.session_scope() as session:
+            expected_chain = _chain_id(session, tenant, system_chain)
+            if export_file is None:
+                result = verify_chain(session, expected_chain, start_seq=start_seq, end_seq=end_seq)
+    if export_file is not None:
+        result = verify_export(export_file)
+        if result.ok and expected_chain is not None and result.chain not in (None, expected_chain):
+            raise CannotVerify(f"the file holds chain {result.chain}, not {expected_chain}")
+    _report(result, as_json=as_json)
+    if not result.ok:
+        sys.exit(1)
+
+
+def _report(result: Verification, *, as_json: bool) -> None:
+    broken = result.broken
+    if as_json:
+        click.echo(json.dumps({
+            "ok": result.ok, "chain": result.chain, "count": result.count, "first_seq": result.first_seq,
+            "last_seq": result.last_seq, "head_hash": result.head_hash, "notes": result.notes,
+            "broken": None if broken is None else {"seq": broken.seq, "line": broken.line, "code": broken.code,
+                                                   "reason": broken.reason},
+        }))
+        return
+    span = f"seq {result.first_seq}..{result.last_seq}" if result.count else "no events"
+    if broken is None:
+        click.echo(f"ok: chain {result.chain}, {result.count} events ({span}), head hash {result.head_hash}")
+    else:
+        where = f"seq {broken.seq}" if broken.seq is not None else "an unreadable event"
+        line = f" (line {broken.line})" if broken.line is not None else ""
+        click.echo(f"BROKEN: chain {result.chain} at {where}{line}: {broken.code}: {broken.reason}")
+        click.echo(f"checked: {result.count} events held before it ({span})")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+@audit.command("export")
+@click.option("--tenant", default=None, help="The tenant whose chain to export.")
+@click.option("--system", "system_chain", is_flag=True, help="Export the system chain (events of no tenant).")
+@click.option("--format", "export_format", type=click.Choice(["ndjson", "csv"]), default="ndjson",
+              show_default=True, help="NDJSON carries what offline verification needs; CSV is for reading.")
+@click.option("--start", callback=_iso_time, default=None, help="From this time (ISO 8601; UTC without a zone).")
+@click.option("--end", callback=_iso_time, default=None, help="Until this time, exclusive.")
+def audit_export(tenant: str | None, system_chain: bool, export_format: str, start: datetime | None,
+                 end: datetime | None) -> None:
+    """Stream a chain's events, oldest first, to stdout."""
+    from app.db import Database
+    from app.use_cases.audit import csv_lines, export_line, stream_events
+
+    if (tenant is None) == (not system_chain):
+        raise click.UsageError("give --tenant NAME or --system (one of them)")
+    if start is not None and end is not None and end <= start:
+        raise click.BadParameter("must be after --start", param_hint="--end")
+    database = Database(Settings().database_url)
+    out = sys.stdout.buffer
+    with database.session_scope() as session:
+        events = stream_events(session, _chain_id(session, tenant, system_chain), start=start, end=end)
+        if export_format == "csv":
+            for text in csv_lines(events):
+                out.write(text.encode())
+        else:
+            for event in events:
+                out.write(export_line(event))
+    out.flush()
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ and the local moderation engine. Every setting is documented in `.env.example`.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +43,26 @@ class Settings(BaseSettings):
     moderation_max_retries: int = Field(default=5, ge=0)
     moderation_retry_backoff_max: int = Field(default=300, gt=0)
 
+    # Webhooks. Networks a webhook URL may resolve into although they are not public (loopback, private,
+    # link-local, ...): comma-separated CIDRs. Empty: public addresses only (the SSRF guard, app/webhooks/url_guard.py).
+    webhook_allowed_networks: str = ""
+    # Seconds before each retry of a failed delivery, comma-separated; after the last one the delivery is dead.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000"
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A worker's claim on a delivery; its task is killed before the claim runs out, so no two send at once.
+    webhook_lease_seconds: int = Field(default=60, gt=0)
+    webhook_sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    # After a rotation the previous secret keeps signing (as a second signature) for this long.
+    webhook_secret_grace_seconds: int = Field(default=86_400, ge=0)
+
+    # Days to keep submitted content (tenants may override); then it is erased and audit events stay. 0: forever.
+    content_retention_days: int = Field(default=30, ge=0)
+    retention_sweep_interval_seconds: float = Field(default=3600.0, gt=0)
+    # Mask personal data in submissions that neither say `mask` nor belong to a tenant with its own default.
+    mask_by_default: bool = False
+    # Where phone numbers written without a +country code are recognised: ISO 3166 region codes, comma-separated.
+    mask_phone_regions: str = "US"
+
     worker_concurrency: int = Field(default=2, gt=0)
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
@@ -62,6 +83,49 @@ class Settings(BaseSettings):
             raise ValueError("MODERATION_RETRY_BACKOFF_MAX must be below BROKER_VISIBILITY_TIMEOUT")
         return self
 
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        _parse_networks(value)
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        _parse_delays(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_webhook_lease(self) -> Settings:
+        # One attempt may spend the timeout connecting and again reading; the task's hard time limit (the lease
+        # minus 5 s) must still leave it that time.
+        if self.webhook_lease_seconds < 2 * self.webhook_timeout_seconds + 10:
+            raise ValueError("WEBHOOK_LEASE_SECONDS must be at least 2 * WEBHOOK_TIMEOUT_SECONDS + 10")
+        return self
+
+    @property
+    def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return _parse_networks(self.webhook_allowed_networks)
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return _parse_delays(self.webhook_retry_schedule)
+
+    @field_validator("mask_phone_regions")
+    @classmethod
+    def _known_regions(cls, value: str) -> str:
+        import phonenumbers
+
+        regions = [r.strip().upper() for r in value.split(",") if r.strip()]
+        unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if not regions or unknown:
+            raise ValueError(f"MASK_PHONE_REGIONS must list region codes such as US,GB,DE; unknown: {unknown}")
+        return ",".join(regions)
+
+    @property
+    def phone_regions(self) -> tuple[str, ...]:
+        return tuple(self.mask_phone_regions.split(","))
+
     @property
     def is_embedded(self) -> bool:
         return self.database_url.startswith("sqlite") or self.broker_url.startswith("sqla+")
@@ -73,3 +137,32 @@ class Settings(BaseSettings):
     def ensure_var_dir(self) -> None:
         if self.database_url.startswith("sqlite") or self.broker_url.startswith("sqla+sqlite"):
             self.var_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ip_network(part, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"WEBHOOK_ALLOWED_NETWORKS: {part!r} is not a CIDR network") from exc
+    return tuple(networks)
+
+
+def _parse_delays(value: str) -> tuple[float, ...]:
+    delays = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        try:
+            delay = float(part)
+        except ValueError as exc:
+            raise ValueError(f"WEBHOOK_RETRY_SCHEDULE: {part!r} is not a number of seconds") from exc
+        if not 0 < delay < 10 * 86_400:
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE: each delay must be above 0 and below 10 days")
+        delays.append(delay)
+    if len(delays) > 20:
+        raise ValueError("WEBHOOK_RETRY_SCHEDULE: at most 20 retries")
+    return tuple(delays)

@@ -49,3 +49,5 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
     # werkzeug's access log would print full URLs; our own request log line replaces it.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # httpx logs every request's full URL at INFO, and a webhook URL may hold the receiver's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

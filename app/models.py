@@ -66,6 +66,11 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(sa.String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Days to keep submitted content before the retention job erases it: None follows CONTENT_RETENTION_DAYS,
+    # 0 keeps it forever.
+    retention_days: Mapped[int | None] = mapped_column(sa.Integer)
+    # Mask personal data in submissions that do not say `mask` themselves: None follows MASK_BY_DEFAULT.
+    mask_by_default: Mapped[bool | None] = mapped_column(sa.Boolean)
 
 
 class ApiKey(Base):
@@ -97,6 +102,9 @@ class Submission(Base):
         sa.CheckConstraint("role IN ('input', 'output')", name="role_known"),
         sa.Index("ix_submissions_tenant_created", "tenant_id", "created_at", "id"),
         sa.Index("ix_submissions_status_enqueued", "status", "enqueued_at"),
+        # The retention job's scan: only content not yet erased, so tombstones never slow it down.
+        sa.Index("ix_submissions_tenant_unerased", "tenant_id", "created_at",
+                 postgresql_where=sa.text("erased_at IS NULL"), sqlite_where=sa.text("erased_at IS NULL")),
     )
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("sub"))
@@ -105,7 +113,7 @@ class Submission(Base):
     source: Mapped[str] = mapped_column(sa.String(16), default="async")
     role: Mapped[str] = mapped_column(sa.String(16), default=Role.INPUT.value)
     status: Mapped[str] = mapped_column(sa.String(16), default=SubmissionStatus.QUEUED.value)
-    # The texts to moderate; None once erased.
+    # The texts to moderate (masked, if `mask`); None once erased.
     content: Mapped[list[str] | None] = mapped_column(JSONType)
     content_digest: Mapped[str] = mapped_column(sa.String(64))
     text_count: Mapped[int] = mapped_column(sa.Integer)
@@ -128,6 +136,8 @@ class Submission(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error_code: Mapped[str | None] = mapped_column(sa.String(64))
     error_message: Mapped[str | None] = mapped_column(sa.String(500))
+    # Set when the content, metadata and per-text results were erased; the row stays as a tombstone.
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     verdict: Mapped[Verdict | None] = relationship(back_populates="submission", lazy="selectin")
 
@@ -165,19 +175,185 @@ class Verdict(Base):
     submission: Mapped[Submission] = relationship(back_populates="verdict")
 
 
+_NOT_NULL_DECISION = sa.text("decision IS NOT NULL")
+_NOT_NULL_CONVERSATION = sa.text("conversation_id IS NOT NULL")
+
+
 class AuditEvent(Base):
-    """One append-only record of a state change. Holds digests of content, never content."""
+    """One append-only record of a state change. Holds digests of content, never content.
+
+    Events form one hash chain per tenant (`chain_id` is the tenant id, or `system` for events of no tenant): `seq`
+    counts 1, 2, 3… with no gap, and `hash` covers `prev_hash` and the event's canonical form
+    (app/use_cases/audit.py). What the audit API filters on is a real column, indexed together with `seq`, so a
+    filtered page is one ordered index range at any table size.
+    """
 
     __tablename__ = "audit_events"
-    __table_args__ = (sa.Index("ix_audit_events_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        sa.UniqueConstraint("chain_id", "seq", name="uq_audit_events_chain_seq"),
+        sa.Index("ix_audit_events_chain_occurred", "chain_id", "occurred_at"),
+        sa.Index("ix_audit_events_chain_action", "chain_id", "action", "seq"),
+        sa.Index("ix_audit_events_chain_actor", "chain_id", "actor", "seq"),
+        sa.Index("ix_audit_events_chain_subject", "chain_id", "subject_id", "seq"),
+        sa.Index("ix_audit_events_chain_decision", "chain_id", "decision", "seq",
+                 postgresql_where=_NOT_NULL_DECISION, sqlite_where=_NOT_NULL_DECISION),
+        sa.Index("ix_audit_events_chain_conversation", "chain_id", "conversation_id", "seq",
+                 postgresql_where=_NOT_NULL_CONVERSATION, sqlite_where=_NOT_NULL_CONVERSATION),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str | None] = mapped_column(sa.ForeignKey("tenants.id", ondelete="RESTRICT"))
+    chain_id: Mapped[str] = mapped_column(sa.String(40))
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    prev_hash: Mapped[str] = mapped_column(sa.String(64))
+    hash: Mapped[str] = mapped_column(sa.String(64))
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     action: Mapped[str] = mapped_column(sa.String(64))
     actor: Mapped[str] = mapped_column(sa.String(64))
     subject_type: Mapped[str | None] = mapped_column(sa.String(32))
-    subject_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    subject_id: Mapped[str | None] = mapped_column(sa.String(64))
     request_id: Mapped[str | None] = mapped_column(sa.String(128))
     content_digest: Mapped[str | None] = mapped_column(sa.String(64))
+    # Links a model output to the input that produced it (the submission's own ids).
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(128))
+    turn_id: Mapped[str | None] = mapped_column(sa.String(128))
+    decision: Mapped[str | None] = mapped_column(sa.String(16))
+    # The flagged categories a decision names; searchable through AuditEventCategory.
+    categories: Mapped[list[str] | None] = mapped_column(JSONType)
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class AuditEventCategory(Base):
+    """An index of the categories each event names, for the audit API's `category` filter. The event row, which the
+    hash chain covers, is the record; this table only finds it."""
+
+    __tablename__ = "audit_event_categories"
+    __table_args__ = (
+        sa.ForeignKeyConstraint(["chain_id", "seq"], ["audit_events.chain_id", "audit_events.seq"],
+                                ondelete="CASCADE"),
+    )
+
+    chain_id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    category: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+
+
+class AuditChainHead(Base):
+    """The last event of one audit chain. A writer locks this row to append, so concurrent writers of a chain queue
+    up instead of forking it, and verification can tell a chain whose newest events were deleted."""
+
+    __tablename__ = "audit_chain_heads"
+
+    chain_id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(sa.BigInteger)
+    hash: Mapped[str] = mapped_column(sa.String(64))
+    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# ---- webhooks ----
+
+
+class WebhookEndpointStatus(enum.StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
+class WebhookEndpointKind(enum.StrEnum):
+    ENDPOINT = "endpoint"
+    # The tenant's one signer for per-submission `callback_url`s: no URL of its own, each delivery carries one.
+    CALLBACK = "callback"
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its next attempt, due at `next_attempt_at`
+    DELIVERING = "delivering"  # claimed by a worker until the claim's lease runs out
+    SUCCEEDED = "succeeded"
+    DEAD = "dead"  # retries exhausted, or the receiver answered 410; can be redelivered by hand
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant's events go, which ones, and the secret that signs them.
+
+    The secret is stored as issued (`whsec_<base64>`), not hashed: signing with HMAC needs the raw secret.
+    During a rotation the previous secret signs too, until `previous_secret_expires_at`.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (
+        sa.CheckConstraint("kind IN ('endpoint', 'callback')", name="kind_known"),
+        sa.CheckConstraint("status IN ('enabled', 'disabled')", name="status_known"),
+        sa.Index("ix_webhook_endpoints_tenant_kind", "tenant_id", "kind"),
+        sa.Index("uq_webhook_endpoints_callback_signer", "tenant_id", unique=True,
+                 postgresql_where=sa.text("kind = 'callback'"), sqlite_where=sa.text("kind = 'callback'")),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("wh"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(sa.String(16), default=WebhookEndpointKind.ENDPOINT.value)
+    url: Mapped[str | None] = mapped_column(sa.String(2048))
+    description: Mapped[str | None] = mapped_column(sa.String(500))
+    events: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    status: Mapped[str] = mapped_column(sa.String(16), default=WebhookEndpointStatus.ENABLED.value)
+    disabled_reason: Mapped[str | None] = mapped_column(sa.String(200))
+    secret: Mapped[str] = mapped_column(sa.String(100))
+    previous_secret: Mapped[str | None] = mapped_column(sa.String(100))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (or one callback URL): the outbox row, written in the transaction that caused it.
+
+    Its id is the `webhook-id` header, the same on every attempt and redelivery, so receivers can deduplicate.
+    `payload` is the exact body, serialized once, so every attempt sends the same bytes.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('pending', 'delivering', 'succeeded', 'dead')", name="status_known"),
+        sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        sa.Index("ix_webhook_deliveries_status_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("msg"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(sa.String(64))
+    submission_id: Mapped[str | None] = mapped_column(sa.String(40))
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    payload: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[str] = mapped_column(sa.String(16), default=DeliveryStatus.PENDING.value)
+    # Every attempt ever made (numbers the attempt log); `retries` counts automatic retries since the delivery
+    # was created or last redelivered by hand, and picks the next delay from the retry schedule.
+    attempt_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    retries: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When a task was last sent for it: the sweep sends again only if that task seems lost.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Fencing token: only the holder of the current claim may record the attempt's outcome.
+    claim_token: Mapped[str | None] = mapped_column(sa.String(32))
+    last_status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    last_error: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookDeliveryAttempt(Base):
+    """One HTTP attempt of a delivery: status code, latency, error, and a short excerpt of the answer, no more."""
+
+    __tablename__ = "webhook_delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(sa.Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    latency_ms: Mapped[int | None] = mapped_column(sa.Integer)
+    error: Mapped[str | None] = mapped_column(sa.String(200))
+    response_excerpt: Mapped[str | None] = mapped_column(sa.String(256))

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -69,7 +70,10 @@ class SubmissionIn(_Strict):
     metadata: dict[str, Any] | None = Field(default=None, description="Small JSON object returned as given.")
     policy: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "default"
     model: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    mask: bool = False
+    mask: bool | None = Field(
+        default=None, description="Replace personal data (e-mail, phone, card, IP, IBAN…) with placeholders before "
+        "the text is stored or sent to a provider. Unset: the tenant's default.",
+    )
     callback_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
 
     @field_validator("input")
@@ -125,11 +129,16 @@ class SubmissionBatchIn(_Strict):
 
 
 def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+    # Iterative, so a hostile body nested hundreds of levels deep is refused, not a RecursionError (500).
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+        deepest = max(deepest, depth)
+    return deepest
 
 
 class SubmissionListQuery(_Strict):
@@ -146,6 +155,63 @@ class SubmissionGetQuery(_Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     wait: float = Field(default=0, ge=0, le=30, description="Long-poll: wait up to this many seconds for a verdict.")
+
+
+# ---- audit trail -----------------------------------------------------------------------------------------------
+
+AuditTerm = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+
+
+class AuditRangeQuery(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    start: AwareDatetime | None = Field(default=None, description="ISO 8601 with a zone (`…Z`); inclusive.")
+    end: AwareDatetime | None = Field(default=None, description="ISO 8601 with a zone; exclusive.")
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: datetime | None, info: ValidationInfo) -> datetime | None:
+        start = info.data.get("start")
+        if end is not None and start is not None and end <= start:
+            raise ValueError("must be after start")
+        return end
+
+
+class AuditQuery(AuditRangeQuery):
+    action: AuditTerm | None = None
+    actor: AuditTerm | None = Field(default=None, description="A key id, `worker`, `system` or `anonymous`.")
+    subject: AuditTerm | None = Field(default=None, description="The subject's id (`sub_…`, `key_…`, `ten_…`).")
+    decision: Literal["allow", "review", "block"] | None = None
+    category: AuditTerm | None = None
+    conversation_id: AuditTerm | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @field_validator("category")
+    @classmethod
+    def _known_category(cls, category: str | None) -> str | None:
+        if category is not None and category not in CATEGORIES:
+            raise ValueError(f"must be one of {', '.join(CATEGORIES)}")
+        return category
+
+
+class AuditExportQuery(AuditRangeQuery):
+    format: Literal["ndjson", "csv"] = "ndjson"
+
+
+class AuditVerifyQuery(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    start_seq: int | None = Field(default=None, ge=1)
+    end_seq: int | None = Field(default=None, ge=1)
+
+    @field_validator("end_seq")
+    @classmethod
+    def _not_before_start(cls, end_seq: int | None, info: ValidationInfo) -> int | None:
+        start_seq = info.data.get("start_seq")
+        if end_seq is not None and start_seq is not None and end_seq < start_seq:
+            raise ValueError("must not be below start_seq")
+        return end_seq
 
 
 class TextPart(_Strict):
@@ -209,6 +275,8 @@ class SubmissionOut(BaseModel):
     model: str | None
     created_at: datetime
     completed_at: datetime | None
+    erased_at: datetime | None = Field(
+        default=None, description="When the content, metadata and per-text results were erased (a tombstone).")
     verdict: VerdictOut | None
     error: SubmissionError | None
     links: dict[str, str]
@@ -231,6 +299,55 @@ class SubmissionPage(BaseModel):
     data: list[SubmissionOut]
     has_more: bool
     next_cursor: str | None
+
+
+class AuditEventOut(BaseModel):
+    """An audit event as the chain hashes it (see app/use_cases/audit.py), plus its hash."""
+
+    object: Literal["audit_event"] = "audit_event"
+    v: int
+    chain: str
+    tenant_id: str | None
+    seq: int
+    prev_hash: str
+    hash: str
+    occurred_at: str
+    action: str
+    actor: str
+    subject_type: str | None
+    subject_id: str | None
+    request_id: str | None
+    content_digest: str | None
+    conversation_id: str | None
+    turn_id: str | None
+    decision: str | None
+    categories: list[str] | None
+    details: dict[str, Any]
+
+
+class AuditPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AuditEventOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class ChainBreakOut(BaseModel):
+    seq: int | None
+    code: str
+    reason: str
+
+
+class AuditVerificationOut(BaseModel):
+    object: Literal["audit_verification"] = "audit_verification"
+    ok: bool
+    chain: str
+    count: int = Field(description="Events checked (up to the first broken one).")
+    first_seq: int | None
+    last_seq: int | None
+    head_hash: str | None = Field(description="The hash of the last event checked; anchor it somewhere else.")
+    broken: ChainBreakOut | None
+    notes: list[str]
 
 
 class ModerationResultOut(BaseModel):

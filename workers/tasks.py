@@ -9,8 +9,16 @@ from flask import current_app
 
 from app.config import Settings
 from app.db import get_database
-from app.queue import MODERATE_SUBMISSION, REQUEUE_STALLED, dispatch_moderation
-from app.use_cases import moderation
+from app.queue import (
+    DELIVER_WEBHOOK,
+    DISPATCH_WEBHOOKS,
+    ERASE_EXPIRED_CONTENT,
+    MODERATE_SUBMISSION,
+    REQUEUE_STALLED,
+    dispatch_moderation,
+    dispatch_webhook_deliveries,
+)
+from app.use_cases import erasure, moderation, webhooks
 
 
 def _settings() -> Settings:
@@ -33,3 +41,27 @@ def moderate_submission(self: Any, submission_id: str) -> str:
 def requeue_stalled() -> int:
     with get_database().session_scope() as session:
         return moderation.requeue_stalled(session, _settings(), dispatch_moderation)
+
+
+@shared_task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True)
+def deliver_webhook(delivery_id: str) -> str:
+    # No Celery retries: a failed attempt goes back to the row with its next due time, and the sweep sends it then.
+    return webhooks.deliver(get_database(), delivery_id, _settings())
+
+
+@shared_task(name=DISPATCH_WEBHOOKS, acks_late=False)
+def dispatch_due_webhooks() -> int:
+    with get_database().session_scope() as session:
+        return webhooks.dispatch_due(session, _settings(), dispatch_webhook_deliveries)
+
+
+@shared_task(name=ERASE_EXPIRED_CONTENT, bind=True, acks_late=False)
+def erase_expired_content(self: Any) -> int:
+    settings = _settings()
+    with get_database().session_scope() as session:
+        # Half the task's time limit: a sweep ends cleanly between batches, long before it could be killed.
+        sweep = erasure.erase_expired_content(session, default_days=settings.content_retention_days,
+                                              time_budget=settings.task_time_limit / 2)
+    if not sweep.finished:
+        self.apply_async()  # a backlog (retention just switched on) is worked off now, not one slice per interval
+    return sweep.erased

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import health, moderations, submissions
+from app.api import audit, data, health, moderations, submissions, webhooks
 
 
 def init_app(app: Flask) -> None:
-    for module in (health, submissions, moderations):
+    for module in (health, submissions, moderations, audit, data, webhooks):
         app.register_blueprint(module.bp)

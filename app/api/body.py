@@ -4,6 +4,7 @@ nesting, and characters no database column can hold."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from flask import current_app, request
@@ -24,7 +25,7 @@ def read_json_object() -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_utf8") from exc
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError as exc:
         raise InvalidRequest("The request body is nested too deeply.", code="too_deep") from exc
     except json.JSONDecodeError as exc:
@@ -47,15 +48,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"The request body contains {name}, which is not valid JSON.")
 
 
+def _finite_float(literal: str) -> float:
+    # `1e999` parses as infinity, which no JSON column (PostgreSQL's jsonb) can store.
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"The request body contains a number out of range ({literal[:32]}).")
+    return value
+
+
 def _check_strings(value: Any, path: str) -> None:
     # NUL and lone surrogates parse as JSON but cannot be stored (PostgreSQL refuses both), so refuse them here.
     if isinstance(value, str):
+        prefix = f"{path}: " if path else ""  # name the field, as every validation message does
         if "\x00" in value:
-            raise InvalidRequest("Text must not contain NUL characters.", param=path or None, code="invalid_text")
+            raise InvalidRequest(f"{prefix}Text must not contain NUL characters.", param=path or None,
+                                 code="invalid_text")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequest("Text contains an unpaired surrogate.", param=path or None,
+            raise InvalidRequest(f"{prefix}Text contains an unpaired surrogate.", param=path or None,
                                  code="invalid_text") from exc
     elif isinstance(value, dict):
         for key, item in value.items():

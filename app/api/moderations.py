@@ -36,6 +36,8 @@ def create_moderation() -> Response:
     try:
         parsed = ModerationRequest.model_validate(body)
     except ValidationError as exc:
+        if exc.errors()[0]["loc"][:1] != ("input",):
+            raise  # another field (`model`): the generic handler names it
         raise InvalidRequest("'input' must be a string, a list of strings, or a list of text parts.",
                              param="input", code="invalid_input") from exc
     texts = _texts(parsed)
@@ -64,20 +66,22 @@ def _texts(parsed: ModerationRequest) -> list[str]:
     items = [raw] if isinstance(raw, str) else raw
     for index, item in enumerate(items):
         if isinstance(item, ImagePart):
-            raise InvalidRequest("Image inputs are not supported by this deployment's moderation provider.",
-                                 param=f"input[{index}]", code="image_not_supported")
+            raise InvalidRequest(
+                f"input[{index}]: image inputs are not supported by this deployment's moderation provider.",
+                param=f"input[{index}]", code="image_not_supported")
         texts.append(item.text if isinstance(item, TextPart) else item)
     limits = current_limits()
     if not texts:
-        raise InvalidRequest("'input' must contain at least one text.", param="input", code="empty_input")
+        raise InvalidRequest("input: must contain at least one text.", param="input", code="empty_input")
     if len(texts) > limits.max_texts_per_submission:
-        raise InvalidRequest(f"At most {limits.max_texts_per_submission} texts per request.", param="input",
+        raise InvalidRequest(f"input: at most {limits.max_texts_per_submission} texts per request.", param="input",
                              code="too_many_texts")
     for index, text in enumerate(texts):
         if not text.strip():
-            raise InvalidRequest("Texts must not be empty.", param=f"input[{index}]", code="empty_input")
+            raise InvalidRequest(f"input[{index}]: texts must not be empty.", param=f"input[{index}]",
+                                 code="empty_input")
         if len(text) > limits.max_text_chars:
-            raise InvalidRequest(f"Each text may be at most {limits.max_text_chars} characters.",
+            raise InvalidRequest(f"input[{index}]: each text may be at most {limits.max_text_chars} characters.",
                                  param=f"input[{index}]", code="text_too_long")
     return texts
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from app.api.body import current_limits, read_json_object
 from app.auth import current_principal, require_scope
 from app.db import request_session
+from app.masking import Masker
 from app.models import Submission
 from app.queue import dispatch_moderation
 from app.request_context import current_request_id
@@ -28,6 +29,7 @@ from app.use_cases.submissions import (
     list_submissions,
     submit_content,
 )
+from app.use_cases.webhooks import check_callback_urls
 
 bp = Blueprint("submissions", __name__)
 
@@ -40,8 +42,11 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
     batch = "items" in body
     items = (SubmissionBatchIn.model_validate(body, context=context).items if batch
              else [SubmissionIn.model_validate(body, context=context)])
+    check_callback_urls(request_session(), current_principal().tenant_id, [item.callback_url for item in items],
+                        settings=current_app.extensions["verdict.settings"])
     submissions = submit_content(request_session(), current_principal(), items,
-                                 request_id=current_request_id(), dispatch=dispatch_moderation)
+                                 request_id=current_request_id(), dispatch=dispatch_moderation,
+                                 masker=Masker.from_settings(current_app.extensions["verdict.settings"]))
     accepted = [SubmissionAccepted(id=s.id, links={"self": _self_link(s.id)}) for s in submissions]
     if batch:
         return jsonify(SubmissionBatchAccepted(data=accepted).model_dump(mode="json")), 202, {}
@@ -89,6 +94,7 @@ def submission_out(submission: Submission) -> SubmissionOut:
         model=submission.model,
         created_at=submission.created_at,
         completed_at=submission.completed_at,
+        erased_at=submission.erased_at,
         verdict=None if verdict is None else VerdictOut(
             decision=verdict.decision,
             flagged=verdict.flagged,

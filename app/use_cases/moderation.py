@@ -21,9 +21,11 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.config import Settings
 from app.db import Database
-from app.models import Submission, SubmissionStatus, Verdict, utcnow
+from app.masking import Masker
+from app.models import Submission, SubmissionStatus, Tenant, Verdict, utcnow
 from app.moderation.policy import DEFAULT_POLICY, Assessment, Policy, assess, get_policy
 from app.moderation.providers import ModerationProvider, ProviderError, ProviderResult
+from app.use_cases import webhooks
 from app.use_cases.audit import content_digest, record_event
 
 log = structlog.get_logger(__name__)
@@ -77,29 +79,38 @@ def record_verdict(
                Submission.status == SubmissionStatus.PROCESSING.value)
         .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
                 error_code=None, error_message=None)
-        .returning(Submission.id)
+        .returning(Submission.erased_at)
         .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
+    ).one_or_none()
     if won is None:
         session.rollback()
         log.warning("verdict_discarded_claim_lost", submission_id=claim.submission_id)
         return None
     verdict = _verdict_row(submission, outcome, policy, assessment, degraded=degraded, now=now)
+    if won.erased_at is not None:
+        verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
     session.add(verdict)
+    webhooks.enqueue_submission_events(session, submission.id, verdict)
+    links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
     record_event(
         session, tenant_id=submission.tenant_id, action="moderation.completed", actor=WORKER_ACTOR,
         subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
-        content_digest=submission.content_digest,
+        content_digest=submission.content_digest, **links,
         details={"provider": outcome.provider, "model": outcome.model, "latency_ms": outcome.latency_ms,
                  "attempt": claim.attempt, "cached": False},
     )
+    # The decision with what it takes to re-derive it: the scores and the thresholds they were held against (for
+    # the judged categories; the others had no score to hold against a threshold).
+    scores = {c: score for c, score in assessment.category_scores.items() if score is not None}
+    thresholds = policy.thresholds_json()
     record_event(
         session, tenant_id=submission.tenant_id, action="verdict.decided", actor=WORKER_ACTOR,
         subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
-        content_digest=submission.content_digest,
-        details={"decision": assessment.decision.value, "flagged": assessment.flagged,
-                 "categories": sorted(c for c, hit in assessment.categories.items() if hit),
-                 "policy": policy.name, "policy_version": policy.version, "degraded": degraded},
+        content_digest=submission.content_digest, **links, decision=assessment.decision.value,
+        categories=[c for c, hit in assessment.categories.items() if hit],
+        details={"flagged": assessment.flagged, "policy": policy.name, "policy_version": policy.version,
+                 "scores": scores, "thresholds": {c: thresholds[c] for c in scores},
+                 "not_judged": assessment.not_judged, "degraded": degraded},
     )
     session.commit()
     return verdict
@@ -138,15 +149,18 @@ def fail_submission(session: Session, claim: Claim, *, code: str, message: str) 
                Submission.status == SubmissionStatus.PROCESSING.value)
         .values(status=SubmissionStatus.FAILED.value, completed_at=now, claim_token=None, updated_at=now,
                 error_code=code, error_message=message[:500])
-        .returning(Submission.tenant_id, Submission.request_id, Submission.content_digest)
+        .returning(Submission.tenant_id, Submission.request_id, Submission.content_digest, Submission.conversation_id,
+                   Submission.turn_id)
     ).one_or_none()
     if won is None:
         session.rollback()
         return False
-    tenant_id, request_id, digest = won
+    tenant_id, request_id, digest, conversation_id, turn_id = won
+    webhooks.enqueue_submission_events(session, claim.submission_id)
     record_event(session, tenant_id=tenant_id, action="moderation.failed", actor=WORKER_ACTOR,
                  subject_type="submission", subject_id=claim.submission_id, request_id=request_id,
-                 content_digest=digest, details={"code": code, "attempt": claim.attempt})
+                 content_digest=digest, conversation_id=conversation_id, turn_id=turn_id,
+                 details={"code": code, "attempt": claim.attempt})
     session.commit()
     return True
 
@@ -262,19 +276,27 @@ def moderate_now(
     session: Session, provider: ModerationProvider, principal: Principal, texts: Sequence[str],
     *, model: str | None, request_id: str | None, settings: Settings,
 ) -> tuple[Submission, Verdict]:
-    """Synchronous moderation (the OpenAI-compatible endpoint), stored and audited like an async submission."""
+    """Synchronous moderation (the OpenAI-compatible endpoint), stored and audited like an async submission.
+
+    OpenAI's request has no `mask`; a tenant (or deployment) that masks by default is masked here too.
+    """
     now = utcnow()
+    masker = Masker.from_settings(settings)
+    mask = masker.applies(None, session.scalar(select(Tenant.mask_by_default).where(Tenant.id == principal.tenant_id)))
+    details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
+    if mask:
+        texts, details["masked"] = masker.mask_all(texts)
     digest = content_digest(texts)
     submission = Submission(
         tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
         content=list(texts), content_digest=digest, text_count=len(texts), policy_name=DEFAULT_POLICY.name,
-        model=model, request_id=request_id, created_at=now, enqueued_at=now,
+        model=model, mask=mask, request_id=request_id, created_at=now, enqueued_at=now,
     )
     session.add(submission)
     session.flush()
     record_event(session, tenant_id=principal.tenant_id, action="submission.received", actor=principal.key_id,
                  subject_type="submission", subject_id=submission.id, request_id=request_id,
-                 content_digest=digest, details={"role": "input", "text_count": len(texts), "source": "sync"})
+                 content_digest=digest, details=details)
     session.commit()
     claim = claim_submission(session, submission.id, lease_seconds=settings.processing_lease_seconds)
     if claim is None:  # pragma: no cover - the row was created a moment ago by this request

@@ -1,0 +1,54 @@
+"""Tenant settings an operator changes: how long content is kept, and whether submissions are masked by default."""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import Tenant
+from app.use_cases.audit import SYSTEM_ACTOR, record_event
+
+
+class TenantRequestError(Exception):
+    """A tenant request that cannot be carried out; the message is for the operator."""
+
+
+class Keep(enum.Enum):
+    """Leave the setting as it is."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+def configure_tenant(
+    session: Session,
+    tenant_name: str,
+    *,
+    retention_days: int | None | Keep = KEEP,
+    mask_by_default: bool | None | Keep = KEEP,
+    actor: str = SYSTEM_ACTOR,
+) -> Tenant:
+    """Change the tenant's settings (None: follow the deployment's default) and audit what changed."""
+    tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one_or_none()
+    if tenant is None:
+        raise TenantRequestError(f"no tenant named {tenant_name!r}")
+    if isinstance(retention_days, int) and retention_days < 0:
+        raise TenantRequestError("retention days must be 0 (keep forever) or more")
+    changes: dict[str, dict[str, int | bool | None]] = {}
+    if retention_days is not KEEP and retention_days != tenant.retention_days:
+        changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}
+        tenant.retention_days = retention_days
+    if mask_by_default is not KEEP and mask_by_default != tenant.mask_by_default:
+        changes["mask_by_default"] = {"from": tenant.mask_by_default, "to": mask_by_default}
+        tenant.mask_by_default = mask_by_default
+    if changes:
+        record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
+                     subject_id=tenant.id, details={"changes": changes})
+        session.commit()
+    else:
+        session.rollback()
+    return tenant

@@ -1,0 +1,83 @@
+"""The events Verdict sends and the exact JSON body of each (the Standard Webhooks envelope).
+
+    {"type": "submission.completed", "timestamp": "2026-…Z", "data": {…the submission, as GET /v1/submissions/{id}
+     returns it, verdict included…}}
+
+A body holds ids, metadata and the verdict, so a receiver needs no further call; it never holds moderated text.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from app.models import Submission, SubmissionStatus, Verdict
+from app.schemas import SubmissionError, SubmissionOut, VerdictOut
+
+SUBMISSION_COMPLETED = "submission.completed"
+SUBMISSION_FLAGGED = "submission.flagged"
+SUBMISSION_FAILED = "submission.failed"
+WEBHOOK_TEST = "webhook.test"
+# What an endpoint may subscribe to. `webhook.test` goes to whoever asks for it; `review.decided` comes with reviews.
+SUBSCRIBABLE_EVENTS = (SUBMISSION_COMPLETED, SUBMISSION_FLAGGED, SUBMISSION_FAILED)
+
+
+def submission_event_types(submission: Submission, verdict: Verdict | None) -> list[str]:
+    """The events a finished submission raises: completed (and flagged, if so), or failed."""
+    if submission.status == SubmissionStatus.FAILED.value:
+        return [SUBMISSION_FAILED]
+    if submission.status == SubmissionStatus.COMPLETED.value and verdict is not None:
+        return [SUBMISSION_COMPLETED, *([SUBMISSION_FLAGGED] if verdict.flagged else [])]
+    return []
+
+
+def envelope(event_type: str, data: dict[str, Any], occurred_at: datetime) -> str:
+    """The body as sent, serialized once (ASCII-only JSON, so every receiver reads the same bytes it verifies)."""
+    return json.dumps(
+        {"type": event_type, "timestamp": occurred_at.isoformat().replace("+00:00", "Z"), "data": data},
+        separators=(",", ":"),
+    )
+
+
+def submission_data(submission: Submission, verdict: Verdict | None) -> dict[str, Any]:
+    """The submission as `GET /v1/submissions/{id}` shows it (the same schema): metadata and verdict, no text."""
+    out = SubmissionOut(
+        id=submission.id,
+        status=submission.status,
+        role=submission.role,
+        text_count=submission.text_count,
+        conversation_id=submission.conversation_id,
+        turn_id=submission.turn_id,
+        metadata=submission.client_metadata,
+        policy=submission.policy_name,
+        model=submission.model,
+        created_at=submission.created_at,
+        completed_at=submission.completed_at,
+        verdict=None if verdict is None else VerdictOut(
+            decision=verdict.decision,
+            flagged=verdict.flagged,
+            categories=verdict.categories,
+            category_scores=verdict.category_scores,
+            not_judged=verdict.not_judged,
+            results=verdict.results,
+            provider=verdict.provider,
+            model=verdict.model,
+            policy=verdict.policy_name,
+            policy_version=verdict.policy_version,
+            thresholds=verdict.thresholds,
+            cached=verdict.cached,
+            degraded=verdict.degraded,
+            latency_ms=verdict.latency_ms,
+            decided_at=verdict.created_at,
+        ),
+        error=None if submission.error_code is None else SubmissionError(
+            code=submission.error_code, message=submission.error_message or ""),
+        links={"self": f"/v1/submissions/{submission.id}"},
+    )
+    return out.model_dump(mode="json")
+
+
+def webhook_test_data(endpoint_id: str) -> dict[str, Any]:
+    return {"object": "webhook_test", "webhook_id": endpoint_id,
+            "message": "A test event from Verdict: the endpoint is reachable and the signature verifies."}

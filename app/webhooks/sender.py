@@ -1,0 +1,110 @@
+"""One HTTP attempt of a webhook delivery, made safely.
+
+The URL goes through the SSRF guard right before the attempt, and the connection goes to an address the guard
+checked: the request is sent to that IP with the original `Host` header and, for https, the original name for SNI
+and certificate verification, so a DNS answer that changes between check and connect (rebinding) cannot redirect
+it. Redirects are not followed, proxies from the environment are not used, and at most a short excerpt of the
+answer is read and kept.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from app.webhooks.url_guard import Network, Resolver, UnsafeUrl, check_url, system_resolver
+
+EXCERPT_CHARS = 256
+_EXCERPT_READ_BYTES = 4 * EXCERPT_CHARS
+USER_AGENT = "Verdict-Webhooks/1"
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    status_code: int | None
+    latency_ms: int
+    # None when the receiver answered 2xx; otherwise a short, content-free reason.
+    error: str | None
+    response_excerpt: str | None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    @property
+    def gone(self) -> bool:
+        """The receiver answered 410 Gone: it asks for no more deliveries."""
+        return self.status_code == 410
+
+
+def send(
+    url: str, body: bytes, headers: Mapping[str, str], *, allowed: Sequence[Network], timeout: float,
+    resolve: Resolver = system_resolver,
+) -> AttemptResult:
+    started = time.perf_counter()
+
+    def result(status_code: int | None, error: str | None, excerpt: str | None = None) -> AttemptResult:
+        return AttemptResult(status_code=status_code, latency_ms=round((time.perf_counter() - started) * 1000),
+                             error=error, response_excerpt=excerpt)
+
+    try:
+        target = check_url(url, allowed, resolve)
+    except UnsafeUrl as exc:
+        return result(None, f"refused: the URL {exc.message}"[:200])
+
+    parsed = httpx.URL(url)
+    request_headers = {"Host": parsed.netloc.decode("ascii"), "Content-Type": "application/json",
+                       "User-Agent": USER_AGENT, **headers}
+    extensions = {"sni_hostname": parsed.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    # No proxies from the environment (a proxy would resolve the name itself), no redirects, no retries here.
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        last_error = "connection failed"
+        for address in target.addresses:
+            request = client.build_request("POST", parsed.copy_with(host=address.split("%", 1)[0]),
+                                           content=body, headers=request_headers, extensions=extensions)
+            try:
+                response = client.send(request, stream=True)
+            except httpx.ConnectTimeout:
+                last_error = "connection timed out"
+                continue  # the next checked address may answer
+            except httpx.ConnectError:
+                last_error = "connection failed"
+                continue
+            except httpx.TimeoutException:
+                return result(None, "timed out")
+            except httpx.HTTPError as exc:
+                return result(None, f"request failed ({type(exc).__name__})")
+            try:
+                excerpt = _read_excerpt(response)
+            except httpx.HTTPError:
+                excerpt = None
+            finally:
+                response.close()
+            return result(response.status_code, _status_error(response.status_code), excerpt)
+        return result(None, last_error)
+
+
+def _status_error(status: int) -> str | None:
+    if 200 <= status < 300:
+        return None
+    if 300 <= status < 400:
+        return f"HTTP {status} (redirects are not followed)"
+    return f"HTTP {status}"
+
+
+def _read_excerpt(response: httpx.Response) -> str | None:
+    raw = b""
+    for chunk in response.iter_bytes():
+        raw += chunk
+        if len(raw) >= _EXCERPT_READ_BYTES:
+            break
+    if not raw:
+        return None
+    text = raw[:_EXCERPT_READ_BYTES].decode("utf-8", errors="replace")
+    # Keep it printable: it is shown in the API and must not carry NULs (PostgreSQL refuses them) or control codes.
+    cleaned = "".join(c if c in " \t" or unicodedata.category(c)[0] not in "CZ" else " " for c in text)
+    return cleaned[:EXCERPT_CHARS].strip() or None

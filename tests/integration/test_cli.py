@@ -1,0 +1,176 @@
+"""The `verdict` console script, run as a subprocess exactly as an operator runs it.
+
+Keys are created and revoked against the run's PostgreSQL database and then used (or refused) by the in-process API;
+`verdict migrate` is run on a fresh embedded SQLite path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from app.config import Settings
+
+VERDICT = str(Path(sys.executable).parent / "verdict")
+KEY_RE = re.compile(r"^vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")
+KEY_ANYWHERE_RE = re.compile(r"vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def base_env(**values: str) -> dict[str, str]:
+    """This environment without any Verdict setting the machine may carry, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env.update(values)
+    return env
+
+
+@pytest.fixture
+def verdict(database_url: str, redis_url: str, tmp_path: Path) -> Run:
+    """Run `verdict ARGS` against the test database; cwd is an empty directory, so no stray `.env` is read."""
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603
+            [VERDICT, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env=env if env is not None else base_env(DATABASE_URL=database_url, BROKER_URL=redis_url,
+                                                     VAR_DIR=str(tmp_path / "var")),
+        )
+
+    return _run
+
+
+def create_key(verdict: Run, *args: str) -> tuple[str, str]:
+    """(key id, plaintext) from `verdict keys create ARGS`."""
+    result = verdict("keys", "create", *args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    plaintext = lines[-1]
+    assert KEY_RE.match(plaintext), f"last line of stdout is not a key alone: {plaintext!r}"
+    (id_line,) = [line for line in lines if line.startswith("key id:")]
+    return id_line.split(":", 1)[1].strip(), plaintext
+
+
+def bearer(plaintext: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+def test_help_lists_every_command(verdict: Run) -> None:
+    result = verdict("--help")
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.split("Commands:", 1)[1]
+    listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
+    assert {"dev", "api", "worker", "beat", "migrate", "keys"} <= listed
+
+
+def test_keys_help_lists_create_and_revoke(verdict: Run) -> None:
+    result = verdict("keys", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "create" in result.stdout and "revoke" in result.stdout
+
+
+def test_created_key_authenticates_against_the_api(verdict: Run, client: FlaskClient) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:10]}"
+    key_id, plaintext = create_key(verdict, "--tenant", tenant, "--scopes", "submit,read")
+    assert key_id == f"key_{plaintext[3:19]}"
+
+    listed = client.get("/v1/submissions", headers=bearer(plaintext))
+    assert listed.status_code == 200, listed.get_json()
+    assert listed.get_json()["data"] == []
+    submitted = client.post("/v1/submissions", json={"input": "hello"}, headers=bearer(plaintext))
+    assert submitted.status_code == 202, submitted.get_json()
+
+
+def test_scopes_given_are_the_scopes_held(verdict: Run, client: FlaskClient) -> None:
+    _, plaintext = create_key(verdict, "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--scopes", "read")
+    assert client.get("/v1/submissions", headers=bearer(plaintext)).status_code == 200
+    refused = client.post("/v1/submissions", json={"input": "hello"}, headers=bearer(plaintext))
+    assert refused.status_code == 403
+    assert refused.get_json()["error"]["code"] == "missing_scope"
+
+
+def test_second_key_for_a_tenant_sees_the_same_data(verdict: Run, client: FlaskClient) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:10]}"
+    _, first = create_key(verdict, "--tenant", tenant, "--scopes", "submit,read")
+    _, second = create_key(verdict, "--tenant", tenant, "--scopes", "read")
+    submitted = client.post("/v1/submissions", json={"input": "hello"}, headers=bearer(first))
+    assert submitted.status_code == 202
+    seen = client.get(f"/v1/submissions/{submitted.get_json()['id']}", headers=bearer(second))
+    assert seen.status_code == 200
+
+
+@pytest.mark.parametrize("scopes", ["read,superuser", "", ",", "ADMIN"])
+def test_bad_scopes_fail_without_a_key(verdict: Run, scopes: str) -> None:
+    result = verdict("keys", "create", "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--scopes", scopes)
+    assert result.returncode != 0
+    assert "scopes must be a non-empty subset of submit, read, audit, admin" in result.stderr
+    assert not KEY_ANYWHERE_RE.search(result.stdout + result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_tenant_fails_without_a_key(verdict: Run) -> None:
+    result = verdict("keys", "create", "--tenant", "  ")
+    assert result.returncode != 0
+    assert "tenant name" in result.stderr
+    assert not KEY_ANYWHERE_RE.search(result.stdout + result.stderr)
+
+
+def test_revoked_key_gets_401(verdict: Run, client: FlaskClient) -> None:
+    key_id, plaintext = create_key(verdict, "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--scopes", "read")
+    assert client.get("/v1/submissions", headers=bearer(plaintext)).status_code == 200
+
+    result = verdict("keys", "revoke", key_id)
+    assert result.returncode == 0, result.stderr
+    assert key_id in result.stdout
+
+    refused = client.get("/v1/submissions", headers=bearer(plaintext))
+    assert refused.status_code == 401
+    assert refused.get_json()["error"]["code"] == "invalid_api_key"
+
+
+def test_revoking_an_unknown_key_fails(verdict: Run) -> None:
+    result = verdict("keys", "revoke", "key_0123456789abcdef")
+    assert result.returncode != 0
+    assert "key_0123456789abcdef" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_creates_the_embedded_database(verdict: Run, tmp_path: Path) -> None:
+    var = tmp_path / "fresh-var"
+    env = base_env(VAR_DIR=str(var))
+    result = verdict("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    database = var / "verdict.db"
+    assert database.is_file()
+    with closing(sqlite3.connect(database)) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert {"tenants", "api_keys", "submissions", "verdicts", "audit_events", "alembic_version"} <= tables
+    assert version
+
+    again = verdict("migrate", env=env)
+    assert again.returncode == 0, again.stderr
+
+
+def test_keys_work_on_the_embedded_database(verdict: Run, tmp_path: Path) -> None:
+    env = base_env(VAR_DIR=str(tmp_path / "embedded"))
+    assert verdict("migrate", env=env).returncode == 0
+    created = verdict("keys", "create", "--tenant", "demo", env=env)
+    assert created.returncode == 0, created.stderr
+    assert KEY_RE.match(created.stdout.splitlines()[-1])
+    with closing(sqlite3.connect(tmp_path / "embedded" / "verdict.db")) as connection:
+        (count,) = connection.execute("SELECT count(*) FROM api_keys").fetchone()
+        (scopes,) = connection.execute("SELECT scopes FROM api_keys").fetchone()
+    assert count == 1
+    # Default scopes: all four.
+    assert sorted(json.loads(scopes)) == ["admin", "audit", "read", "submit"]

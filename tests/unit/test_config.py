@@ -1,0 +1,112 @@
+"""Settings: with nothing set, the embedded default (SQLite and a SQLite broker under VAR_DIR, the local engine);
+environment variables override; combinations that would let work be lost or run twice are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting leaks in from the machine running the tests."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_defaults_are_the_embedded_setup_under_var_dir(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'verdict.db'}"
+    assert settings.broker_url == f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}"
+    assert settings.moderation_provider == "local"
+    assert settings.is_embedded is True
+
+
+def test_relative_var_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    # Absolute, so the API and the worker (possibly started elsewhere) agree on the files.
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'var' / 'verdict.db'}"
+
+
+def test_ensure_var_dir_creates_it_for_the_embedded_setup(tmp_path: Path) -> None:
+    var = tmp_path / "nested" / "var"
+    Settings(_env_file=None, var_dir=var).ensure_var_dir()  # type: ignore[call-arg]
+    assert var.is_dir()
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://u@db:5432/verdict")
+    monkeypatch.setenv("BROKER_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("MODERATION_PROVIDER", "openai")
+    monkeypatch.setenv("UPSTREAM_API_KEY", "sk-secret")
+    monkeypatch.setenv("UPSTREAM_PATH", "/moderate")
+    monkeypatch.setenv("MAX_TEXT_CHARS", "1000")
+    monkeypatch.setenv("PROCESSING_LEASE_SECONDS", "30")
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+
+    assert settings.database_url == "postgresql+psycopg://u@db:5432/verdict"
+    assert settings.broker_url == "redis://cache:6379/0"
+    assert settings.is_embedded is False
+    assert settings.moderation_provider == "openai"
+    assert settings.upstream_api_key is not None
+    assert settings.upstream_api_key.get_secret_value() == "sk-secret"
+    assert "sk-secret" not in repr(settings)
+    assert settings.upstream_path == "/moderate"
+    assert settings.max_text_chars == 1000
+    assert settings.processing_lease_seconds == 30
+
+
+def test_env_file_is_read(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("BROKER_URL=redis://from-file:6379/1\n")
+    settings = Settings(_env_file=env_file, var_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.broker_url == "redis://from-file:6379/1"
+    assert settings.database_url.startswith("sqlite:///")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("MODERATION_PROVIDER", "bogus"),
+    ("UPSTREAM_PATH", "/v2/whatever"),
+    ("UPSTREAM_TIMEOUT_SECONDS", "0"),
+    ("MAX_TEXT_CHARS", "-1"),
+])
+def test_invalid_values_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("lease", ["1", "9"])
+def test_short_processing_lease_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lease: str) -> None:
+    monkeypatch.setenv("PROCESSING_LEASE_SECONDS", lease)
+    with pytest.raises(ValidationError, match="PROCESSING_LEASE_SECONDS"):
+        Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+
+
+def test_lease_of_ten_seconds_is_accepted(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path, processing_lease_seconds=10)  # type: ignore[call-arg]
+    assert settings.processing_lease_seconds == 10
+
+
+@pytest.mark.parametrize(("backoff", "visibility"), [(900, 900), (1000, 900)])
+def test_retry_backoff_at_or_over_visibility_timeout_is_refused(tmp_path: Path, backoff: int, visibility: int) -> None:
+    with pytest.raises(ValidationError, match="MODERATION_RETRY_BACKOFF_MAX"):
+        Settings(_env_file=None, var_dir=tmp_path, moderation_retry_backoff_max=backoff,  # type: ignore[call-arg]
+                 broker_visibility_timeout=visibility)
+
+
+def test_retry_backoff_below_visibility_timeout_is_accepted(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path, moderation_retry_backoff_max=899,  # type: ignore[call-arg]
+                        broker_visibility_timeout=900)
+    assert settings.moderation_retry_backoff_max == 899
+
+
+@pytest.mark.parametrize("lease", [10, 11, 60, 120, 3600])
+def test_task_time_limit_ends_before_the_lease(tmp_path: Path, lease: int) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path, processing_lease_seconds=lease)  # type: ignore[call-arg]
+    assert 0 < settings.task_time_limit < settings.processing_lease_seconds
