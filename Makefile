@@ -7,6 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Written after a successful install; pyproject.toml being newer than it means the install is stale.
 STAMP := $(VENV)/.installed
+# The JavaScript Standard Webhooks library the tests verify Verdict's signatures with (an independent implementation).
+INTEROP_JS := tests/interop/standardwebhooks-js
+INTEROP_STAMP := $(INTEROP_JS)/node_modules/.package-lock.json
 
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -35,7 +38,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install dev services test lint typecheck migrations-check ci clean
+.PHONY: help install interop dev services test lint typecheck migrations-check ci clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name']"
@@ -43,6 +46,14 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(STAMP) ## Create .venv and install Verdict with its dev tools (again only when pyproject.toml changes)
+
+interop: ## Install the JavaScript Standard Webhooks verifier the webhook tests use (needs Node.js and npm)
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(INTEROP_STAMP); \
+	elif [ "$${CI:-}" = true ]; then echo "make interop: npm is not installed; CI needs it." >&2; exit 1; \
+	else echo "make interop: no npm here, so the JavaScript signature check will be skipped (CI runs it)." >&2; fi
+
+$(INTEROP_STAMP): $(INTEROP_JS)/package.json $(INTEROP_JS)/package-lock.json
+	npm ci --prefix $(INTEROP_JS) --no-audit --no-fund --loglevel=error
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "No python3.11 or python3 on PATH: install Python 3.11 or newer." >&2; exit 1; }
@@ -59,7 +70,7 @@ services: ## Make sure PostgreSQL and Redis answer (starts the machine's own if 
 	bash ops/ensure-services.sh
 
 # pytest's exit code 5 means "no tests collected"; it fails the build like any other non-zero code.
-test: install services ## Run the test suite (extra pytest arguments in PYTEST_ARGS)
+test: install interop services ## Run the test suite (extra pytest arguments in PYTEST_ARGS)
 	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure." >&2; fi; \
 	exit $$status

@@ -1,6 +1,6 @@
-"""Webhooks through real worker processes (embedded beat included), to real receivers: verified by the
-`standardwebhooks` library, redelivered after the receiver comes back, dead after repeated 500s and redelivered by
-hand, a 410, duplicate tasks sending once, and a worker SIGKILLed mid-delivery losing nothing.
+"""Webhooks through real worker processes (embedded beat included), to real receivers: verified by the Python and
+the JavaScript Standard Webhooks libraries, redelivered after the receiver comes back, dead after repeated 500s and
+redelivered by hand, a 410, duplicate tasks sending once, and a worker SIGKILLed mid-delivery losing nothing.
 
 Workers run with a short retry schedule and sweep (WEBHOOK_ENV); timing never decides a result, only how soon it
 arrives."""
@@ -29,6 +29,7 @@ from tests.integration.webhook_support import (
     deliveries,
     receiver,
 )
+from tests.interop.standardwebhooks_js import verify_with_js
 from tests.webhook_receiver import WebhookReceiver
 
 __all__ = ["api_settings", "receiver"]  # fixtures used by name below
@@ -75,6 +76,8 @@ def test_verdict_events_arrive_verified_by_the_standard_library(
         for server, key in ((receiver, secret), (callback_receiver, callback_secret)):
             received = server.wait_for(2)
             payloads = [Webhook(key).verify(r.body, r.headers) for r in received]
+            # And by an implementation that shares no code with the one Verdict signs with.
+            assert verify_with_js(key, received) == payloads
             assert sorted(p["type"] for p in payloads) == ["submission.completed", "submission.flagged"]
             for payload in payloads:
                 assert payload["data"]["id"] == accepted["id"]

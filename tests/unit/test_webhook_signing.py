@@ -1,11 +1,13 @@
 """Webhook signatures are Standard Webhooks signatures: checked against the specification's published example, by
-hand with `hmac`, and by the independent `standardwebhooks` library, including the two signatures of a rotation."""
+hand with `hmac`, and by the `standardwebhooks` libraries for Python and for JavaScript (which share no code),
+including the two signatures of a rotation."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +15,8 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.webhooks.signing import generate_secret, signature_header, signed_headers
+from tests.interop.standardwebhooks_js import check_with_js, verify_with_js
+from tests.webhook_receiver import ReceivedRequest
 
 BODY = '{"type":"submission.completed","data":{"id":"sub_1"}}'
 
@@ -76,3 +80,16 @@ def test_a_stale_timestamp_is_refused_by_receivers() -> None:
 def test_signing_needs_a_secret() -> None:
     with pytest.raises(ValueError, match="secret"):
         signature_header([], "msg_abc", datetime.now(UTC), BODY)
+
+
+def test_the_javascript_library_verifies_both_rotation_secrets_and_rejects_tampering() -> None:
+    # An implementation that shares no code with the Python library Verdict signs with.
+    new, old = generate_secret(), generate_secret()
+    headers = signed_headers([new, old], "msg_abc", datetime.now(UTC), BODY)
+    signed = ReceivedRequest("POST", "/", headers, BODY.encode())
+    tampered = ReceivedRequest("POST", "/", headers, BODY.replace("sub_1", "sub_2").encode())
+    other_id = ReceivedRequest("POST", "/", {**headers, "webhook-id": "msg_other"}, BODY.encode())
+    assert verify_with_js(new, [signed]) == verify_with_js(old, [signed]) == [json.loads(BODY)]
+    results = check_with_js(new, [tampered, other_id])
+    assert [r["ok"] for r in results] == [False, False]
+    assert [r["ok"] for r in check_with_js(generate_secret(), [signed])] == [False]
