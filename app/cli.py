@@ -38,7 +38,7 @@ def _alembic_config(settings: Settings) -> AlembicConfig:
 
 def migrate_database(settings: Settings) -> None:
     settings.ensure_var_dir()
-    command.upgrade(_alembic_config(settings), "heads")
+    command.upgrade(_alembic_config(settings), "head")
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]

@@ -6,7 +6,7 @@ that changes after it is written. Fields that the audit API now filters on (conv
 `submission.received`, decision and categories of `verdict.decided`) move out of `details` into their columns first.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-24 19:10:00.000000
 """
 import hashlib
@@ -21,7 +21,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = '0003'
-down_revision: str | None = '0001'
+down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
