@@ -412,6 +412,7 @@ class FakeUpstream:
         self._script: collections.deque[_Action] = collections.deque()
         self._requests: list[RecordedRequest] = []
         self._texts: list[str] = []
+        self._generation = 0  # counts reset() calls
         self._request_window: collections.deque[float] = collections.deque()
         self._token_window: collections.deque[tuple[float, int]] = collections.deque()
         self._rejected_429 = 0
@@ -526,6 +527,7 @@ class FakeUpstream:
         """Forget scripted behaviour, latency, the request log, the texts seen, the rate-limit windows and
         `rejected_429`. Configuration (api_key, rpm, tpm, max_batch) is kept."""
         with self._lock:
+            self._generation += 1
             self._script.clear()
             self._latency = 0.0
             self._requests.clear()
@@ -582,6 +584,7 @@ class FakeUpstream:
         with self._lock:
             action = self._script.popleft() if self._script else None
             latency = self._latency
+            generation = self._generation
         self._sleep(latency)
         if isinstance(action, _Hang):
             self._sleep(action.seconds)
@@ -645,7 +648,9 @@ class FakeUpstream:
         if isinstance(action, _Malformed):
             return self._malformed(action.kind, response)
         with self._lock:
-            self._texts.extend(texts)
+            # A request that outlived a reset() (a hang its client gave up on) belongs to the test before it.
+            if generation == self._generation:
+                self._texts.extend(texts)
         return _json_reply(200, response)
 
     def _scripted_failure(self, action: _Fail) -> _Reply:

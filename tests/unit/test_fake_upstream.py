@@ -382,6 +382,18 @@ def test_requests_are_recorded_and_reset_clears_them(upstream: FakeUpstream, cli
     assert moderate(client, "after reset").status_code == 200
 
 
+def test_a_request_answered_after_a_reset_is_not_counted_as_seen(upstream: FakeUpstream) -> None:
+    # A hang the client gave up on still answers later: that text belongs to the test before the reset.
+    upstream.hang_next(0.5)
+    with httpx.Client(base_url=upstream.base_url, timeout=0.1) as http, pytest.raises(httpx.ReadTimeout):
+        moderate(http, "from before the reset")
+    upstream.reset()
+    with httpx.Client(base_url=upstream.base_url, timeout=5.0) as http:
+        time.sleep(0.6)  # the hung handler has answered by now
+        assert moderate(http, "after the reset").status_code == 200
+    assert upstream.texts_seen() == ["after the reset"]
+
+
 def test_base_url_needs_a_running_server_and_stop_is_clean() -> None:
     upstream = FakeUpstream()
     with pytest.raises(RuntimeError):
