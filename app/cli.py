@@ -177,7 +177,7 @@ def keys_revoke(key_id: str) -> None:
 
 @main.group()
 def tenants() -> None:
-    """Tenant settings: content retention and PII masking."""
+    """Tenant settings: content retention, PII masking and rate limits."""
 
 
 @tenants.command("configure")
@@ -186,7 +186,12 @@ def tenants() -> None:
               help="Days to keep submitted content; 0 keeps it forever; 'default' follows CONTENT_RETENTION_DAYS.")
 @click.option("--mask-by-default", type=click.Choice(["on", "off", "default"]), default=None,
               help="Mask submissions that do not say `mask`; 'default' follows MASK_BY_DEFAULT.")
-def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None) -> None:
+@click.option("--rate-limit-rpm", default=None,
+              help="Requests per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_RPM.")
+@click.option("--rate-limit-tpm", default=None,
+              help="Tokens per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_TPM.")
+def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None,
+                      rate_limit_rpm: str | None, rate_limit_tpm: str | None) -> None:
     """Change a tenant's settings (only those given) and print them."""
     from app.db import Database
     from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
@@ -202,15 +207,31 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     mask: bool | None | Keep = KEEP
     if mask_by_default is not None:
         mask = None if mask_by_default == "default" else mask_by_default == "on"
+    rpm, tpm = _limit_option(rate_limit_rpm, "--rate-limit-rpm"), _limit_option(rate_limit_tpm, "--rate-limit-tpm")
     database = Database(Settings().database_url)
     with database.session_scope() as session:
         try:
-            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask)
+            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
+                                      rate_limit_rpm=rpm, rate_limit_tpm=tpm)
         except TenantRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"tenant: {tenant.name} ({tenant.id})")
         click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
         click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
+        click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
+        click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
+
+
+def _limit_option(value: str | None, hint: str) -> int | None | Any:
+    from app.use_cases.tenants import KEEP
+
+    if value is None:
+        return KEEP
+    if value == "default":
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter("a positive number or 'default'", param_hint=hint)
 
 
 class CannotVerify(click.ClickException):

@@ -16,6 +16,7 @@ from app.config import Settings
 from app.db import request_session
 from app.errors import ApiError, InvalidRequest
 from app.moderation.providers import ModerationProvider
+from app.rate_limits import charge_tokens
 from app.request_context import current_request_id
 from app.schemas import ImagePart, ModerationRequest, ModerationResponse, TextPart, openai_result
 from app.use_cases.moderation import ModerationUnavailable, moderate_now
@@ -41,6 +42,7 @@ def create_moderation() -> Response:
         raise InvalidRequest("'input' must be a string, a list of strings, or a list of text parts.",
                              param="input", code="invalid_input") from exc
     texts = _texts(parsed)
+    charge_tokens(texts)
     settings: Settings = current_app.extensions["verdict.settings"]
     try:
         submission, verdict = moderate_now(
