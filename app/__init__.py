@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     settings.ensure_var_dir()
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # Verdict serves no static files (the docs page has its own)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["verdict.settings"] = settings

@@ -128,6 +128,9 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
                 return run_once(principal, lambda: view(*args, **kwargs))
             return view(*args, **kwargs)
 
+        # What the OpenAPI document says of the route (app/api/openapi.py): it needs a key, and which scope.
+        wrapper.required_scope = scope  # type: ignore[attr-defined]
+        wrapper.keyed = True  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator
