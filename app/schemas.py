@@ -202,8 +202,9 @@ class AuditExportQuery(AuditRangeQuery):
 class AuditVerifyQuery(_Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    start_seq: int | None = Field(default=None, ge=1)
-    end_seq: int | None = Field(default=None, ge=1)
+    # At most PostgreSQL's bigint: a larger number could only fail in the database (found by the API fuzzer).
+    start_seq: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    end_seq: int | None = Field(default=None, ge=1, le=2**63 - 1)
 
     @field_validator("end_seq")
     @classmethod

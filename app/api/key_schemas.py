@@ -19,9 +19,9 @@ class KeyCreateIn(BaseModel):
     expires_at: AwareDatetime | None = Field(
         default=None, strict=False,
         description="ISO 8601 with a zone, in the future; after it the key is refused (401).")
-    rate_limit_rpm: int | None = Field(default=None, ge=1, le=1_000_000_000, description=(
+    rate_limit_rpm: int | None = Field(default=None, ge=1, le=2**31 - 1, description=(
         "Requests per minute for this key; at most the tenant's limit. Unset: the tenant's limit."))
-    rate_limit_tpm: int | None = Field(default=None, ge=1, le=1_000_000_000_000, description=(
+    rate_limit_tpm: int | None = Field(default=None, ge=1, le=2**31 - 1, description=(
         "Tokens per minute for this key; at most the tenant's limit. Unset: the tenant's limit."))
 
 

@@ -42,8 +42,8 @@ def configure_tenant(
     if isinstance(retention_days, int) and retention_days < 0:
         raise TenantRequestError("retention days must be 0 (keep forever) or more")
     for label, limit in (("requests", rate_limit_rpm), ("tokens", rate_limit_tpm)):
-        if isinstance(limit, int) and limit < 1:
-            raise TenantRequestError(f"a {label} per minute limit must be at least 1")
+        if isinstance(limit, int) and not 1 <= limit < 2**31:
+            raise TenantRequestError(f"a {label} per minute limit must be from 1 to {2**31 - 1}")
     changes: dict[str, dict[str, int | bool | None]] = {}
     if retention_days is not KEEP and retention_days != tenant.retention_days:
         changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}

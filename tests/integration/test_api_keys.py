@@ -108,6 +108,7 @@ def test_key_expires(client: FlaskClient, tenant: TenantKey, database: Database)
         pytest.param({"scopes": ["read"], "rate_limit_rpm": 10**6}, "rate_limit_rpm", id="above-tenant-rpm"),
         pytest.param({"scopes": ["read"], "rate_limit_tpm": 10**9}, "rate_limit_tpm", id="above-tenant-tpm"),
         pytest.param({"scopes": ["read"], "tenant_id": "ten_x"}, "tenant_id", id="tenant-not-choosable"),
+        pytest.param({"scopes": ["read"], "rate_limit_tpm": 2**31}, "rate_limit_tpm", id="tpm-beyond-int32"),
     ],
 )
 def test_bad_create_requests_name_the_field_and_create_nothing(
