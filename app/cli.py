@@ -130,6 +130,17 @@ def migrate() -> None:
     click.echo("verdict: schema is up to date", err=True)
 
 
+def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter("an ISO 8601 time, such as 2026-01-31T00:00:00Z") from exc
+    # An operator's time without a zone is UTC, like every time Verdict stores.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 @main.group()
 def keys() -> None:
     """Create and revoke API keys."""
@@ -139,17 +150,25 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Tenant name; created if new.")
 @click.option("--scopes", default=",".join(SCOPES), show_default=True, help="Comma-separated scopes.")
 @click.option("--name", default=None, help="A label for the key.")
-def keys_create(tenant: str, scopes: str, name: str | None) -> None:
-    """Create a key. The key is printed once, alone on the last line of stdout."""
+@click.option("--expires-at", callback=_iso_time, default=None,
+              help="After this time the key is refused (ISO 8601; UTC without a zone).")
+@click.option("--rate-limit-rpm", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="The key's own requests per minute; default: its tenant's.")
+@click.option("--rate-limit-tpm", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="The key's own tokens per minute; default: its tenant's.")
+def keys_create(tenant: str, scopes: str, name: str | None, expires_at: datetime | None,
+                rate_limit_rpm: int | None, rate_limit_tpm: int | None) -> None:
+    """Create a key. The key is printed once, alone on the last line of stdout. Rotation: create, deploy, revoke."""
     from app.db import Database
-    from app.use_cases.keys import KeyRequestError, create_key
+    from app.use_cases.keys import KeyLimits, KeyRequestError, create_key
 
     settings = Settings()
     database = Database(settings.database_url)
     with database.session_scope() as session:
         try:
             issued = create_key(session, tenant_name=tenant, scopes=[s.strip() for s in scopes.split(",") if s],
-                                name=name)
+                                name=name, expires_at=expires_at,
+                                limits=KeyLimits(rpm=rate_limit_rpm, tpm=rate_limit_tpm))
         except KeyRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"key id: {issued.key.id}")
@@ -252,17 +271,6 @@ def _chain_id(session: Any, tenant: str | None, system: bool) -> str:
     if tenant_id is None:
         raise CannotVerify(f"no tenant named {tenant!r}")
     return str(tenant_id)
-
-
-def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter("an ISO 8601 time, such as 2026-01-31T00:00:00Z") from exc
-    # An operator's time without a zone is UTC, like every time Verdict stores.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @main.group()
