@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
+from app.db import Database
+from app.models import AuditEvent
 from tests.conftest import TenantKey
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env, wait_final
@@ -33,7 +36,7 @@ def api_log() -> Iterator[io.StringIO]:
 
 def test_a_full_cycle_logs_ids_and_never_secrets_or_text(
     client: FlaskClient, tenant: TenantKey, api_log: io.StringIO, start_worker: Callable[..., WorkerProcess],
-    fake_upstream: FakeUpstream,
+    fake_upstream: FakeUpstream, database: Database,
 ) -> None:
     worker = start_worker(**openai_worker_env(fake_upstream))
     marker = uuid.uuid4().hex[:12]
@@ -78,3 +81,8 @@ def test_a_full_cycle_logs_ids_and_never_secrets_or_text(
     worker_events = [json.loads(line) for line in worker_text.splitlines() if line.startswith("{")]
     verdict = next(e for e in worker_events if e.get("event") == "verdict_recorded")
     assert verdict["submission_id"] == submission_id and verdict["request_id"] == request_id
+    # And the audit trail: every event about the submission, the worker's included, names the same request.
+    with database.session_scope() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.subject_id == submission_id)).all()
+        assert {e.action for e in events} >= {"submission.received", "moderation.completed", "verdict.decided"}
+        assert {e.request_id for e in events} == {request_id}

@@ -2,7 +2,7 @@
 sends them to the app, in-process, against real PostgreSQL and Redis, with a key holding every scope.
 
 It fails on any 5xx, any status, content type, header or body that the document does not describe, and any crash.
-Bounded (FUZZ_MAX_EXAMPLES per operation, default 25) so it stays a few minutes of CI; raise it locally to dig.
+Bounded (FUZZ_MAX_EXAMPLES per operation, default 50) so it stays a few minutes of CI; raise it locally to dig.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from app import api, create_app
 from app.api.openapi import build_document
 from tests.conftest import TenantKey, issue_key, make_settings
 
-MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
+MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "50"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, ignored_auth]
 
