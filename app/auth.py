@@ -3,6 +3,10 @@
 A key reads `vk_<id>_<secret>`. The id part is not secret: it finds the row and names the actor in logs and the
 audit trail. The whole key is hashed and compared with `hmac.compare_digest`, so the time taken does not depend on
 how much of a guess matches. Keys are 256-bit random, so a fast hash is the right one (no password stretching).
+
+`require_scope` is the one gate of every keyed route, in this order: authenticate (401), count the request against
+the key's rate limit (429, app/rate_limits.py), check the scope (403), and for a POST with an `Idempotency-Key`
+replay or claim it (app/idempotency.py); only then does the view run.
 """
 
 from __future__ import annotations
