@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import api, db, request_context
+from app import api, db, rate_limits, request_context
 from app.config import Settings
 from app.errors import register_error_handlers
 from app.logging import configure_logging
@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings)
     settings.ensure_var_dir()
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # Verdict serves no static files (the docs page has its own)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["verdict.settings"] = settings
@@ -29,5 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     register_error_handlers(app)
     request_context.init_app(app)
+    rate_limits.init_app(app, settings)
     api.init_app(app)
     return app

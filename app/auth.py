@@ -3,6 +3,10 @@
 A key reads `vk_<id>_<secret>`. The id part is not secret: it finds the row and names the actor in logs and the
 audit trail. The whole key is hashed and compared with `hmac.compare_digest`, so the time taken does not depend on
 how much of a guess matches. Keys are 256-bit random, so a fast hash is the right one (no password stretching).
+
+`require_scope` is the one gate of every keyed route, in this order: authenticate (401), count the request against
+the key's rate limit (429, app/rate_limits.py), check the scope (403), and for a POST with an `Idempotency-Key`
+replay or claim it (app/idempotency.py); only then does the view run.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from flask import g, request
+import structlog
+from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
+from app import rate_limits
+from app.config import Settings
 from app.db import request_session
 from app.errors import ApiError
+from app.idempotency import IDEMPOTENCY_HEADER, run_once
 from app.models import ApiKey, utcnow
 from app.request_context import current_request_id
 from app.use_cases.audit import record_failed_authentication
@@ -36,6 +44,9 @@ class Principal:
     key_id: str
     tenant_id: str
     scopes: frozenset[str]
+    # The key's own rate limits, else its tenant's; None: the deployment's (app/rate_limits.py).
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
 
 
 def hash_key(plaintext: str) -> str:
@@ -82,7 +93,9 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
         key.last_used_at = now
         session.commit()
-    return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes))
+    return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes),
+                     rate_limit_rpm=key.rate_limit_rpm or key.tenant.rate_limit_rpm,
+                     rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,13 +122,27 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
                     )
                 raise
             g.principal = principal
+            structlog.contextvars.bind_contextvars(tenant_id=principal.tenant_id, key_id=principal.key_id)
+            # Every keyed request counts against the key's limit, refused ones included.
+            rate_limits.check_request(principal.key_id, rate_limits.quota_for(
+                principal.rate_limit_rpm, principal.rate_limit_tpm, current_settings()))
             if scope is not None and scope not in principal.scopes:
                 raise ApiError(403, f"This API key lacks the '{scope}' scope.", code="missing_scope")
+            if request.method == "POST" and IDEMPOTENCY_HEADER in request.headers:
+                return run_once(principal, lambda: view(*args, **kwargs))
             return view(*args, **kwargs)
 
+        # What the OpenAPI document says of the route (app/api/openapi.py): it needs a key, and which scope.
+        wrapper.required_scope = scope  # type: ignore[attr-defined]
+        wrapper.keyed = True  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def current_settings() -> Settings:
+    settings: Settings = current_app.extensions["verdict.settings"]
+    return settings
 
 
 def current_principal() -> Principal:

@@ -130,6 +130,17 @@ def migrate() -> None:
     click.echo("verdict: schema is up to date", err=True)
 
 
+def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter("an ISO 8601 time, such as 2026-01-31T00:00:00Z") from exc
+    # An operator's time without a zone is UTC, like every time Verdict stores.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 @main.group()
 def keys() -> None:
     """Create and revoke API keys."""
@@ -139,17 +150,25 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Tenant name; created if new.")
 @click.option("--scopes", default=",".join(SCOPES), show_default=True, help="Comma-separated scopes.")
 @click.option("--name", default=None, help="A label for the key.")
-def keys_create(tenant: str, scopes: str, name: str | None) -> None:
-    """Create a key. The key is printed once, alone on the last line of stdout."""
+@click.option("--expires-at", callback=_iso_time, default=None,
+              help="After this time the key is refused (ISO 8601; UTC without a zone).")
+@click.option("--rate-limit-rpm", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="The key's own requests per minute; default: its tenant's.")
+@click.option("--rate-limit-tpm", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="The key's own tokens per minute; default: its tenant's.")
+def keys_create(tenant: str, scopes: str, name: str | None, expires_at: datetime | None,
+                rate_limit_rpm: int | None, rate_limit_tpm: int | None) -> None:
+    """Create a key. The key is printed once, alone on the last line of stdout. Rotation: create, deploy, revoke."""
     from app.db import Database
-    from app.use_cases.keys import KeyRequestError, create_key
+    from app.use_cases.keys import KeyLimits, KeyRequestError, create_key
 
     settings = Settings()
     database = Database(settings.database_url)
     with database.session_scope() as session:
         try:
             issued = create_key(session, tenant_name=tenant, scopes=[s.strip() for s in scopes.split(",") if s],
-                                name=name)
+                                name=name, expires_at=expires_at,
+                                limits=KeyLimits(rpm=rate_limit_rpm, tpm=rate_limit_tpm))
         except KeyRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"key id: {issued.key.id}")
@@ -177,7 +196,7 @@ def keys_revoke(key_id: str) -> None:
 
 @main.group()
 def tenants() -> None:
-    """Tenant settings: content retention and PII masking."""
+    """Tenant settings: content retention, PII masking and rate limits."""
 
 
 @tenants.command("configure")
@@ -186,7 +205,12 @@ def tenants() -> None:
               help="Days to keep submitted content; 0 keeps it forever; 'default' follows CONTENT_RETENTION_DAYS.")
 @click.option("--mask-by-default", type=click.Choice(["on", "off", "default"]), default=None,
               help="Mask submissions that do not say `mask`; 'default' follows MASK_BY_DEFAULT.")
-def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None) -> None:
+@click.option("--rate-limit-rpm", default=None,
+              help="Requests per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_RPM.")
+@click.option("--rate-limit-tpm", default=None,
+              help="Tokens per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_TPM.")
+def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None,
+                      rate_limit_rpm: str | None, rate_limit_tpm: str | None) -> None:
     """Change a tenant's settings (only those given) and print them."""
     from app.db import Database
     from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
@@ -202,15 +226,31 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     mask: bool | None | Keep = KEEP
     if mask_by_default is not None:
         mask = None if mask_by_default == "default" else mask_by_default == "on"
+    rpm, tpm = _limit_option(rate_limit_rpm, "--rate-limit-rpm"), _limit_option(rate_limit_tpm, "--rate-limit-tpm")
     database = Database(Settings().database_url)
     with database.session_scope() as session:
         try:
-            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask)
+            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
+                                      rate_limit_rpm=rpm, rate_limit_tpm=tpm)
         except TenantRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"tenant: {tenant.name} ({tenant.id})")
         click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
         click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
+        click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
+        click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
+
+
+def _limit_option(value: str | None, hint: str) -> int | None | Any:
+    from app.use_cases.tenants import KEEP
+
+    if value is None:
+        return KEEP
+    if value == "default":
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter("a positive number or 'default'", param_hint=hint)
 
 
 class CannotVerify(click.ClickException):
@@ -231,17 +271,6 @@ def _chain_id(session: Any, tenant: str | None, system: bool) -> str:
     if tenant_id is None:
         raise CannotVerify(f"no tenant named {tenant!r}")
     return str(tenant_id)
-
-
-def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise click.BadParameter("an ISO 8601 time, such as 2026-01-31T00:00:00Z") from exc
-    # An operator's time without a zone is UTC, like every time Verdict stores.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @main.group()

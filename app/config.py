@@ -36,6 +36,16 @@ class Settings(BaseSettings):
     max_texts_per_submission: int = Field(default=32, gt=0)
     max_metadata_bytes: int = Field(default=4096, gt=0)
 
+    # Per-key rate limits, in moving one-minute windows (tenants and keys may have their own, app/rate_limits.py).
+    # Tokens are estimated as one per four characters of moderated text, at least one per text.
+    rate_limit_rpm: int = Field(default=600, gt=0)
+    rate_limit_tpm: int = Field(default=1_000_000, gt=0)
+    # Where the windows are kept: a Redis URL, so every API process shares them. Empty: BROKER_URL if it is Redis,
+    # else in memory (one process only, as on the embedded default).
+    rate_limit_storage_url: str = ""
+    # How long a response to a POST with an Idempotency-Key is kept and replayed to retries.
+    idempotency_ttl_seconds: int = Field(default=86_400, gt=0)
+
     processing_lease_seconds: int = Field(default=120, gt=0)
     requeue_after_seconds: int = Field(default=60, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
@@ -125,6 +135,14 @@ class Settings(BaseSettings):
     @property
     def phone_regions(self) -> tuple[str, ...]:
         return tuple(self.mask_phone_regions.split(","))
+
+    @property
+    def rate_limit_storage(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "memory://"
 
     @property
     def is_embedded(self) -> bool:

@@ -13,6 +13,8 @@ from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from app.schemas import ErrorDetail, ErrorResponse
+
 log = structlog.get_logger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -57,9 +59,9 @@ class NotFound(ApiError):
 def error_response(
     status: int, message: str, *, code: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> Response:
-    body = {"error": {"type": _TYPE_BY_STATUS.get(status, "api_error"), "message": message, "param": param,
-                      "code": code}}
-    response = jsonify(body)
+    body = ErrorResponse(error=ErrorDetail(type=_TYPE_BY_STATUS.get(status, "api_error"), message=message,
+                                           param=param, code=code))
+    response = jsonify(body.model_dump(mode="json"))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

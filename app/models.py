@@ -71,6 +71,9 @@ class Tenant(Base):
     retention_days: Mapped[int | None] = mapped_column(sa.Integer)
     # Mask personal data in submissions that do not say `mask` themselves: None follows MASK_BY_DEFAULT.
     mask_by_default: Mapped[bool | None] = mapped_column(sa.Boolean)
+    # Requests and tokens per minute for each of the tenant's keys: None follows RATE_LIMIT_RPM / RATE_LIMIT_TPM.
+    rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_limit_tpm: Mapped[int | None] = mapped_column(sa.Integer)
 
 
 class ApiKey(Base):
@@ -87,8 +90,33 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # This key's own requests and tokens per minute: None follows its tenant's (app/rate_limits.py).
+    rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)
+    rate_limit_tpm: Mapped[int | None] = mapped_column(sa.Integer)
 
     tenant: Mapped[Tenant] = relationship(lazy="joined")
+
+
+class IdempotencyRecord(Base):
+    """The first response to a POST sent with an `Idempotency-Key`, replayed to retries of the same request.
+
+    The row is inserted before the request runs (`status_code` None: in progress), so of two identical requests
+    racing only one inserts it and runs; the other is told the first is still in progress. `fingerprint` is a
+    digest of method, path and body: the same key with another request is refused.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (sa.Index("ix_idempotency_keys_expires_at", "expires_at"),)
+
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(sa.String(64))
+    api_key_id: Mapped[str | None] = mapped_column(sa.String(40))
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    response_body: Mapped[str | None] = mapped_column(sa.Text)
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Submission(Base):

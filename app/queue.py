@@ -23,6 +23,7 @@ log = structlog.get_logger(__name__)
 MODERATE_SUBMISSION = "moderation.moderate_submission"
 REQUEUE_STALLED = "moderation.requeue_stalled"
 ERASE_EXPIRED_CONTENT = "retention.erase_expired"
+PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 MODERATION_QUEUE = "moderation"
 DELIVER_WEBHOOK = "webhooks.deliver"
 DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
@@ -73,6 +74,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "requeue-stalled-submissions": {"task": REQUEUE_STALLED, "schedule": settings.sweep_interval_seconds},
             "erase-expired-content": {"task": ERASE_EXPIRED_CONTENT,
                                       "schedule": settings.retention_sweep_interval_seconds},
+            "purge-idempotency-keys": {"task": PURGE_IDEMPOTENCY_KEYS,
+                                       "schedule": settings.retention_sweep_interval_seconds},
             "dispatch-webhook-deliveries": {"task": DISPATCH_WEBHOOKS,
                                             "schedule": settings.webhook_sweep_interval_seconds},
         },

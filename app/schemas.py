@@ -202,8 +202,9 @@ class AuditExportQuery(AuditRangeQuery):
 class AuditVerifyQuery(_Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    start_seq: int | None = Field(default=None, ge=1)
-    end_seq: int | None = Field(default=None, ge=1)
+    # At most PostgreSQL's bigint: a larger number could only fail in the database (found by the API fuzzer).
+    start_seq: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    end_seq: int | None = Field(default=None, ge=1, le=2**63 - 1)
 
     @field_validator("end_seq")
     @classmethod
@@ -379,3 +380,46 @@ def openai_result(
         decision=decision,
         not_judged=not_judged,
     )
+
+
+# ---- errors, health, models ------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="The kind of error: `invalid_request_error`, `authentication_error`, "
+                      "`permission_error`, `not_found_error`, `conflict_error`, `request_too_large`, "
+                      "`rate_limit_error`, `api_error`, `service_unavailable`.")
+    message: str = Field(description="For people: what went wrong, naming the field where there is one.")
+    param: str | None = Field(description="The offending field, query parameter or header (`items[3].input`).")
+    code: str = Field(description="For programs: a stable code (`missing_scope`, `text_too_long`, …).")
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the API has this one shape."""
+
+    error: ErrorDetail
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, Literal["ok"]]
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+    provider: str
+    judged_categories: list[str]
+    not_judged_categories: list[str]
+    max_batch: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

@@ -14,11 +14,12 @@ from app.queue import (
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
     MODERATE_SUBMISSION,
+    PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
     dispatch_moderation,
     dispatch_webhook_deliveries,
 )
-from app.use_cases import erasure, moderation, webhooks
+from app.use_cases import erasure, idempotency, moderation, webhooks
 
 
 def _settings() -> Settings:
@@ -65,3 +66,9 @@ def erase_expired_content(self: Any) -> int:
     if not sweep.finished:
         self.apply_async()  # a backlog (retention just switched on) is worked off now, not one slice per interval
     return sweep.erased
+
+
+@shared_task(name=PURGE_IDEMPOTENCY_KEYS, acks_late=False)
+def purge_idempotency_keys() -> int:
+    with get_database().session_scope() as session:
+        return idempotency.purge_expired(session)

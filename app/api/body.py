@@ -17,6 +17,10 @@ from app.schemas import Limits
 def read_json_object() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise ApiError(415, "Send a JSON body with 'Content-Type: application/json'.", code="unsupported_media_type")
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise ApiError(415, "Send the JSON body in UTF-8 (charset=utf-8, or no charset).", code="unsupported_charset",
+                       param="Content-Type")
     raw = request.get_data(cache=False)
     if not raw.strip():
         raise InvalidRequest("The request body is empty.", code="empty_body")

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from app.db import get_database
 from app.errors import error_response
+from app.schemas import HealthOut, ReadinessOut
 
 bp = Blueprint("health", __name__)
 log = structlog.get_logger(__name__)
@@ -18,7 +19,7 @@ log = structlog.get_logger(__name__)
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    return jsonify(status="ok")
+    return jsonify(HealthOut().model_dump(mode="json"))
 
 
 @bp.get("/readyz")
@@ -27,7 +28,7 @@ def readyz() -> Response:
     failing = [name for name, state in checks.items() if state != "ok"]
     if failing:
         return error_response(503, f"Not ready: {', '.join(failing)} unavailable.", code="not_ready")
-    return jsonify(status="ready", checks=checks)
+    return jsonify(ReadinessOut(checks={name: "ok" for name in checks}).model_dump(mode="json"))
 
 
 def _check_database() -> str:

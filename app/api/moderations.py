@@ -16,8 +16,17 @@ from app.config import Settings
 from app.db import request_session
 from app.errors import ApiError, InvalidRequest
 from app.moderation.providers import ModerationProvider
+from app.rate_limits import charge_tokens
 from app.request_context import current_request_id
-from app.schemas import ImagePart, ModerationRequest, ModerationResponse, TextPart, openai_result
+from app.schemas import (
+    ImagePart,
+    ModelList,
+    ModelOut,
+    ModerationRequest,
+    ModerationResponse,
+    TextPart,
+    openai_result,
+)
 from app.use_cases.moderation import ModerationUnavailable, moderate_now
 
 bp = Blueprint("moderations", __name__)
@@ -41,6 +50,7 @@ def create_moderation() -> Response:
         raise InvalidRequest("'input' must be a string, a list of strings, or a list of text parts.",
                              param="input", code="invalid_input") from exc
     texts = _texts(parsed)
+    charge_tokens(texts)
     settings: Settings = current_app.extensions["verdict.settings"]
     try:
         submission, verdict = moderate_now(
@@ -89,10 +99,7 @@ def _texts(parsed: ModerationRequest) -> list[str]:
 @bp.get("/v1/models")
 @require_scope(None)
 def list_models() -> Response:
-    data = [
-        {"id": m.id, "object": "model", "created": 0, "owned_by": m.provider, "provider": m.provider,
-         "judged_categories": m.judged_categories, "not_judged_categories": m.not_judged_categories,
-         "max_batch": m.max_batch}
-        for m in _provider().models()
-    ]
-    return jsonify(object="list", data=data)
+    data = [ModelOut(id=m.id, owned_by=m.provider, provider=m.provider, judged_categories=m.judged_categories,
+                     not_judged_categories=m.not_judged_categories, max_batch=m.max_batch)
+            for m in _provider().models()]
+    return jsonify(ModelList(data=data).model_dump(mode="json"))

@@ -10,6 +10,7 @@ from app.db import request_session
 from app.masking import Masker
 from app.models import Submission
 from app.queue import dispatch_moderation
+from app.rate_limits import charge_tokens
 from app.request_context import current_request_id
 from app.schemas import (
     SubmissionAccepted,
@@ -42,6 +43,7 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
     batch = "items" in body
     items = (SubmissionBatchIn.model_validate(body, context=context).items if batch
              else [SubmissionIn.model_validate(body, context=context)])
+    charge_tokens([text for item in items for text in item.input])
     check_callback_urls(request_session(), current_principal().tenant_id, [item.callback_url for item in items],
                         settings=current_app.extensions["verdict.settings"])
     submissions = submit_content(request_session(), current_principal(), items,

@@ -196,8 +196,10 @@ def moderate_submission(
         if claim is None:
             # Already done, or held by a live claim: a redelivered or duplicate message. Nothing to do.
             return Outcome("skipped")
-        log_ = log.bind(submission_id=submission_id, attempt=claim.attempt)
         submission = session.get(Submission, submission_id)
+        # The request id of the submitting request, carried through its row into every log line of the task.
+        log_ = log.bind(submission_id=submission_id, attempt=claim.attempt,
+                        request_id=submission.request_id if submission is not None else None)
         if submission is None or submission.content is None:
             fail_submission(session, claim, code="content_unavailable", message="the content was erased")
             return Outcome("failed")

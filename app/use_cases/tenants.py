@@ -1,4 +1,5 @@
-"""Tenant settings an operator changes: how long content is kept, and whether submissions are masked by default."""
+"""Tenant settings an operator changes: how long content is kept, whether submissions are masked by default, and
+the rate limits of the tenant's keys."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def configure_tenant(
     *,
     retention_days: int | None | Keep = KEEP,
     mask_by_default: bool | None | Keep = KEEP,
+    rate_limit_rpm: int | None | Keep = KEEP,
+    rate_limit_tpm: int | None | Keep = KEEP,
     actor: str = SYSTEM_ACTOR,
 ) -> Tenant:
     """Change the tenant's settings (None: follow the deployment's default) and audit what changed."""
@@ -38,6 +41,9 @@ def configure_tenant(
         raise TenantRequestError(f"no tenant named {tenant_name!r}")
     if isinstance(retention_days, int) and retention_days < 0:
         raise TenantRequestError("retention days must be 0 (keep forever) or more")
+    for label, limit in (("requests", rate_limit_rpm), ("tokens", rate_limit_tpm)):
+        if isinstance(limit, int) and not 1 <= limit < 2**31:
+            raise TenantRequestError(f"a {label} per minute limit must be from 1 to {2**31 - 1}")
     changes: dict[str, dict[str, int | bool | None]] = {}
     if retention_days is not KEEP and retention_days != tenant.retention_days:
         changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}
@@ -45,6 +51,12 @@ def configure_tenant(
     if mask_by_default is not KEEP and mask_by_default != tenant.mask_by_default:
         changes["mask_by_default"] = {"from": tenant.mask_by_default, "to": mask_by_default}
         tenant.mask_by_default = mask_by_default
+    if rate_limit_rpm is not KEEP and rate_limit_rpm != tenant.rate_limit_rpm:
+        changes["rate_limit_rpm"] = {"from": tenant.rate_limit_rpm, "to": rate_limit_rpm}
+        tenant.rate_limit_rpm = rate_limit_rpm
+    if rate_limit_tpm is not KEEP and rate_limit_tpm != tenant.rate_limit_tpm:
+        changes["rate_limit_tpm"] = {"from": tenant.rate_limit_tpm, "to": rate_limit_tpm}
+        tenant.rate_limit_tpm = rate_limit_tpm
     if changes:
         record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
                      subject_id=tenant.id, details={"changes": changes})

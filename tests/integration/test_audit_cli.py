@@ -155,9 +155,10 @@ def test_tenants_configure_sets_and_audits_retention_and_masking(verdict: Verdic
     result = verdict("tenants", "configure", tenant.tenant_name, "--retention-days", "90", "--mask-by-default", "on")
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines() == [f"tenant: {tenant.tenant_name} ({tenant.tenant_id})",
-                                                   "retention_days: 90", "mask_by_default: True"]
+                                                   "retention_days: 90", "mask_by_default: True",
+                                                   "rate_limit_rpm: default", "rate_limit_tpm: default"]
     result = verdict("tenants", "configure", tenant.tenant_name, "--retention-days", "default")
-    assert result.stdout.decode().splitlines()[1:] == ["retention_days: default", "mask_by_default: True"]
+    assert result.stdout.decode().splitlines()[1:3] == ["retention_days: default", "mask_by_default: True"]
     with database.session_scope() as session:
         row = session.scalars(select(Tenant).where(Tenant.id == tenant.tenant_id)).one()
         assert (row.retention_days, row.mask_by_default) == (None, True)

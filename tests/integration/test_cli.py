@@ -174,3 +174,25 @@ def test_keys_work_on_the_embedded_database(verdict: Run, tmp_path: Path) -> Non
     assert count == 1
     # Default scopes: all four.
     assert sorted(json.loads(scopes)) == ["admin", "audit", "read", "submit"]
+
+
+def test_key_created_with_expiry_and_limits(verdict: Run, client: FlaskClient) -> None:
+    _, plaintext = create_key(verdict, "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--scopes", "read",
+                              "--expires-at", "2099-01-01T00:00:00", "--rate-limit-rpm", "7", "--rate-limit-tpm", "70")
+    response = client.get("/v1/submissions", headers=bearer(plaintext))
+    assert response.status_code == 200
+    assert (response.headers["X-RateLimit-Limit-RPM"], response.headers["X-RateLimit-Limit-TPM"]) == ("7", "70")
+    expired = verdict("keys", "create", "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--expires-at", "yesterday")
+    assert expired.returncode != 0 and "ISO 8601" in expired.stderr
+
+
+def test_tenant_rate_limits_are_configured(verdict: Run, client: FlaskClient) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:10]}"
+    _, plaintext = create_key(verdict, "--tenant", tenant, "--scopes", "read")
+    result = verdict("tenants", "configure", tenant, "--rate-limit-rpm", "5", "--rate-limit-tpm", "50")
+    assert result.returncode == 0, result.stderr
+    assert "rate_limit_rpm: 5" in result.stdout and "rate_limit_tpm: 50" in result.stdout
+    assert client.get("/v1/submissions", headers=bearer(plaintext)).headers["X-RateLimit-Limit-RPM"] == "5"
+    back = verdict("tenants", "configure", tenant, "--rate-limit-rpm", "default")
+    assert back.returncode == 0 and "rate_limit_rpm: default" in back.stdout
+    assert verdict("tenants", "configure", tenant, "--rate-limit-tpm", "0").returncode != 0

@@ -1,0 +1,405 @@
+"""`GET /openapi.json` (OpenAPI 3.1) and `GET /docs` (Swagger UI), generated from the app itself.
+
+Paths and methods come from Flask's URL map, whether a route needs a key and which scope from `require_scope`, and
+every schema from the pydantic models that validate requests (validation mode) and shape answers (serialization
+mode), through `pydantic.json_schema.models_json_schema`. What this module adds is only what the code cannot say by
+itself: a summary per route, which models its body, query and answers use, and which errors it may answer. A test
+(tests/integration/test_openapi.py) holds every route to having an entry here, and the fuzzer holds the answers to it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_directory
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from app.api.key_schemas import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
+from app.api.webhook_schemas import (
+    CallbackSecretOut,
+    CallbackSecretWithSecret,
+    DeliveryListQuery,
+    DeliveryOut,
+    DeliveryPage,
+    EmptyBody,
+    WebhookEndpointDeleted,
+    WebhookEndpointIn,
+    WebhookEndpointList,
+    WebhookEndpointOut,
+    WebhookEndpointWithSecret,
+)
+from app.schemas import (
+    AuditExportQuery,
+    AuditPage,
+    AuditQuery,
+    AuditVerificationOut,
+    AuditVerifyQuery,
+    ErrorResponse,
+    HealthOut,
+    ModelList,
+    ModerationRequest,
+    ModerationResponse,
+    ReadinessOut,
+    SubmissionAccepted,
+    SubmissionBatchAccepted,
+    SubmissionBatchIn,
+    SubmissionGetQuery,
+    SubmissionIn,
+    SubmissionListQuery,
+    SubmissionOut,
+    SubmissionPage,
+)
+
+bp = Blueprint("openapi", __name__)
+
+Content = type[BaseModel] | Literal["ndjson-or-csv", "html", "openapi"]
+
+
+@dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    responses: dict[int, Content | tuple[type[BaseModel], ...]]
+    body: tuple[type[BaseModel], ...] = ()
+    # The body may be left out altogether (the webhook actions take none).
+    body_optional: bool = False
+    query: type[BaseModel] | None = None
+    # Errors beyond those every route of its kind may answer (see `_errors`).
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_SUBMIT = "Submissions"
+_MODERATE = "OpenAI-compatible moderation"
+_WEBHOOKS = "Webhooks"
+_AUDIT = "Audit"
+_KEYS = "Keys"
+_OPS = "Operations"
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("GET", "/healthz"): Operation("Liveness: the process answers", _OPS, {200: HealthOut}),
+    ("GET", "/readyz"): Operation("Readiness: the database and the broker answer", _OPS, {200: ReadinessOut},
+                                  errors=(503,)),
+    ("GET", "/openapi.json"): Operation("This OpenAPI 3.1 document", _OPS, {200: "openapi"}),
+    ("GET", "/docs"): Operation("This document, for people (Swagger UI)", _OPS, {200: "html"}),
+    ("POST", "/v1/submissions"): Operation(
+        "Submit content for asynchronous moderation: one submission, or up to 100 in `items`", _SUBMIT,
+        {202: (SubmissionAccepted, SubmissionBatchAccepted)}, body=(SubmissionIn, SubmissionBatchIn)),
+    ("GET", "/v1/submissions/<submission_id>"): Operation(
+        "A submission's status and, once completed, its verdict (`?wait=` long-polls)", _SUBMIT,
+        {200: SubmissionOut}, query=SubmissionGetQuery),
+    ("GET", "/v1/submissions"): Operation("The tenant's submissions, newest first, filtered and paginated", _SUBMIT,
+                                          {200: SubmissionPage}, query=SubmissionListQuery),
+    ("POST", "/v1/moderations"): Operation(
+        "Synchronous moderation in OpenAI's request and response format", _MODERATE, {200: ModerationResponse},
+        body=(ModerationRequest,), errors=(503,)),
+    ("POST", "/v1/moderate"): Operation("The same as POST /v1/moderations", _MODERATE, {200: ModerationResponse},
+                                        body=(ModerationRequest,), errors=(503,)),
+    ("GET", "/v1/models"): Operation("The moderation models this deployment offers", _MODERATE, {200: ModelList}),
+    ("GET", "/v1/audit"): Operation("The tenant's audit events in chain order, filtered and paginated", _AUDIT,
+                                    {200: AuditPage}, query=AuditQuery),
+    ("GET", "/v1/audit/export"): Operation("Stream the audit events out, as NDJSON (to verify) or CSV", _AUDIT,
+                                           {200: "ndjson-or-csv"}, query=AuditExportQuery),
+    ("GET", "/v1/audit/verify"): Operation("Recompute the tenant's audit hash chain", _AUDIT,
+                                           {200: AuditVerificationOut}, query=AuditVerifyQuery),
+    ("DELETE", "/v1/data/<submission_id>"): Operation(
+        "Erase a submission's content and personal data; a tombstone and the audit trail stay", _AUDIT,
+        {200: SubmissionOut}),
+    ("POST", "/v1/webhooks"): Operation("Register a webhook endpoint; its secret is shown once", _WEBHOOKS,
+                                        {201: WebhookEndpointWithSecret}, body=(WebhookEndpointIn,)),
+    ("GET", "/v1/webhooks"): Operation("The tenant's webhook endpoints", _WEBHOOKS, {200: WebhookEndpointList}),
+    ("GET", "/v1/webhooks/<webhook_id>"): Operation("One webhook endpoint (never its secret)", _WEBHOOKS,
+                                                    {200: WebhookEndpointOut}),
+    ("DELETE", "/v1/webhooks/<webhook_id>"): Operation("Delete a webhook endpoint and its delivery log", _WEBHOOKS,
+                                                       {200: WebhookEndpointDeleted}),
+    ("POST", "/v1/webhooks/<webhook_id>/rotate-secret"): Operation(
+        "A new secret, shown once; the old one keeps signing for a grace period", _WEBHOOKS,
+        {200: WebhookEndpointWithSecret}, body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/webhooks/<webhook_id>/test"): Operation("Queue a signed `webhook.test` event", _WEBHOOKS,
+                                                          {202: DeliveryOut}, body=(EmptyBody,), body_optional=True),
+    ("GET", "/v1/webhooks/<webhook_id>/deliveries"): Operation(
+        "An endpoint's deliveries with every attempt, newest first", _WEBHOOKS, {200: DeliveryPage},
+        query=DeliveryListQuery),
+    ("POST", "/v1/deliveries/<delivery_id>/redeliver"): Operation(
+        "Send a delivery again now, with a fresh retry schedule", _WEBHOOKS, {202: DeliveryOut}, body=(EmptyBody,),
+        body_optional=True),
+    ("GET", "/v1/webhooks/callback-secret"): Operation("The tenant's callback signer (never its secret)", _WEBHOOKS,
+                                                       {200: CallbackSecretOut}),
+    ("POST", "/v1/webhooks/callback-secret"): Operation(
+        "Create the tenant's secret for per-submission `callback_url`s, shown once", _WEBHOOKS,
+        {201: CallbackSecretWithSecret}, body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/webhooks/callback-secret/rotate"): Operation(
+        "Rotate the callback secret; the new one is shown once", _WEBHOOKS, {200: CallbackSecretWithSecret},
+        body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/keys"): Operation("Create an API key in the caller's tenant; its secret is shown once", _KEYS,
+                                    {201: KeyWithSecret}, body=(KeyCreateIn,)),
+    ("GET", "/v1/keys"): Operation("The tenant's API keys (never a secret)", _KEYS, {200: KeyList}),
+    ("DELETE", "/v1/keys/<key_id>"): Operation("Revoke an API key, at once (rotation: create, deploy, revoke)", _KEYS,
+                                               {200: KeyOut}),
+}
+
+# Routes that serve the docs page's own files: not part of the API.
+UNDOCUMENTED_ENDPOINTS = frozenset({"openapi.docs_asset"})
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request: the `param` names the field, query parameter or header.",
+    401: "Missing, malformed, unknown, revoked or expired API key.",
+    403: "The key lacks the route's scope.",
+    404: "No such object (another tenant's object answers exactly so).",
+    409: "Conflict: a request with this Idempotency-Key is still running, or the object's state forbids it.",
+    413: "The request body is larger than MAX_REQUEST_BYTES.",
+    415: "The body is not `application/json`.",
+    422: "This Idempotency-Key was used with a different request.",
+    429: "Over the key's requests or tokens per minute; retry after `Retry-After` seconds.",
+    500: "Internal error; quote the X-Request-ID.",
+    503: "A dependency (database, broker or moderation provider) is unavailable.",
+}
+_HEADER_DEFINITIONS = {
+    "X-Request-ID": ("The client's request id if well-formed, else a new one.", {"type": "string"}),
+    "X-Processing-Time-Ms": ("Time spent on the request, in milliseconds.", {"type": "string"}),
+    "X-RateLimit-Limit-RPM": ("Requests per minute allowed to this key.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-RateLimit-Remaining-RPM": ("Requests left in the current minute.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-RateLimit-Limit-TPM": ("Tokens per minute allowed to this key.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "X-RateLimit-Remaining-TPM": ("Tokens left in the current minute.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "Retry-After": ("Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "WWW-Authenticate": ("`Bearer realm=\"verdict\"`.", {"type": "string"}),
+}
+_ALWAYS = ("X-Request-ID", "X-Processing-Time-Ms")
+# Present on every response to a request with a valid key (not on a 401, which had none).
+_RATE_LIMITS = ("X-RateLimit-Limit-RPM", "X-RateLimit-Remaining-RPM", "X-RateLimit-Limit-TPM",
+                "X-RateLimit-Remaining-TPM")
+_PATH_PARAMETER = re.compile(r"<(?:[a-z]+:)?([a-z_]+)>")
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(build_document(current_app))
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    return Response(_DOCS_PAGE, mimetype="text/html")
+
+
+@bp.get("/docs/assets/<path:filename>")
+def docs_asset(filename: str) -> Response:
+    return send_from_directory(_swagger_ui_dir(), filename, max_age=86_400)
+
+
+@cache
+def _swagger_ui_dir() -> Path:
+    # Only the package's files are used (Swagger UI 5, which reads OpenAPI 3.1), not its code.
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Verdict API</title>
+  <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/assets/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
+  </script>
+</body>
+</html>
+"""
+
+
+def build_document(app: Flask) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route `app` serves (those in UNDOCUMENTED_ENDPOINTS apart)."""
+    schemas = _component_schemas()
+    paths: dict[str, dict[str, Any]] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint in UNDOCUMENTED_ENDPOINTS:
+            continue
+        view = app.view_functions[rule.endpoint]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation = OPERATIONS.get((method, rule.rule))
+            if operation is None:
+                raise LookupError(f"{method} {rule.rule} has no entry in app.api.openapi.OPERATIONS")
+            path = _PATH_PARAMETER.sub(r"{\1}", rule.rule)
+            keyed = bool(getattr(view, "keyed", False))
+            scope: str | None = getattr(view, "required_scope", None)
+            paths.setdefault(path, {})[method.lower()] = _operation(
+                operation, method, rule.arguments, keyed=keyed, scope=scope,
+                operation_id=f"{method.lower()}_{rule.endpoint.replace('.', '_')}", schemas=schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Verdict",
+            "version": "1",
+            "description": "Self-hosted content-safety moderation. Every error has the shape "
+                           "`{\"error\": {\"type\", \"message\", \"param\", \"code\"}}`. Any POST may carry an "
+                           "`Idempotency-Key`.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas.definitions,
+            "headers": {name: {"description": text, "schema": schema}
+                        for name, (text, schema) in _HEADER_DEFINITIONS.items()},
+            "responses": {_error_name(status, keyed): _error_response(status, keyed, schemas)
+                          for status in _ERROR_DESCRIPTIONS for keyed in (False, True)},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "An API key, `vk_<id>_<secret>`."}},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _Schemas:
+    definitions: dict[str, Any]
+    refs: dict[tuple[type[BaseModel], JsonSchemaMode], dict[str, Any]]
+
+    def ref(self, model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, Any]:
+        return self.refs[(model, mode)]
+
+
+@cache
+def _component_schemas() -> _Schemas:
+    inputs: set[type[BaseModel]] = set()
+    outputs: set[type[BaseModel]] = {ErrorResponse}
+    for operation in OPERATIONS.values():
+        inputs.update(operation.body)
+        for content in operation.responses.values():
+            if isinstance(content, tuple):
+                outputs.update(content)
+            elif isinstance(content, type):
+                outputs.add(content)
+    models = [(m, "validation") for m in sorted(inputs, key=lambda m: m.__name__)]
+    models += [(m, "serialization") for m in sorted(outputs, key=lambda m: m.__name__)]
+    refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
+    return _Schemas(definitions=top.get("$defs", {}), refs=dict(refs))  # type: ignore[arg-type]
+
+
+def _operation(
+    operation: Operation, method: str, arguments: set[str], *, keyed: bool, scope: str | None, operation_id: str,
+    schemas: _Schemas,
+) -> dict[str, Any]:
+    description = operation.description
+    if keyed:
+        description = (f"Scope: `{scope}`. " if scope else "Any valid key. ") + description
+    out: dict[str, Any] = {"operationId": operation_id, "summary": operation.summary, "tags": [operation.tag],
+                           "description": description.strip()}
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        for name in sorted(arguments)
+    ]
+    if operation.query is not None:
+        parameters += _query_parameters(operation.query)
+    parameters.append({"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"},
+                       "description": "Your id for this request: 1–128 of `[A-Za-z0-9._:-]`, else one is made."})
+    if method == "POST" and keyed:
+        parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                           "description": "Retry safely: the same key and body within 24 h get the first response."})
+    out["parameters"] = parameters
+    if operation.body:
+        refs = [schemas.ref(model, "validation") for model in operation.body]
+        out["requestBody"] = {"required": not operation.body_optional, "content": {
+            "application/json": {"schema": refs[0] if len(refs) == 1 else {"oneOf": refs}}}}
+    if keyed:
+        out["security"] = [{"bearer": []}]
+    responses: dict[str, Any] = {}
+    for status, content in operation.responses.items():
+        responses[str(status)] = {"description": "Success.", "headers": _headers(keyed),
+                                  "content": _content(content, schemas)}
+    for status in _errors(operation, method, keyed, bool(arguments)):
+        responses[str(status)] = {"$ref": f"#/components/responses/{_error_name(status, keyed)}"}
+    out["responses"] = responses
+    return out
+
+
+def _error_name(status: int, keyed: bool) -> str:
+    return f"{'Keyed' if keyed else ''}Error{status}"
+
+
+def _error_response(status: int, keyed: bool, schemas: _Schemas) -> dict[str, Any]:
+    headers = _headers(keyed and status != 401)
+    if status == 429:
+        headers["Retry-After"] = _header_ref("Retry-After", required=True)
+    if status == 401:
+        headers["WWW-Authenticate"] = _header_ref("WWW-Authenticate", required=True)
+    return {"description": _ERROR_DESCRIPTIONS[status], "headers": headers,
+            "content": {"application/json": {"schema": schemas.ref(ErrorResponse, "serialization")}}}
+
+
+def _header_ref(name: str, *, required: bool) -> dict[str, Any]:
+    # A header object that is a $ref may not say `required` itself, so it is spelled out where required.
+    text, schema = _HEADER_DEFINITIONS[name]
+    if required:
+        return {"description": text, "schema": schema, "required": True}
+    return {"$ref": f"#/components/headers/{name}"}
+
+
+def _errors(operation: Operation, method: str, keyed: bool, has_path_ids: bool) -> list[int]:
+    statuses = {500, *operation.errors}
+    if operation.query is not None or operation.body:
+        statuses.add(400)
+    if keyed:
+        statuses.update({400, 401, 403, 429})
+    if has_path_ids:
+        statuses.add(404)
+    if method in ("POST", "DELETE") and keyed:
+        statuses.add(409)  # a conflicting state (a delivery in flight, an idempotent request still running)
+    if method == "POST" and keyed:
+        statuses.update({413, 415, 422})
+    if keyed and operation.tag == _WEBHOOKS:
+        statuses.add(404)  # the callback signer not created yet
+    return sorted(statuses)
+
+
+def _headers(keyed: bool) -> dict[str, Any]:
+    headers = {name: _header_ref(name, required=True) for name in _ALWAYS}
+    if keyed:
+        headers.update({name: _header_ref(name, required=True) for name in _RATE_LIMITS})
+    return headers
+
+
+def _content(content: Content | tuple[type[BaseModel], ...], schemas: _Schemas) -> dict[str, Any]:
+    if content == "ndjson-or-csv":
+        return {"application/x-ndjson": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}}}
+    if content == "html":
+        return {"text/html": {"schema": {"type": "string"}}}
+    if content == "openapi":
+        return {"application/json": {"schema": {"type": "object"}}}
+    if isinstance(content, tuple):
+        return {"application/json": {"schema": {"oneOf": [schemas.ref(m, "serialization") for m in content]}}}
+    assert isinstance(content, type)
+    return {"application/json": {"schema": schemas.ref(content, "serialization")}}
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(mode="validation")
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field_schema in schema.get("properties", {}).items():
+        field_schema = dict(field_schema)
+        description = field_schema.pop("description", None)
+        field_schema.pop("title", None)
+        # A query parameter is present or absent; it is never JSON null.
+        variants = [v for v in field_schema.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            field_schema = {**(variants[0] if len(variants) == 1 else {"anyOf": variants}), **field_schema}
+            if field_schema.get("default", 0) is None:
+                field_schema.pop("default")
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": name in required,
+                                     "schema": field_schema}
+        if description:
+            parameter["description"] = description
+        parameters.append(parameter)
+    return parameters

@@ -1,0 +1,96 @@
+"""`Idempotency-Key` on any POST: the same key with the same request within IDEMPOTENCY_TTL_SECONDS gets the first
+response again (status, body, ids), without anything being created twice.
+
+A key belongs to the tenant. The request's fingerprint is a SHA-256 of method, path, query string and body bytes.
+The same key with another request is refused (422); while the first request with a key is running, a second one is
+told so (409, `Retry-After`), which is how two identical requests racing never both create. Responses of 5xx and 429
+are not kept, so a retry after them runs again. A replay carries `Idempotent-Replayed: true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from flask import Response, current_app, request
+
+from app.db import get_database
+from app.errors import ApiError, InvalidRequest, error_response
+from app.use_cases import idempotency
+from app.use_cases.idempotency import Claimed, InProgress, Mismatch, StoredResponse
+
+if TYPE_CHECKING:
+    from app.auth import Principal
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# Response headers worth replaying; the per-request ones (X-Request-ID, timing, rate limits) are the retry's own.
+_KEPT_HEADERS = ("Content-Type", "Location")
+
+
+def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
+    key = request.headers.get(IDEMPOTENCY_HEADER, "")
+    if not _KEY.match(key):
+        raise InvalidRequest(f"{IDEMPOTENCY_HEADER}: must be 1 to 255 printable ASCII characters without spaces.",
+                             param=IDEMPOTENCY_HEADER, code="invalid_idempotency_key")
+    settings = current_app.extensions["verdict.settings"]
+    fingerprint = _fingerprint()
+    database = get_database()
+    with database.session_scope() as session:
+        outcome = idempotency.claim(session, principal.tenant_id, key, fingerprint, api_key_id=principal.key_id,
+                                    ttl_seconds=settings.idempotency_ttl_seconds)
+    if isinstance(outcome, Mismatch):
+        raise ApiError(422, f"This {IDEMPOTENCY_HEADER} was already used with a different request; use a new key "
+                       "for a new request.", code="idempotency_key_reused", param=IDEMPOTENCY_HEADER)
+    if isinstance(outcome, InProgress):
+        raise ApiError(409, f"A request with this {IDEMPOTENCY_HEADER} is still in progress; retry shortly.",
+                       code="idempotency_request_in_progress", param=IDEMPOTENCY_HEADER,
+                       headers={"Retry-After": "1"})
+    if isinstance(outcome, StoredResponse):
+        replay = Response(outcome.body, status=outcome.status_code, headers=outcome.headers)
+        replay.headers["Idempotent-Replayed"] = "true"
+        return replay
+    assert isinstance(outcome, Claimed)
+
+    try:
+        response = current_app.make_response(view())
+    except Exception as exc:
+        try:
+            # The app's own error handlers shape it, exactly as they would outside this wrapper.
+            response = current_app.make_response(current_app.handle_user_exception(exc))
+        except Exception:
+            with database.session_scope() as session:
+                idempotency.release(session, principal.tenant_id, key)
+            raise
+    with database.session_scope() as session:
+        if response.status_code >= 500 or response.status_code == 429 or response.is_streamed:
+            idempotency.release(session, principal.tenant_id, key)
+        else:
+            idempotency.store_response(session, principal.tenant_id, key, _kept(response))
+    return response
+
+
+def _kept(response: Response) -> StoredResponse:
+    """What a retry gets. A secret (a new API key, a webhook secret) is shown once and never stored a second time:
+    such a response is kept as a 409 that names what was created, so a retry still creates nothing."""
+    body = response.get_json(silent=True) if response.is_json else None
+    if isinstance(body, dict) and "secret" in body:
+        created = f" ({body.get('object', 'object')} {body['id']})" if "id" in body else ""
+        conflict = error_response(
+            409, f"The request with this {IDEMPOTENCY_HEADER} already succeeded{created}. Its secret was shown "
+            "once and is not kept; if it was lost, revoke what was created and create it again.",
+            code="idempotency_secret_not_replayed", param=IDEMPOTENCY_HEADER)
+        return StoredResponse(status_code=409, body=conflict.get_data(as_text=True),
+                              headers={"Content-Type": conflict.content_type})
+    headers = {name: response.headers[name] for name in _KEPT_HEADERS if name in response.headers}
+    return StoredResponse(status_code=response.status_code, body=response.get_data(as_text=True), headers=headers)
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), request.path.encode(), request.query_string):
+        digest.update(part + b"\n")
+    digest.update(request.get_data(cache=True))
+    return digest.hexdigest()
