@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 
 # migrations-check runs Alembic against a scratch database on the same PostgreSQL the tests use.
 # PG_ADMIN_URL is a database to connect to while creating and dropping the scratch one.
-MIGRATIONS_CHECK_DB := verdict_migrations_check
+# Unique per run, so two checkouts checking at once on one PostgreSQL never drop each other's scratch database.
+MIGRATIONS_CHECK_DB := verdict_migrations_check_$(shell od -An -N4 -tx4 /dev/urandom | tr -d " ")
 PG_ADMIN_URL ?= $(or $(TEST_DATABASE_URL),postgresql+psycopg://postgres@127.0.0.1:5432/postgres)
 # psql and psycopg take libpq URLs, which know no SQLAlchemy "+driver" suffix.
 PG_ADMIN_DSN = $(subst +psycopg,,$(PG_ADMIN_URL))
