@@ -1,0 +1,132 @@
+"""Throughput against the fake upstream, with real worker processes: batches, the shared rate limit, and a batch
+whose answer is unusable for one text only.
+
+No test here measures time: each asserts what the upstream received and what the database holds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask.testing import FlaskClient
+
+from app.db import Database
+from tests.conftest import TenantKey
+from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
+from tests.integration.conftest import WorkerProcess, openai_worker_env
+from tests.integration.test_pipeline import submit_batch, upstream_inputs, wait_all_final
+from tests.integration.test_recovery import RECOVERY_TIMEOUT, assert_exactly_once, attempts, upstream_calls
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-upstream-test"
+
+
+def texts_for(label: str, count: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    words = ["kill", "idiot", "hate", "calm", "stupid"]
+    return [f"{label} {run} #{i}: you {words[i % len(words)]} now" for i in range(count)]
+
+
+def test_queued_texts_go_upstream_together_and_each_verdict_is_its_own(
+    client: FlaskClient, tenant: TenantKey, database: Database, fake_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    texts = texts_for("batched", 20)
+    ids = submit_batch(client, tenant, texts)  # queued before any worker runs: a backlog
+    worker = start_worker(concurrency=1, **openai_worker_env(fake_upstream, UPSTREAM_MAX_BATCH="8"))
+    wait_all_final(database, ids, timeout=RECOVERY_TIMEOUT, worker=worker)
+
+    assert_exactly_once(database, ids)
+    assert upstream_calls(fake_upstream, texts) == Counter(texts)
+    sizes = [len(inputs) for inputs in upstream_inputs(fake_upstream)]
+    assert max(sizes) > 1 and all(size <= 8 for size in sizes), sizes
+    assert len(sizes) < len(texts)
+    for submission_id, text in zip(ids, texts, strict=True):
+        verdict = client.get(f"/v1/submissions/{submission_id}", headers=tenant.headers).get_json()["verdict"]
+        # Matched back by position: each submission holds exactly its own text's scores.
+        assert verdict["category_scores"] == score_text(text), (submission_id, text)
+        assert verdict["provider"] == "openai" and verdict["cached"] is False and verdict["degraded"] is False
+
+
+def test_a_result_unusable_for_one_text_retries_only_that_submission(
+    client: FlaskClient, tenant: TenantKey, database: Database, fake_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    texts = texts_for("one-bad", 4)
+    ids = submit_batch(client, tenant, texts)
+    fake_upstream.malformed_next(ONE_BAD_RESULT)
+    worker = start_worker(concurrency=1, **openai_worker_env(fake_upstream, UPSTREAM_MAX_BATCH="8"))
+    wait_all_final(database, ids, timeout=RECOVERY_TIMEOUT, worker=worker)
+
+    assert_exactly_once(database, ids)
+    first_inputs = upstream_inputs(fake_upstream)[0]
+    assert len(first_inputs) > 1, "the texts were not batched"
+    spoiled = first_inputs[0]
+    calls = upstream_calls(fake_upstream, texts)
+    assert calls[spoiled] == 2
+    assert all(calls[text] == 1 for text in first_inputs[1:])
+    tries = attempts(database, ids)
+    assert tries[ids[texts.index(spoiled)]] == 2
+    assert [tries[ids[texts.index(text)]] for text in first_inputs[1:]] == [1] * (len(first_inputs) - 1)
+
+
+@pytest.fixture
+def limited_upstream() -> Iterator[FakeUpstream]:
+    # Two requests in any 3-second window: a limit a backlog runs into many times within one test.
+    with FakeUpstream(api_key=API_KEY, rpm=2, window=3) as upstream:
+        yield upstream
+
+
+def test_workers_share_the_limit_and_are_never_refused(
+    client: FlaskClient, tenant: TenantKey, database: Database, limited_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    texts = texts_for("limited", 12)
+    ids = submit_batch(client, tenant, texts)
+    # The configured limit is far too generous: only the provider's headers tell the workers the real one.
+    env = openai_worker_env(limited_upstream, UPSTREAM_MAX_BATCH="2", UPSTREAM_RPM="1000",
+                            UPSTREAM_RATE_WINDOW_SECONDS="3")
+    workers = [start_worker(concurrency=1, **env) for _ in range(2)]
+    wait_all_final(database, ids, timeout=RECOVERY_TIMEOUT, worker=workers[0])
+
+    assert_exactly_once(database, ids)
+    assert upstream_calls(limited_upstream, texts) == Counter(texts)
+    assert len(upstream_inputs(limited_upstream)) >= 6  # enough calls to run into the limit several times
+    assert limited_upstream.rejected_429 == 0
+
+
+def test_a_repeated_text_is_not_paid_for_twice(
+    client: FlaskClient, tenant: TenantKey, other_tenant: TenantKey, database: Database, fake_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(concurrency=1, **openai_worker_env(fake_upstream))
+    text = f"cache {uuid.uuid4().hex}: I will kill you"
+
+    def moderate(who: TenantKey, **extra: str) -> dict[str, object]:
+        submission_id = submit_batch(client, who, [text])[0] if not extra else client.post(
+            "/v1/submissions", json={"input": text, **extra}, headers=who.headers).get_json()["id"]
+        wait_all_final(database, [submission_id], timeout=RECOVERY_TIMEOUT, worker=worker)
+        body: dict[str, object] = client.get(f"/v1/submissions/{submission_id}", headers=who.headers).get_json()
+        return body
+
+    first, again = moderate(tenant), moderate(tenant)
+    assert upstream_calls(fake_upstream, [text]) == {text: 1}
+    first_verdict, again_verdict = first["verdict"], again["verdict"]
+    assert isinstance(first_verdict, dict) and isinstance(again_verdict, dict)
+    assert first_verdict["cached"] is False and again_verdict["cached"] is True
+    assert again_verdict["category_scores"] == first_verdict["category_scores"] == score_text(text)
+    assert again_verdict["decision"] == "block" and again_verdict["provider"] == "openai"
+    assert again_verdict["degraded"] is False
+
+    # Another tenant, or another model, is a different cache entry: asked again.
+    other = moderate(other_tenant)["verdict"]
+    assert isinstance(other, dict) and other["cached"] is False
+    assert upstream_calls(fake_upstream, [text]) == {text: 2}
+    chosen = moderate(tenant, model="text-moderation-stable")["verdict"]
+    assert isinstance(chosen, dict) and chosen["cached"] is False
+    assert upstream_calls(fake_upstream, [text]) == {text: 3}
+    assert_exactly_once(database, [str(first["id"]), str(again["id"])])
