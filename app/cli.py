@@ -177,7 +177,7 @@ def keys_revoke(key_id: str) -> None:
 
 @main.group()
 def tenants() -> None:
-    """Tenant settings: content retention and PII masking."""
+    """Tenant settings: content retention, PII masking, and what happens when no provider can answer."""
 
 
 @tenants.command("configure")
@@ -186,7 +186,11 @@ def tenants() -> None:
               help="Days to keep submitted content; 0 keeps it forever; 'default' follows CONTENT_RETENTION_DAYS.")
 @click.option("--mask-by-default", type=click.Choice(["on", "off", "default"]), default=None,
               help="Mask submissions that do not say `mask`; 'default' follows MASK_BY_DEFAULT.")
-def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None) -> None:
+@click.option("--failure-mode", type=click.Choice(["fail", "review", "block", "allow", "default"]), default=None,
+              help="When no provider can answer: fail, or a degraded review/block (fail closed) or allow (fail "
+                   "open) verdict; 'default' follows MODERATION_FAILURE_MODE.")
+def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None,
+                      failure_mode: str | None) -> None:
     """Change a tenant's settings (only those given) and print them."""
     from app.db import Database
     from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
@@ -205,12 +209,16 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     database = Database(Settings().database_url)
     with database.session_scope() as session:
         try:
-            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask)
+            mode: str | None | Keep = KEEP if failure_mode is None else (
+                None if failure_mode == "default" else failure_mode)
+            tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
+                                      failure_mode=mode)
         except TenantRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"tenant: {tenant.name} ({tenant.id})")
         click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
         click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
+        click.echo(f"failure_mode: {'default' if tenant.failure_mode is None else tenant.failure_mode}")
 
 
 class CannotVerify(click.ClickException):

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     upstream_rate_window_seconds: float = Field(default=60.0, gt=0)
     # Redis for what workers share besides the queue (the upstream rate limit). Empty: BROKER_URL when it is Redis.
     redis_url: str = ""
+    # The circuit breaker (shared by all workers): this many upstream outages in a row open it for
+    # CIRCUIT_RESET_SECONDS, during which the fallback answers (or calls fail and are retried after the cool-down).
+    circuit_failure_threshold: int = Field(default=5, gt=0)
+    circuit_reset_seconds: float = Field(default=30.0, gt=0)
+    # Who answers while the upstream's circuit is open or its retries are used up: "local" (the local engine,
+    # verdicts marked degraded) or "none".
+    moderation_fallback_provider: Literal["none", "local"] = "none"
+    # When no provider can answer at all (tenants may override): "fail" the submission, or record a degraded
+    # verdict: "review" or "block" (fail closed), "allow" (fail open).
+    moderation_failure_mode: Literal["fail", "review", "block", "allow"] = "fail"
     # How long a provider's scores for a text are reused for the same text (same tenant, model and policy). 0: off.
     cache_ttl_seconds: int = Field(default=86_400, ge=0)
     # Under load, how long a worker waits for more queued texts to fill a batch; an idle worker never waits.

@@ -71,6 +71,14 @@ class Tenant(Base):
     retention_days: Mapped[int | None] = mapped_column(sa.Integer)
     # Mask personal data in submissions that do not say `mask` themselves: None follows MASK_BY_DEFAULT.
     mask_by_default: Mapped[bool | None] = mapped_column(sa.Boolean)
+    # When no provider can answer: fail, or a degraded review/block/allow verdict. None follows
+    # MODERATION_FAILURE_MODE.
+    failure_mode: Mapped[str | None] = mapped_column(sa.String(16))
+
+    __table_args__ = (
+        sa.CheckConstraint("failure_mode IS NULL OR failure_mode IN ('fail', 'review', 'block', 'allow')",
+                           name="failure_mode_known"),
+    )
 
 
 class ApiKey(Base):

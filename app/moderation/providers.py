@@ -25,6 +25,8 @@ class ProviderResult:
     usage_tokens: int | None = None
     # Positions of results the provider answered but unusably: those texts have no scores and need asking again.
     defective: frozenset[int] = frozenset()
+    # Decided without the configured provider's answer (by the fallback provider): the verdict says so.
+    degraded: bool = False
 
 
 @dataclass(frozen=True)

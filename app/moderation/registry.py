@@ -6,6 +6,7 @@ import redis
 import structlog
 
 from app.config import Settings
+from app.moderation.circuit import GuardedProvider, shared_breaker
 from app.moderation.local_engine import LocalEngine
 from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import ModerationProvider
@@ -17,7 +18,7 @@ log = structlog.get_logger(__name__)
 def build_provider(settings: Settings) -> ModerationProvider:
     if settings.moderation_provider == "openai":
         key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        return OpenAICompatibleProvider(
+        primary = OpenAICompatibleProvider(
             base_url=settings.upstream_base_url,
             api_key=key,
             model=settings.upstream_model,
@@ -27,6 +28,11 @@ def build_provider(settings: Settings) -> ModerationProvider:
             limiter=build_rate_limiter(settings, key),
             capacity_wait=settings.upstream_capacity_wait,
         )
+        namespace = limiter_key(settings.broker_key_prefix, settings.upstream_base_url, settings.upstream_path,
+                                key or "")
+        return GuardedProvider(primary, breaker=shared_breaker(settings, namespace),
+                               fallback=LocalEngine() if settings.moderation_fallback_provider == "local" else None,
+                               reset_seconds=settings.circuit_reset_seconds)
     return LocalEngine()
 
 

@@ -13,6 +13,7 @@ holder commits, and the `verdicts.submission_id` unique constraint backs it up.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -21,20 +22,22 @@ from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from app.auth import Principal
 from app.config import Settings
 from app.db import Database
 from app.masking import Masker
-from app.models import Submission, SubmissionStatus, Tenant, Verdict, utcnow
+from app.models import Decision, Submission, SubmissionStatus, Tenant, Verdict, utcnow
 from app.moderation.backoff import retry_delay, sync_retrying
 from app.moderation.cache import CacheScope, VerdictCache
+from app.moderation.circuit import GuardedProvider, degrade
 from app.moderation.policy import DEFAULT_POLICY, Assessment, Policy, assess, get_policy
 from app.moderation.providers import (
     ModerationProvider,
     ProviderError,
     ProviderResult,
+    TextScores,
     TransientProviderError,
 )
 from app.use_cases import webhooks
@@ -84,10 +87,13 @@ def _claim(session: Session, submission_id: str, *, lease_seconds: int) -> Claim
 
 def record_verdict(
     session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
-    cached: bool = False,
+    cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
 ) -> Verdict | None:
-    """Store the verdict if `claim` still holds the submission; None if another worker took it over."""
-    verdict = _record(session, claim, outcome, policy, degraded=degraded, cached=cached)
+    """Store the verdict if `claim` still holds the submission; None if another worker took it over.
+
+    `decision` overrides the policy's (a fail-open or fail-closed verdict, which has no scores to assess)."""
+    verdict = _record(session, claim, outcome, policy, degraded=degraded, cached=cached, decision=decision,
+                      degraded_reason=degraded_reason)
     if verdict is None:
         session.rollback()
         return None
@@ -97,14 +103,22 @@ def record_verdict(
 
 def _record(
     session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
-    cached: bool = False,
+    cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
+    submission: Submission | None = None,
 ) -> Verdict | None:
     """`record_verdict` in the caller's transaction, so a batch commits its verdicts (and takes the tenant's audit
     chain lock) once. A lost claim changes nothing: its fenced UPDATE matched no row."""
-    submission = session.get(Submission, claim.submission_id)
+    # The verdict relationship is not loaded: this is the verdict being made.
+    if submission is None:
+        submission = session.get(Submission, claim.submission_id, options=[lazyload(Submission.verdict)])
     if submission is None:
         return None
     assessment = assess(policy, outcome)
+    if decision is not None:
+        flagged = decision is not Decision.ALLOW
+        assessment = dataclasses.replace(assessment, decision=decision, flagged=flagged, results=[
+            {**r, "decision": decision.value, "flagged": flagged} for r in assessment.results])
+    degraded = degraded or outcome.degraded
     now = utcnow()
     won = session.execute(
         update(Submission)
@@ -129,7 +143,8 @@ def _record(
         subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
         content_digest=submission.content_digest, **links,
         details={"provider": outcome.provider, "model": outcome.model, "latency_ms": outcome.latency_ms,
-                 "attempt": claim.attempt, "cached": cached},
+                 "attempt": claim.attempt, "cached": cached, "degraded": degraded,
+                 **({"degraded_reason": degraded_reason} if degraded_reason else {})},
     )
     # The decision with what it takes to re-derive it: the scores and the thresholds they were held against (for
     # the judged categories; the others had no score to hold against a threshold).
@@ -230,6 +245,7 @@ class Work:
     """One claimed submission of a batch, with what moderating it needs."""
 
     claim: Claim
+    submission: Submission
     tenant_id: str
     texts: list[str]
     model: str | None
@@ -256,7 +272,9 @@ def moderate_submission(
         started = time.monotonic()
         capacity = min(provider.max_batch, BATCH_SIZER.most_submissions(settings))
         batch = [first, *_claim_more(session, first, capacity=capacity, settings=settings)]
-        session.rollback()  # hold no transaction open while the provider works
+        # Hold no transaction open while the provider works. Commit, not rollback: the loaded rows stay usable
+        # (expire_on_commit is off), so recording does not read them again.
+        session.commit()
         statuses: dict[str, tuple[str, float | None]] = {}
         if cache is not None:
             batch = _record_cached(session, provider, cache, batch, statuses)
@@ -269,13 +287,14 @@ def moderate_submission(
                    retries=[(other_id, other_delay) for other_id, other_delay in others if other_delay is not None])
 
 
-def _load_work(session: Session, claim: Claim) -> Work | None:
-    submission = session.get(Submission, claim.submission_id)
+def _load_work(session: Session, claim: Claim, submission: Submission | None = None) -> Work | None:
+    if submission is None:
+        submission = session.get(Submission, claim.submission_id, options=[lazyload(Submission.verdict)])
     if submission is None or submission.content is None:
         fail_submission(session, claim, code="content_unavailable", message="the content was erased")
         return None
-    return Work(claim=claim, tenant_id=submission.tenant_id, texts=list(submission.content), model=submission.model,
-                policy=get_policy(submission.policy_name) or DEFAULT_POLICY)
+    return Work(claim=claim, submission=submission, tenant_id=submission.tenant_id, texts=list(submission.content),
+                model=submission.model, policy=get_policy(submission.policy_name) or DEFAULT_POLICY)
 
 
 def _claim_more(session: Session, first: Work, *, capacity: int, settings: Settings) -> list[Work]:
@@ -311,7 +330,10 @@ def _claim_more(session: Session, first: Work, *, capacity: int, settings: Setti
             time.sleep(settings.batch_max_wait_ms / 1000)
             continue
         break
-    works = [_load_work(session, claim) for claim in claimed]
+    loaded = {row.id: row for row in session.scalars(
+        select(Submission).where(Submission.id.in_([c.submission_id for c in claimed]))
+        .options(lazyload(Submission.verdict)))} if claimed else {}
+    works = [_load_work(session, claim, loaded.get(claim.submission_id)) for claim in claimed]
     return [w for w in works if w is not None]
 
 
@@ -339,6 +361,8 @@ class BatchSizer:
 
 
 BATCH_SIZER = BatchSizer()
+# Verdicts per transaction when a batch is recorded.
+RECORD_CHUNK = 8
 
 
 def _record_cached(session: Session, provider: ModerationProvider, cache: VerdictCache, batch: Sequence[Work],
@@ -375,44 +399,55 @@ def _moderate_batch(
         result = provider.moderate(texts, batch[0].model)
     except ProviderError as exc:
         log_.warning("moderation_batch_failed", code=exc.code, transient=exc.transient)
-        return {w.claim.submission_id: _retry_or_fail(session, w, exc, settings) for w in batch}
+        return {w.claim.submission_id: _retry_or_fail(session, w, exc, settings, provider) for w in batch}
     call_seconds = time.monotonic() - call_started
 
     statuses: dict[str, tuple[str, float | None]] = {}
     recorded: list[tuple[Work, Verdict]] = []
     # Past this point the task is close to its soft time limit: what is not recorded yet goes back to the queue at
-    # once (not counted as a try) instead of being cut off mid-transaction and left to its lease. The first one is
+    # once (not counted as a try) instead of being cut off mid-transaction and left to its lease. The first chunk is
     # always recorded, so every batch makes progress.
     deadline = started + settings.task_soft_time_limit * 0.75
+    answered: list[tuple[Work, ProviderResult]] = []
     offset = 0
     for work in batch:
         positions = range(offset, offset + len(work.texts))
         offset += len(work.texts)
-        if recorded and time.monotonic() > deadline:
-            if release_for_retry(session, work.claim, delay_seconds=0, refund_attempt=True):
-                statuses[work.claim.submission_id] = ("retry", 0.0)
-                log.warning("moderation_deferred", submission_id=work.claim.submission_id, reason="time_limit")
-            else:
-                statuses[work.claim.submission_id] = ("skipped", None)
-            continue
         if result.defective.intersection(positions):
             # Only this submission's own answer was unusable: it alone asks again.
             error = TransientProviderError("upstream_malformed", "the provider's answer for this text was unusable")
-            statuses[work.claim.submission_id] = _retry_or_fail(session, work, error, settings)
+            statuses[work.claim.submission_id] = _retry_or_fail(session, work, error, settings, provider)
             continue
         own = result.results[positions.start:positions.stop]
-        if cache is not None:
+        if cache is not None and not result.degraded:
             answers = list(zip(work.texts, own, strict=True))
             cache.put(work.cache_scope(provider), result.provider, result.model, answers)
-        part = ProviderResult(provider=result.provider, model=result.model, results=own,
-                              judged=frozenset().union(*(r.scores for r in own)), latency_ms=result.latency_ms)
-        # One transaction per verdict: the tenant's audit chain is locked only briefly, so batches of one tenant in
-        # several workers interleave, and a batch cut off half-way keeps what it recorded.
-        verdict = record_verdict(session, work.claim, part, work.policy)
-        if verdict is None:
-            statuses[work.claim.submission_id] = ("skipped", None)
+        answered.append((work, ProviderResult(
+            provider=result.provider, model=result.model, results=own, latency_ms=result.latency_ms,
+            judged=frozenset().union(*(r.scores for r in own)), degraded=result.degraded)))
+
+    # Verdicts are committed a few at a time: fewer commits than one each, while the tenant's audit chain stays
+    # locked only briefly (batches of one tenant in several workers interleave) and a batch cut off half-way keeps
+    # what it committed. Each verdict is still fenced by its own claim's token.
+    for start in range(0, len(answered), RECORD_CHUNK):
+        chunk = answered[start:start + RECORD_CHUNK]
+        if start and time.monotonic() > deadline:
+            for work, _ in chunk:
+                if release_for_retry(session, work.claim, delay_seconds=0, refund_attempt=True):
+                    statuses[work.claim.submission_id] = ("retry", 0.0)
+                    log.warning("moderation_deferred", submission_id=work.claim.submission_id, reason="time_limit")
+                else:
+                    statuses[work.claim.submission_id] = ("skipped", None)
             continue
-        recorded.append((work, verdict))
+        kept: list[tuple[Work, Verdict]] = []
+        for work, part in chunk:
+            verdict = _record(session, work.claim, part, work.policy, submission=work.submission)
+            if verdict is None:
+                statuses[work.claim.submission_id] = ("skipped", None)
+            else:
+                kept.append((work, verdict))
+        session.commit()
+        recorded.extend(kept)
     BATCH_SIZER.observe(len(batch), time.monotonic() - started - call_seconds)
     for work, verdict in recorded:
         log.info("verdict_recorded", submission_id=work.claim.submission_id, attempt=work.claim.attempt,
@@ -422,7 +457,8 @@ def _moderate_batch(
     return statuses
 
 
-def _retry_or_fail(session: Session, work: Work, exc: ProviderError, settings: Settings) -> tuple[str, float | None]:
+def _retry_or_fail(session: Session, work: Work, exc: ProviderError, settings: Settings,
+                   provider: ModerationProvider) -> tuple[str, float | None]:
     claim = work.claim
     # Waiting for rate-limit capacity is not a failed try: it gives the attempt back (see release_for_retry).
     waited = exc.code == "upstream_capacity_wait"
@@ -433,9 +469,47 @@ def _retry_or_fail(session: Session, work: Work, exc: ProviderError, settings: S
         log.warning("moderation_retry", submission_id=claim.submission_id, attempt=claim.attempt, code=exc.code,
                     retry_in=round(delay, 2))
         return ("retry", delay)
+    if exc.transient:
+        return _decide_without_provider(session, work, exc, settings, provider)
     fail_submission(session, claim, code=exc.code, message=exc.message)
     log.warning("moderation_failed", submission_id=claim.submission_id, attempt=claim.attempt, code=exc.code)
     return ("failed", None)
+
+
+FAILSAFE_PROVIDER = "failsafe"
+
+
+def _decide_without_provider(session: Session, work: Work, exc: ProviderError, settings: Settings,
+                             provider: ModerationProvider) -> tuple[str, float | None]:
+    """The provider stayed unavailable through every retry: the fallback provider answers, if there is one; else the
+    tenant's failure mode decides: fail the submission, or record a degraded verdict (never a silent pass)."""
+    claim = work.claim
+    fallback = provider.fallback if isinstance(provider, GuardedProvider) else None
+    if fallback is not None:
+        try:
+            outcome = degrade(fallback.moderate(work.texts, None))
+        except ProviderError as fallback_error:
+            log.warning("fallback_failed", submission_id=claim.submission_id, code=fallback_error.code)
+        else:
+            verdict = record_verdict(session, claim, outcome, work.policy, degraded_reason=exc.code)
+            log.warning("verdict_degraded", submission_id=claim.submission_id, provider=outcome.provider,
+                        reason=exc.code)
+            return ("completed", None) if verdict is not None else ("skipped", None)
+    mode = session.scalar(select(Tenant.failure_mode).where(Tenant.id == work.tenant_id)) \
+        or settings.moderation_failure_mode
+    if mode == "fail":
+        fail_submission(session, claim, code=exc.code, message=exc.message)
+        log.warning("moderation_failed", submission_id=claim.submission_id, attempt=claim.attempt, code=exc.code)
+        return ("failed", None)
+    decision = Decision(mode)
+    failsafe = ProviderResult(provider=FAILSAFE_PROVIDER,
+                              model="fail-open" if decision is Decision.ALLOW else "fail-closed",
+                              results=[TextScores(scores={}) for _ in work.texts], judged=frozenset(), latency_ms=0,
+                              degraded=True)
+    verdict = record_verdict(session, claim, failsafe, work.policy, decision=decision, degraded_reason=exc.code)
+    log.warning("verdict_degraded", submission_id=claim.submission_id, provider=FAILSAFE_PROVIDER,
+                decision=decision.value, reason=exc.code)
+    return ("completed", None) if verdict is not None else ("skipped", None)
 
 
 def requeue_stalled(session: Session, settings: Settings, dispatch: Callable[[Sequence[str]], None],

@@ -1,4 +1,5 @@
-"""Tenant settings an operator changes: how long content is kept, and whether submissions are masked by default."""
+"""Tenant settings an operator changes: how long content is kept, whether submissions are masked by default, and
+what happens when no moderation provider can answer (fail, or a degraded verdict)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class Keep(enum.Enum):
 
 
 KEEP = Keep.KEEP
+# What happens when no provider can answer: fail the submission, or a degraded verdict (fail closed or open).
+FAILURE_MODES = ("fail", "review", "block", "allow")
 
 
 def configure_tenant(
@@ -30,6 +33,7 @@ def configure_tenant(
     *,
     retention_days: int | None | Keep = KEEP,
     mask_by_default: bool | None | Keep = KEEP,
+    failure_mode: str | None | Keep = KEEP,
     actor: str = SYSTEM_ACTOR,
 ) -> Tenant:
     """Change the tenant's settings (None: follow the deployment's default) and audit what changed."""
@@ -38,13 +42,18 @@ def configure_tenant(
         raise TenantRequestError(f"no tenant named {tenant_name!r}")
     if isinstance(retention_days, int) and retention_days < 0:
         raise TenantRequestError("retention days must be 0 (keep forever) or more")
-    changes: dict[str, dict[str, int | bool | None]] = {}
+    if isinstance(failure_mode, str) and failure_mode not in FAILURE_MODES:
+        raise TenantRequestError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
+    changes: dict[str, dict[str, int | bool | str | None]] = {}
     if retention_days is not KEEP and retention_days != tenant.retention_days:
         changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}
         tenant.retention_days = retention_days
     if mask_by_default is not KEEP and mask_by_default != tenant.mask_by_default:
         changes["mask_by_default"] = {"from": tenant.mask_by_default, "to": mask_by_default}
         tenant.mask_by_default = mask_by_default
+    if failure_mode is not KEEP and failure_mode != tenant.failure_mode:
+        changes["failure_mode"] = {"from": tenant.failure_mode, "to": failure_mode}
+        tenant.failure_mode = failure_mode
     if changes:
         record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
                      subject_id=tenant.id, details={"changes": changes})

@@ -1,5 +1,6 @@
-"""Throughput against the fake upstream, with real worker processes: batches, the shared rate limit, and a batch
-whose answer is unusable for one text only.
+"""Throughput and resilience against the fake upstream, with real worker processes: batches, the shared rate
+limit, a batch whose answer is unusable for one text only, the cache, the circuit breaker with its fallback, and
+each tenant's choice when no provider answers.
 
 No test here measures time: each asserts what the upstream received and what the database holds.
 """
@@ -12,9 +13,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
 from app.db import Database
-from tests.conftest import TenantKey
+from app.models import AuditEvent
+from app.use_cases.tenants import configure_tenant
+from tests.conftest import TenantKey, issue_key
 from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
 from tests.integration.conftest import WorkerProcess, openai_worker_env
 from tests.integration.test_pipeline import submit_batch, upstream_inputs, wait_all_final
@@ -130,3 +134,67 @@ def test_a_repeated_text_is_not_paid_for_twice(
     assert isinstance(chosen, dict) and chosen["cached"] is False
     assert upstream_calls(fake_upstream, [text]) == {text: 3}
     assert_exactly_once(database, [str(first["id"]), str(again["id"])])
+
+
+# ---- circuit breaker, fallback, fail open / fail closed ---------------------------------------------------------
+
+
+def test_an_open_circuit_hands_over_to_the_fallback_and_says_so(
+    client: FlaskClient, tenant: TenantKey, database: Database, fake_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    fake_upstream.fail_next(503, 50)  # an outage
+    worker = start_worker(concurrency=1, **openai_worker_env(
+        fake_upstream, CIRCUIT_FAILURE_THRESHOLD="2", CIRCUIT_RESET_SECONDS="300",
+        MODERATION_FALLBACK_PROVIDER="local"))
+    first = submit_batch(client, tenant, [f"outage {uuid.uuid4().hex}: you are an idiot"])
+    wait_all_final(database, first, timeout=RECOVERY_TIMEOUT, worker=worker)
+    # Two failed calls opened the circuit; the third try went to the local engine instead.
+    assert len(fake_upstream.requests) == 2
+    later = submit_batch(client, tenant, [f"outage {uuid.uuid4().hex}: have a lovely day"])
+    wait_all_final(database, later, timeout=RECOVERY_TIMEOUT, worker=worker)
+    assert len(fake_upstream.requests) == 2  # the open circuit is skipped at once: no call, no wait
+
+    assert_exactly_once(database, first + later)
+    for submission_id, decision in ((first[0], "block"), (later[0], "allow")):
+        verdict = client.get(f"/v1/submissions/{submission_id}", headers=tenant.headers).get_json()["verdict"]
+        assert verdict["provider"] == "local" and verdict["degraded"] is True and verdict["cached"] is False
+        assert verdict["decision"] == decision
+    log = worker.log_path.read_text(errors="replace")
+    assert '"upstream_circuit"' in log and '"new": "open"' in log
+
+
+def test_total_failure_follows_each_tenants_failure_mode(
+    client: FlaskClient, database: Database, fake_upstream: FakeUpstream,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    tenants = {mode: issue_key(database) for mode in ("review", "block", "allow", "fail")}
+    with database.session_scope() as session:
+        for mode in ("review", "block", "allow"):
+            configure_tenant(session, tenants[mode].tenant_name, failure_mode=mode)
+    fake_upstream.fail_next(503, 200)  # down for the whole test, and no fallback configured
+    worker = start_worker(concurrency=1, **openai_worker_env(fake_upstream))
+    ids = {mode: submit_batch(client, who, [f"{mode} {uuid.uuid4().hex}: I will kill you"])[0]
+           for mode, who in tenants.items()}
+    wait_all_final(database, list(ids.values()), timeout=RECOVERY_TIMEOUT, worker=worker)
+
+    for mode in ("review", "block", "allow"):
+        body = client.get(f"/v1/submissions/{ids[mode]}", headers=tenants[mode].headers).get_json()
+        assert body["status"] == "completed", body
+        verdict = body["verdict"]
+        # Decided without any provider: said plainly, never passed off as a moderation result.
+        assert (verdict["decision"], verdict["degraded"], verdict["provider"]) == (mode, True, "failsafe")
+        assert verdict["model"] == ("fail-open" if mode == "allow" else "fail-closed")
+        assert all(score is None for score in verdict["category_scores"].values())
+    failed = client.get(f"/v1/submissions/{ids['fail']}", headers=tenants["fail"].headers).get_json()
+    assert failed["status"] == "failed" and failed["verdict"] is None
+    assert failed["error"]["code"] in {"upstream_error", "upstream_circuit_open"}
+
+    decided = [i for mode, i in ids.items() if mode != "fail"]
+    assert_exactly_once(database, decided)
+    with database.session_scope() as session:
+        events = session.execute(select(AuditEvent.subject_id, AuditEvent.decision, AuditEvent.details)
+                                 .where(AuditEvent.subject_id.in_(decided),
+                                        AuditEvent.action == "verdict.decided")).tuples().all()
+    assert {(subject, decision, details["degraded"]) for subject, decision, details in events} == {
+        (ids[mode], mode, True) for mode in ("review", "block", "allow")}
