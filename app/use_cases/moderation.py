@@ -46,6 +46,8 @@ from app.use_cases.audit import content_digest, record_event
 log = structlog.get_logger(__name__)
 
 WORKER_ACTOR = "worker"
+# A retry's message may come a little before its row's due time when the hosts' clocks differ.
+CLOCK_TOLERANCE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,11 @@ def _claim(session: Session, submission_id: str, *, lease_seconds: int) -> Claim
         .where(
             Submission.id == submission_id,
             or_(
-                Submission.status == SubmissionStatus.QUEUED.value,
+                # Queued and due: a submission given back for a retry waits for its due time, even when a message
+                # (its own earlier one, still queued after a batch took it along) comes sooner.
+                and_(Submission.status == SubmissionStatus.QUEUED.value,
+                     or_(Submission.enqueued_at.is_(None),
+                         Submission.enqueued_at <= now + timedelta(seconds=CLOCK_TOLERANCE_SECONDS))),
                 and_(Submission.status == SubmissionStatus.PROCESSING.value,
                      Submission.claimed_at < now - timedelta(seconds=lease_seconds)),
             ),

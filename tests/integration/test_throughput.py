@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.db import Database
-from app.models import AuditEvent
+from app.models import AuditEvent, Submission, utcnow
+from app.moderation.providers import ModelInfo, ProviderResult, TextScores
+from app.use_cases import moderation
+from app.use_cases.moderation import claim_submission, release_for_retry
 from app.use_cases.tenants import configure_tenant
 from tests.conftest import TenantKey, issue_key
 from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
@@ -198,3 +202,75 @@ def test_total_failure_follows_each_tenants_failure_mode(
                                         AuditEvent.action == "verdict.decided")).tuples().all()
     assert {(subject, decision, details["degraded"]) for subject, decision, details in events} == {
         (ids[mode], mode, True) for mode in ("review", "block", "allow")}
+
+
+def test_a_submission_given_back_for_a_retry_waits_for_its_due_time(
+    client: FlaskClient, tenant: TenantKey, database: Database,
+) -> None:
+    # No worker: the claims are made here, as a worker's task would make them.
+    (submission_id,) = submit_batch(client, tenant, [f"due {uuid.uuid4().hex}: have a lovely day"])
+    with database.session_scope() as session:
+        first = claim_submission(session, submission_id, lease_seconds=60)
+        assert first is not None
+        assert release_for_retry(session, first, delay_seconds=120)
+    # Its earlier message, still queued when a batch took it along, comes now: too soon, nothing is claimed.
+    with database.session_scope() as session:
+        assert claim_submission(session, submission_id, lease_seconds=60) is None
+        assert release_for_retry(session, first, delay_seconds=0) is False  # the old claim holds nothing any more
+    # The retry's own message, due now, claims it.
+    with database.session_scope() as session:
+        session.execute(update(Submission).where(Submission.id == submission_id).values(enqueued_at=utcnow()))
+        session.commit()
+    with database.session_scope() as session:
+        second = claim_submission(session, submission_id, lease_seconds=60)
+        assert second is not None and second.attempt == 2
+
+
+class _RecordingProvider:
+    """An in-process provider that answers every text alike and records each call's texts."""
+
+    name = "recording"
+    max_batch = 8
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def warm_up(self) -> None:
+        pass
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="recording-1", provider=self.name, judged_categories=["violence"])]
+
+    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
+        self.calls.append(list(texts))
+        return ProviderResult(provider=self.name, model="recording-1", judged=frozenset({"violence"}), latency_ms=1,
+                              results=[TextScores(scores={"violence": 0.01}) for _ in texts])
+
+
+def test_a_worker_waits_to_fill_a_batch_only_under_load(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(moderation.time, "sleep", sleeps.append)
+    settings = app.extensions["verdict.settings"]
+    model = f"linger-{uuid.uuid4().hex[:8]}"  # rows of other tests are for other models: never in these batches
+
+    def submit_for_model(count: int) -> list[str]:
+        response = client.post("/v1/submissions", headers=tenant.headers, json={
+            "items": [{"input": f"{model} #{i}", "model": model} for i in range(count)]})
+        assert response.status_code == 202
+        return [item["id"] for item in response.get_json()["data"]]
+
+    provider = _RecordingProvider()
+    (alone,) = submit_for_model(1)
+    assert moderation.moderate_submission(database, provider, alone, settings).status == "completed"
+    assert sleeps == []  # nothing else queued: no waiting at all
+
+    ids = submit_for_model(3)
+    assert moderation.moderate_submission(database, provider, ids[0], settings).status == "completed"
+    assert sleeps == [settings.batch_max_wait_ms / 1000]  # others were queued: one short wait for more
+    assert provider.calls == [[f"{model} #0"], [f"{model} #0", f"{model} #1", f"{model} #2"]]
+    # The other two were decided in that batch; their own messages find nothing left to do.
+    for other in ids[1:]:
+        assert moderation.moderate_submission(database, provider, other, settings).status == "skipped"
+    assert_exactly_once(database, [alone, *ids])
