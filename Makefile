@@ -39,10 +39,10 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test lint typecheck migrations-check ci clean
+.PHONY: help install interop dev services test lint typecheck migrations-check ci bench clean
 
 help: ## List the targets
-	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name']"
+	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
@@ -94,6 +94,11 @@ migrations-check: install services ## alembic upgrade head + alembic check on a 
 	exit $$status
 
 ci: install services lint typecheck migrations-check test ## Everything CI runs, in order
+
+# Not part of `make test` or CI: it takes several minutes and measures the machine it runs on.
+BENCH_ARGS ?=
+bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/bench/RESULTS.md, ends with a RESULT line
+	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
 
 clean: ## Remove var/ (the embedded default's data) and caches; keeps .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -8,6 +8,7 @@ from app import api, db, rate_limits, request_context
 from app.config import Settings
 from app.errors import register_error_handlers
 from app.logging import configure_logging
+from app.moderation.cache import build_cache
 from app.moderation.registry import build_provider
 from app.queue import celery_init_app
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     database = db.Database(settings.database_url)
     db.init_app(app, database)
     app.extensions["verdict.provider"] = build_provider(settings)
+    app.extensions["verdict.cache"] = build_cache(settings)
     celery_init_app(app, settings, database)
 
     register_error_handlers(app)

@@ -196,7 +196,7 @@ def keys_revoke(key_id: str) -> None:
 
 @main.group()
 def tenants() -> None:
-    """Tenant settings: content retention, PII masking and rate limits."""
+    """Tenant settings: content retention, PII masking, rate limits, and what happens when no provider can answer."""
 
 
 @tenants.command("configure")
@@ -209,8 +209,11 @@ def tenants() -> None:
               help="Requests per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_RPM.")
 @click.option("--rate-limit-tpm", default=None,
               help="Tokens per minute for each of the tenant's keys; 'default' follows RATE_LIMIT_TPM.")
+@click.option("--failure-mode", type=click.Choice(["fail", "review", "block", "allow", "default"]), default=None,
+              help="When no provider can answer: fail, or a degraded review/block (fail closed) or allow (fail "
+                   "open) verdict; 'default' follows MODERATION_FAILURE_MODE.")
 def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None,
-                      rate_limit_rpm: str | None, rate_limit_tpm: str | None) -> None:
+                      rate_limit_rpm: str | None, rate_limit_tpm: str | None, failure_mode: str | None) -> None:
     """Change a tenant's settings (only those given) and print them."""
     from app.db import Database
     from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
@@ -230,8 +233,10 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     database = Database(Settings().database_url)
     with database.session_scope() as session:
         try:
+            mode: str | None | Keep = KEEP if failure_mode is None else (
+                None if failure_mode == "default" else failure_mode)
             tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
-                                      rate_limit_rpm=rpm, rate_limit_tpm=tpm)
+                                      rate_limit_rpm=rpm, rate_limit_tpm=tpm, failure_mode=mode)
         except TenantRequestError as exc:
             raise click.ClickException(str(exc)) from exc
         click.echo(f"tenant: {tenant.name} ({tenant.id})")
@@ -239,6 +244,7 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
         click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
         click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
         click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
+        click.echo(f"failure_mode: {'default' if tenant.failure_mode is None else tenant.failure_mode}")
 
 
 def _limit_option(value: str | None, hint: str) -> int | None | Any:

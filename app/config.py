@@ -29,6 +29,30 @@ class Settings(BaseSettings):
     upstream_model: str = "omni-moderation-latest"
     upstream_path: Literal["/moderations", "/moderate"] = "/moderations"
     upstream_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Most texts in one upstream call; empty: 32 for /moderations, 100 for /moderate.
+    upstream_max_batch: int | None = Field(default=None, gt=0)
+    # The provider's limits for this key, shared by every worker through Redis. Empty: only what the provider's
+    # X-RateLimit-* headers say (they also tighten a configured limit).
+    upstream_rpm: int | None = Field(default=None, gt=0)
+    upstream_tpm: int | None = Field(default=None, gt=0)
+    # The period the provider counts those limits over: a minute for every provider we know.
+    upstream_rate_window_seconds: float = Field(default=60.0, gt=0)
+    # Redis for what workers share besides the queue (the upstream rate limit). Empty: BROKER_URL when it is Redis.
+    redis_url: str = ""
+    # The circuit breaker (shared by all workers): this many upstream outages in a row open it for
+    # CIRCUIT_RESET_SECONDS, during which the fallback answers (or calls fail and are retried after the cool-down).
+    circuit_failure_threshold: int = Field(default=5, gt=0)
+    circuit_reset_seconds: float = Field(default=30.0, gt=0)
+    # Who answers while the upstream's circuit is open or its retries are used up: "local" (the local engine,
+    # verdicts marked degraded) or "none".
+    moderation_fallback_provider: Literal["none", "local"] = "none"
+    # When no provider can answer at all (tenants may override): "fail" the submission, or record a degraded
+    # verdict: "review" or "block" (fail closed), "allow" (fail open).
+    moderation_failure_mode: Literal["fail", "review", "block", "allow"] = "fail"
+    # How long a provider's scores for a text are reused for the same text (same tenant, model and policy). 0: off.
+    cache_ttl_seconds: int = Field(default=86_400, ge=0)
+    # Under load, how long a worker waits for more queued texts to fill a batch; an idle worker never waits.
+    batch_max_wait_ms: int = Field(default=5, ge=0, le=1000)
 
     max_request_bytes: int = Field(default=1024 * 1024, gt=0)
     max_text_chars: int = Field(default=32_768, gt=0)
@@ -151,6 +175,30 @@ class Settings(BaseSettings):
     @property
     def task_time_limit(self) -> int:
         return max(5, self.processing_lease_seconds - 5)
+
+    @property
+    def task_soft_time_limit(self) -> int:
+        # Most of the task's time (never less than 80%), so a short lease does not cut an upstream call off before
+        # its own timeout; the hard limit still ends the task before the lease runs out.
+        return max(1, self.task_time_limit - min(5, self.task_time_limit // 5))
+
+    @property
+    def upstream_batch_size(self) -> int:
+        if self.upstream_max_batch is not None:
+            return self.upstream_max_batch
+        return 100 if self.upstream_path == "/moderate" else 32
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
+
+    @property
+    def upstream_capacity_wait(self) -> float:
+        """How long a call may wait for rate-limit capacity: what the task's soft limit leaves after the call's
+        own timeout (connect and read), at most 30 s; after that its texts go back to the queue."""
+        return max(1.0, min(30.0, self.task_soft_time_limit - 2 * self.upstream_timeout_seconds))
 
     def ensure_var_dir(self) -> None:
         if self.database_url.startswith("sqlite") or self.broker_url.startswith("sqla+sqlite"):

@@ -74,6 +74,14 @@ class Tenant(Base):
     # Requests and tokens per minute for each of the tenant's keys: None follows RATE_LIMIT_RPM / RATE_LIMIT_TPM.
     rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)
     rate_limit_tpm: Mapped[int | None] = mapped_column(sa.Integer)
+    # When no provider can answer: fail, or a degraded review/block/allow verdict. None follows
+    # MODERATION_FAILURE_MODE.
+    failure_mode: Mapped[str | None] = mapped_column(sa.String(16))
+
+    __table_args__ = (
+        sa.CheckConstraint("failure_mode IS NULL OR failure_mode IN ('fail', 'review', 'block', 'allow')",
+                           name="failure_mode_known"),
+    )
 
 
 class ApiKey(Base):

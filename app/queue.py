@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from flask import Flask, current_app, has_app_context
 from kombu.entity import Queue
 
@@ -59,9 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # The soft limit leaves the task most of its time (never less than 80%), so a short lease does not cut an
-        # upstream call off before its own timeout; the hard limit still ends the task before the lease runs out.
-        "task_soft_time_limit": max(1, settings.task_time_limit - min(5, settings.task_time_limit // 5)),
+        # The soft limit leaves the task most of its time (see Settings.task_soft_time_limit).
+        "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
         # Publishing must not hang an API request when the broker is down: the row stays queued and the sweep
         # sends it later.
@@ -99,17 +98,28 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
         # A forked pool process must open its own database connections, never reuse the parent's.
         database.dispose_after_fork()
 
+    @worker_init.connect(weak=False)
+    def _warm_up_provider(**_kwargs: Any) -> None:
+        # In the worker's main process, before the pool forks: what the provider loads (the local engine's model)
+        # is loaded once, shared by the pool processes, and never counted against a task's time limit. Not on the
+        # embedded default: there the worker creates the broker's SQLite file, and `verdict dev` is ready only
+        # once it has, so it must start at once; its first task loads the model well within the default lease.
+        if not settings.is_embedded:
+            app.extensions["verdict.provider"].warm_up()
+
     return celery_app
 
 
-def dispatch_moderation(submission_ids: Sequence[str]) -> None:
-    """Enqueue moderation for committed submissions. A broker failure is logged, not raised: the rows are the
-    source of truth and the requeue sweep will send them."""
+def dispatch_moderation(submission_ids: Sequence[str], *, countdown: float | None = None) -> None:
+    """Enqueue moderation for committed submissions (after `countdown` seconds: a retry, which the caller keeps below
+    the broker's visibility timeout). A broker failure is logged, not raised: the rows are the source of truth and
+    the requeue sweep will send them."""
     celery_app: Celery = current_app.extensions["celery"]
     try:
         with celery_app.producer_or_acquire() as producer:
             for submission_id in submission_ids:
-                celery_app.send_task(MODERATE_SUBMISSION, args=[submission_id], producer=producer)
+                celery_app.send_task(MODERATE_SUBMISSION, args=[submission_id], producer=producer,
+                                     countdown=countdown)
     except Exception as exc:  # noqa: BLE001 - any broker failure means the same thing here
         log.warning("dispatch_failed", count=len(submission_ids), error_type=type(exc).__name__)
 

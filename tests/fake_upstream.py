@@ -48,6 +48,7 @@ __all__ = [
     "FLAG_THRESHOLD",
     "MALFORMED_KINDS",
     "MODERATION_PATHS",
+    "ONE_BAD_RESULT",
     "TRIGGERS",
     "UNTRIGGERED_SCORE",
     "FakeUpstream",
@@ -96,6 +97,8 @@ FLAG_THRESHOLD: Final[float] = 0.5
 DEFAULT_MODEL: Final[str] = "omni-moderation-latest"
 MODERATION_PATHS: Final[frozenset[str]] = frozenset({"/v1/moderations", "/v1/moderate"})
 MALFORMED_KINDS: Final[frozenset[str]] = frozenset({"not_json", "wrong_shape", "short", "bad_scores"})
+# Only the first result is broken (its scores are strings): the rest of the batch is usable.
+ONE_BAD_RESULT: Final[str] = "one_bad_result"
 WINDOW_SECONDS: Final[float] = 60.0
 _DESCRIPTION: Final[str] = "A fake OpenAI-compatible moderation API, for tests and benchmarks."
 
@@ -390,6 +393,7 @@ class FakeUpstream:
         rpm: int | None = None,
         tpm: int | None = None,
         max_batch: int | None = None,
+        window: float = WINDOW_SECONDS,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -399,6 +403,10 @@ class FakeUpstream:
             raise ValueError("tpm must be at least 1")
         if max_batch is not None and max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if not window > 0:
+            raise ValueError("window must be a positive number of seconds")
+        # The rate-limit window: a provider's minute, shorter in tests that must see it roll over.
+        self.window = float(window)
         # Configuration: plain attributes, safe to change while the server runs (read once per request).
         self.api_key = api_key
         self.rpm = rpm
@@ -511,9 +519,10 @@ class FakeUpstream:
         """The next `count` moderation requests that would succeed get a broken 200 answer instead.
 
         kinds: "not_json" (text/html garbage), "wrong_shape" (JSON without "results"), "short" (one result
-        fewer than inputs), "bad_scores" (scores are strings).
+        fewer than inputs), "bad_scores" (scores are strings), and ONE_BAD_RESULT (only the first result's
+        scores are strings).
         """
-        if kind not in MALFORMED_KINDS:
+        if kind not in MALFORMED_KINDS | {ONE_BAD_RESULT}:
             raise ValueError(f"unknown malformed kind {kind!r}; expected one of {sorted(MALFORMED_KINDS)}")
         self._enqueue(_Malformed(kind), count)
 
@@ -676,6 +685,10 @@ class FakeUpstream:
             return _json_reply(200, shaped)
         if kind == "short":
             return _json_reply(200, {**response, "results": response["results"][:-1]})
+        if kind == ONE_BAD_RESULT:
+            first, *rest = response["results"]
+            spoiled = {**first, "category_scores": {c: str(s) for c, s in first["category_scores"].items()}}
+            return _json_reply(200, {**response, "results": [spoiled, *rest]})
         # "bad_scores"
         results = [
             {**result, "category_scores": {c: str(s) for c, s in result["category_scores"].items()}}
@@ -684,7 +697,7 @@ class FakeUpstream:
         return _json_reply(200, {**response, "results": results})
 
     def _purge_windows(self, now: float) -> None:
-        horizon = now - WINDOW_SECONDS
+        horizon = now - self.window
         while self._request_window and self._request_window[0] <= horizon:
             self._request_window.popleft()
         while self._token_window and self._token_window[0][0] <= horizon:
@@ -699,7 +712,7 @@ class FakeUpstream:
             if rpm is not None and len(self._request_window) >= rpm:
                 # Wait until enough of the oldest requests have left the window for one more to fit.
                 leaving = self._request_window[len(self._request_window) - rpm]
-                wait = leaving + WINDOW_SECONDS - now
+                wait = leaving + self.window - now
                 kind: Literal["requests", "tokens"] = "requests"
                 detail = f"Limit {rpm}, Used {len(self._request_window)}, Requested 1."
             elif tpm is not None and sum(n for _, n in self._token_window) + tokens > tpm:
@@ -707,12 +720,12 @@ class FakeUpstream:
                 used = sum(n for _, n in self._token_window)
                 detail = f"Limit {tpm}, Used {used}, Requested {tokens}."
                 if tokens > tpm:
-                    wait = WINDOW_SECONDS  # can never fit; the provider still says 429
+                    wait = self.window  # can never fit; the provider still says 429
                 else:
                     freed, wait = 0, 0.0
                     for at, n in self._token_window:
                         freed += n
-                        wait = at + WINDOW_SECONDS - now
+                        wait = at + self.window - now
                         if used - freed + tokens <= tpm:
                             break
             else:
@@ -757,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rpm", type=int, default=None, help="requests per 60-second window")
     parser.add_argument("--tpm", type=int, default=None, help="estimated tokens per 60-second window")
     parser.add_argument("--max-batch", type=int, default=None, help="most inputs per request")
+    parser.add_argument("--window", type=float, default=WINDOW_SECONDS, help="rate-limit window in seconds")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     args = parser.parse_args(argv)
     upstream = FakeUpstream(
@@ -765,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rpm=args.rpm,
         tpm=args.tpm,
         max_batch=args.max_batch,
+        window=args.window,
         host=args.host,
         port=args.port,
     )

@@ -30,8 +30,13 @@ def _settings() -> Settings:
 @shared_task(name=MODERATE_SUBMISSION, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def moderate_submission(self: Any, submission_id: str) -> str:
     outcome = moderation.moderate_submission(
-        get_database(), current_app.extensions["verdict.provider"], submission_id, _settings()
+        get_database(), current_app.extensions["verdict.provider"], submission_id, _settings(),
+        cache=current_app.extensions["verdict.cache"],
     )
+    # The other submissions of the batch that go back to the queue: their own messages were (or will be) consumed
+    # as duplicates, so each gets a new one, due when its retry is.
+    for other_id, countdown in outcome.retries:
+        dispatch_moderation([other_id], countdown=countdown)
     if outcome.retry_in is not None:
         # The row already says `queued` with the retry's due time, so losing this message loses nothing.
         raise self.retry(countdown=outcome.retry_in)

@@ -20,6 +20,8 @@ JUDGED = ("harassment",)
 
 class LocalEngine:
     name = "local"
+    # One prediction over many texts costs little more than over one: batches are as large as the API allows.
+    max_batch = 100
 
     def __init__(self) -> None:
         self._predict: Callable[[list[str]], Sequence[float]] | None = None
@@ -33,6 +35,9 @@ class LocalEngine:
 
                 self._predict = predict_prob
             return self._predict
+
+    def warm_up(self) -> None:
+        self._predictor()
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(

@@ -1,11 +1,16 @@
 """The OpenAI-compatible HTTP provider: `POST {base_url}/moderations` (or `/moderate`) with an array `input`.
 
+Each call first waits for capacity under the shared rate limit (app/moderation/rate_limit.py), then tells the limiter
+what the provider answered: its `X-RateLimit-*` headers, its `usage`, its `Retry-After`.
+
 Parsing is tolerant of what compatible servers vary in (label spelling, extra fields, missing categories) and strict
-about what would make a verdict wrong (result count, non-numeric scores).
+about what would make a verdict wrong (result count, non-numeric scores). One unusable result in a batch spoils only
+its own text (`ProviderResult.defective`); an answer that cannot be matched to its inputs spoils the whole call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -19,6 +24,14 @@ from app.moderation.providers import (
     ProviderResult,
     TextScores,
     TransientProviderError,
+)
+from app.moderation.rate_limit import (
+    NoCapacity,
+    OverTokenLimit,
+    Permit,
+    RateLimitUnavailable,
+    SharedRateLimiter,
+    estimate_tokens,
 )
 from app.moderation.taxonomy import CATEGORIES, canonical_category
 
@@ -35,6 +48,8 @@ class OpenAICompatibleProvider:
         path: str = "/moderations",
         timeout: float = 10.0,
         max_batch: int = 32,
+        limiter: SharedRateLimiter | None = None,
+        capacity_wait: float = 10.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -43,6 +58,9 @@ class OpenAICompatibleProvider:
         self._api_key = api_key
         self._timeout = timeout
         self._client: httpx.Client | None = None
+        self._limiter = limiter
+        # How long one call may wait for rate-limit capacity before it gives its texts back to the queue.
+        self._capacity_wait = capacity_wait
 
     def _http(self) -> httpx.Client:
         # Created on first use, so a forked worker process never shares its parent's sockets.
@@ -58,6 +76,9 @@ class OpenAICompatibleProvider:
             self._client.close()
             self._client = None
 
+    def warm_up(self) -> None:
+        """Nothing to load; the HTTP client is created in each process on first use."""
+
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=self.model, provider=self.name, judged_categories=list(CATEGORIES),
                           max_batch=self.max_batch)]
@@ -69,6 +90,7 @@ class OpenAICompatibleProvider:
             raise PermanentProviderError("batch_too_large", f"at most {self.max_batch} texts per upstream call")
         requested_model = model or self.model
         body = {"model": requested_model, "input": list(texts)}
+        permit = self._wait_for_capacity(texts)
         started = time.monotonic()
         try:
             response = self._http().post(f"{self.base_url}{self.path}", json=body)
@@ -77,18 +99,24 @@ class OpenAICompatibleProvider:
         except httpx.TransportError as exc:
             raise TransientProviderError("upstream_unreachable", "the moderation provider is unreachable") from exc
         latency_ms = int((time.monotonic() - started) * 1000)
+        self._learn(response)
 
         status = response.status_code
         if status == 429:
+            retry_after = _retry_after(response)
+            if self._limiter is not None:
+                self._limiter.pause(retry_after if retry_after is not None else 1.0)
             raise TransientProviderError(
                 "upstream_rate_limited", "the moderation provider rate-limited the request",
-                retry_after=_retry_after(response),
+                retry_after=retry_after,
             )
         if status >= 500:
             raise TransientProviderError("upstream_error", f"the moderation provider answered {status}",
                                          retry_after=_retry_after(response))
         if status >= 400:
-            raise PermanentProviderError("upstream_refused", f"the moderation provider refused the request ({status})")
+            raise PermanentProviderError(
+                "upstream_refused", f"the moderation provider refused the request ({status}{_error_code(response)})"
+            )
         if status != 200:
             raise TransientProviderError("upstream_malformed", f"unexpected status {status} from the provider")
 
@@ -96,22 +124,60 @@ class OpenAICompatibleProvider:
             payload = response.json()
         except ValueError as exc:
             raise TransientProviderError("upstream_malformed", "the provider's answer is not JSON") from exc
-        results, judged = parse_results(payload, expected=len(texts))
-        reported_model = payload.get("model") if isinstance(payload.get("model"), str) else None
-        usage = payload.get("usage")
+        usage = payload.get("usage") if isinstance(payload, dict) else None
         tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+        tokens = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None
+        if permit is not None and tokens is not None:
+            self._settle(permit, tokens)
+        results, judged, defective = parse_batch(payload, expected=len(texts))
+        reported_model = payload.get("model") if isinstance(payload.get("model"), str) else None
         return ProviderResult(
             provider=self.name,
             model=reported_model or requested_model,
             results=results,
             judged=judged,
             latency_ms=latency_ms,
-            usage_tokens=tokens if isinstance(tokens, int) else None,
+            usage_tokens=tokens,
+            defective=defective,
         )
+
+    def _wait_for_capacity(self, texts: Sequence[str]) -> Permit | None:
+        if self._limiter is None:
+            return None
+        try:
+            return self._limiter.acquire(estimate_tokens(texts), max_wait=self._capacity_wait)
+        except NoCapacity as exc:
+            raise TransientProviderError("upstream_capacity_wait", "waiting for the provider's rate limit",
+                                         retry_after=exc.wait) from exc
+        except OverTokenLimit as exc:
+            raise PermanentProviderError("upstream_token_limit", str(exc)) from exc
+        except RateLimitUnavailable as exc:
+            raise TransientProviderError("rate_limiter_unavailable", "the shared rate limit cannot be read") from exc
+
+    def _learn(self, response: httpx.Response) -> None:
+        # The call was made either way; if Redis is gone, the next call waits for the limiter to answer again.
+        if self._limiter is not None:
+            with contextlib.suppress(RateLimitUnavailable):
+                self._limiter.learn(response.headers)
+
+    def _settle(self, permit: Permit, tokens: int) -> None:
+        if self._limiter is not None:
+            with contextlib.suppress(RateLimitUnavailable):
+                self._limiter.settle(permit, tokens)
 
 
 def parse_results(payload: Any, *, expected: int) -> tuple[list[TextScores], frozenset[str]]:
-    """The per-text scores in an OpenAI-shaped answer, matched to the inputs by position."""
+    """The per-text scores in an OpenAI-shaped answer, matched to the inputs by position; any defect raises."""
+    results, judged, defective = parse_batch(payload, expected=expected)
+    if defective:
+        raise TransientProviderError("upstream_malformed", "a result of the provider's answer is unusable")
+    return results, judged
+
+
+def parse_batch(payload: Any, *, expected: int) -> tuple[list[TextScores], frozenset[str], frozenset[int]]:
+    """Like `parse_results`, but a result that is unusable on its own is reported by position (the third item)
+    instead of spoiling the batch; the answer as a whole still raises when it cannot be matched to the inputs, or
+    when not one of its results is usable."""
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise TransientProviderError("upstream_malformed", "the provider's answer has no results list")
     raw_results: list[Any] = payload["results"]
@@ -121,24 +187,50 @@ def parse_results(payload: Any, *, expected: int) -> tuple[list[TextScores], fro
         )
     parsed: list[TextScores] = []
     judged: set[str] = set()
-    for raw in raw_results:
-        if not isinstance(raw, dict):
-            raise TransientProviderError("upstream_malformed", "a result is not an object")
-        raw_scores = raw.get("category_scores", raw.get("scores"))
-        if not isinstance(raw_scores, dict):
-            raise TransientProviderError("upstream_malformed", "a result has no category scores")
-        scores: dict[str, float] = {}
-        for label, value in raw_scores.items():
-            category = canonical_category(str(label))
-            if category is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise TransientProviderError("upstream_malformed", "a category score is not a number")
-            scores[category] = min(1.0, max(0.0, float(value)))
-        judged.update(scores)
-        flagged = raw.get("flagged")
-        parsed.append(TextScores(scores=scores, provider_flagged=flagged if isinstance(flagged, bool) else None))
-    return parsed, frozenset(judged)
+    defective: set[int] = set()
+    problem = ""
+    for position, raw in enumerate(raw_results):
+        try:
+            text_scores = _parse_one(raw)
+        except ValueError as exc:
+            defective.add(position)
+            problem = str(exc)
+            parsed.append(TextScores(scores={}))
+            continue
+        judged.update(text_scores.scores)
+        parsed.append(text_scores)
+    if defective and len(defective) == len(parsed):
+        raise TransientProviderError("upstream_malformed", problem)
+    return parsed, frozenset(judged), frozenset(defective)
+
+
+def _parse_one(raw: Any) -> TextScores:
+    if not isinstance(raw, dict):
+        raise ValueError("a result is not an object")
+    raw_scores = raw.get("category_scores", raw.get("scores"))
+    if not isinstance(raw_scores, dict):
+        raise ValueError("a result has no category scores")
+    scores: dict[str, float] = {}
+    for label, value in raw_scores.items():
+        category = canonical_category(str(label))
+        if category is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError("a category score is not a number")
+        scores[category] = min(1.0, max(0.0, float(value)))
+    flagged = raw.get("flagged")
+    return TextScores(scores=scores, provider_flagged=flagged if isinstance(flagged, bool) else None)
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The provider's own error code, if its answer has the OpenAI error shape (never its message: it may quote
+    the input)."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    code = error.get("code") if isinstance(error, dict) else None
+    return f", {code}" if isinstance(code, str) and code.isascii() and len(code) <= 64 else ""
 
 
 def _retry_after(response: httpx.Response) -> float | None:

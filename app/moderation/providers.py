@@ -23,6 +23,10 @@ class ProviderResult:
     judged: frozenset[str]
     latency_ms: int
     usage_tokens: int | None = None
+    # Positions of results the provider answered but unusably: those texts have no scores and need asking again.
+    defective: frozenset[int] = frozenset()
+    # Decided without the configured provider's answer (by the fallback provider): the verdict says so.
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class PermanentProviderError(ProviderError):
 
 class ModerationProvider(Protocol):
     name: str
+    # The most texts one `moderate` call takes: the size a worker fills a batch up to.
+    max_batch: int
+
+    def warm_up(self) -> None:
+        """Load what the first call would otherwise load (a model), before any task runs."""
+        ...
 
     def models(self) -> list[ModelInfo]: ...
 

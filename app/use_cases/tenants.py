@@ -1,5 +1,6 @@
 """Tenant settings an operator changes: how long content is kept, whether submissions are masked by default, and
-the rate limits of the tenant's keys."""
+the rate limits of the tenant's keys, and what happens when no moderation provider can answer (fail, or a degraded
+verdict)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Keep(enum.Enum):
 
 
 KEEP = Keep.KEEP
+# What happens when no provider can answer: fail the submission, or a degraded verdict (fail closed or open).
+FAILURE_MODES = ("fail", "review", "block", "allow")
 
 
 def configure_tenant(
@@ -33,6 +36,7 @@ def configure_tenant(
     mask_by_default: bool | None | Keep = KEEP,
     rate_limit_rpm: int | None | Keep = KEEP,
     rate_limit_tpm: int | None | Keep = KEEP,
+    failure_mode: str | None | Keep = KEEP,
     actor: str = SYSTEM_ACTOR,
 ) -> Tenant:
     """Change the tenant's settings (None: follow the deployment's default) and audit what changed."""
@@ -44,7 +48,9 @@ def configure_tenant(
     for label, limit in (("requests", rate_limit_rpm), ("tokens", rate_limit_tpm)):
         if isinstance(limit, int) and not 1 <= limit < 2**31:
             raise TenantRequestError(f"a {label} per minute limit must be from 1 to {2**31 - 1}")
-    changes: dict[str, dict[str, int | bool | None]] = {}
+    if isinstance(failure_mode, str) and failure_mode not in FAILURE_MODES:
+        raise TenantRequestError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
+    changes: dict[str, dict[str, int | bool | str | None]] = {}
     if retention_days is not KEEP and retention_days != tenant.retention_days:
         changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}
         tenant.retention_days = retention_days
@@ -57,6 +63,9 @@ def configure_tenant(
     if rate_limit_tpm is not KEEP and rate_limit_tpm != tenant.rate_limit_tpm:
         changes["rate_limit_tpm"] = {"from": tenant.rate_limit_tpm, "to": rate_limit_tpm}
         tenant.rate_limit_tpm = rate_limit_tpm
+    if failure_mode is not KEEP and failure_mode != tenant.failure_mode:
+        changes["failure_mode"] = {"from": tenant.failure_mode, "to": failure_mode}
+        tenant.failure_mode = failure_mode
     if changes:
         record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
                      subject_id=tenant.id, details={"changes": changes})

@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import update
 
 from app.db import Database
-from app.models import Submission, utcnow
+from app.models import Submission, SubmissionStatus, utcnow
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
 
@@ -102,13 +102,25 @@ def worker_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
     return env
 
 
+def retire_leftovers(database: Database) -> None:
+    """Submissions that earlier tests left queued (they ran no worker) are not this test's: a worker gathers every
+    queued row into its batches, so they would reach this test's upstream. They are marked failed, as abandoned."""
+    with database.session_scope() as session:
+        session.execute(update(Submission)
+                        .where(Submission.status.in_([SubmissionStatus.QUEUED.value,
+                                                      SubmissionStatus.PROCESSING.value]))
+                        .values(status=SubmissionStatus.FAILED.value, claim_token=None, completed_at=utcnow(),
+                                error_code="abandoned_by_an_earlier_test"))
+        session.commit()
+
+
 @pytest.fixture
-def start_worker(database_url: str, redis_url: str, tmp_path: Path,
-                 database: Database) -> Iterator[Callable[..., WorkerProcess]]:
+def start_worker(database_url: str, redis_url: str, database: Database,
+                 tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes with the given environment overrides; all are stopped when the test ends."""
     started: list[WorkerProcess] = []
     flush_redis(redis_url)  # messages left by earlier tests must not reach this test's upstream
-    park_leftover_submissions(database)
+    retire_leftovers(database)  # nor rows they left queued
 
     def _start(concurrency: int = 2, **overrides: str) -> WorkerProcess:
         worker = WorkerProcess(worker_env(database_url, redis_url, **overrides),
@@ -119,19 +131,6 @@ def start_worker(database_url: str, redis_url: str, tmp_path: Path,
     yield _start
     for worker in started:
         worker.stop()
-
-
-def park_leftover_submissions(database: Database) -> None:
-    """Fail what earlier, worker-less tests left queued: otherwise this test's worker would requeue and moderate it
-    (the sweep sends any stale queued row), and this test's upstream would see other tests' texts."""
-    now = utcnow()
-    with database.session_scope() as session:
-        session.execute(
-            update(Submission)
-            .where(Submission.status.in_(("queued", "processing")), Submission.created_at < now)
-            .values(status="failed", error_code="left_by_an_earlier_test", completed_at=now, claim_token=None)
-        )
-        session.commit()
 
 
 @pytest.fixture

@@ -248,6 +248,7 @@ class _CountingProvider:
     """A provider that answers every text with the same scores and counts its calls."""
 
     name = "counting"
+    max_batch = 32
 
     def __init__(self) -> None:
         self.calls = 0

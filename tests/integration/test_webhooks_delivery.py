@@ -61,6 +61,7 @@ def deliver_all(database: Database, settings: Settings, ids: Sequence[str]) -> l
 
 class RefusingProvider:
     name = "refusing"
+    max_batch = 32
 
     def models(self) -> list[Any]:
         return []

@@ -110,3 +110,29 @@ def test_retry_backoff_below_visibility_timeout_is_accepted(tmp_path: Path) -> N
 def test_task_time_limit_ends_before_the_lease(tmp_path: Path, lease: int) -> None:
     settings = Settings(_env_file=None, var_dir=tmp_path, processing_lease_seconds=lease)  # type: ignore[call-arg]
     assert 0 < settings.task_time_limit < settings.processing_lease_seconds
+
+
+def test_batch_size_follows_the_upstream_path_unless_set() -> None:
+    assert Settings(_env_file=None).upstream_batch_size == 32  # type: ignore[call-arg]
+    assert Settings(_env_file=None, upstream_path="/moderate").upstream_batch_size == 100  # type: ignore[call-arg]
+    assert Settings(_env_file=None, upstream_max_batch=8).upstream_batch_size == 8  # type: ignore[call-arg]
+
+
+def test_shared_redis_is_the_redis_broker_unless_set() -> None:
+    assert Settings(_env_file=None).shared_redis_url is None  # type: ignore[call-arg]
+    assert Settings(_env_file=None, broker_url="redis://r:6379/0").shared_redis_url == "redis://r:6379/0"  # type: ignore[call-arg]
+    assert Settings(_env_file=None, redis_url="redis://other/1").shared_redis_url == "redis://other/1"  # type: ignore[call-arg]
+
+
+def test_capacity_wait_leaves_the_call_its_timeout_within_the_soft_limit() -> None:
+    short = Settings(_env_file=None, processing_lease_seconds=10, upstream_timeout_seconds=2)  # type: ignore[call-arg]
+    assert short.upstream_capacity_wait == 1  # nothing left after the timeout: the floor, so a call still waits a bit
+    default = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert default.upstream_capacity_wait == 30
+    assert default.upstream_capacity_wait + 2 * default.upstream_timeout_seconds < default.task_soft_time_limit
+
+
+@pytest.mark.parametrize("mode", ["sometimes", ""])
+def test_failure_mode_is_checked(mode: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, moderation_failure_mode=mode)  # type: ignore[call-arg]

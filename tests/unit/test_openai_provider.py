@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from app.moderation.openai_compat import OpenAICompatibleProvider, parse_results
+from app.moderation.openai_compat import OpenAICompatibleProvider, parse_batch, parse_results
 from app.moderation.providers import PermanentProviderError, TransientProviderError
 from app.moderation.taxonomy import CATEGORIES
-from tests.fake_upstream import MALFORMED_KINDS, TRIGGERS, UNTRIGGERED_SCORE, FakeUpstream
+from tests.fake_upstream import MALFORMED_KINDS, ONE_BAD_RESULT, TRIGGERS, UNTRIGGERED_SCORE, FakeUpstream
 
 API_KEY = "sk-test-provider"
 MODEL = "omni-moderation-latest"
@@ -255,3 +255,28 @@ def test_malformed_shapes(bad: Any) -> None:
 def test_result_count_must_match_inputs(count: int) -> None:
     with pytest.raises(TransientProviderError):
         parse_results(payload(*[{"hate": 0.1}] * count), expected=2)
+
+
+def test_one_unusable_result_spoils_only_its_own_text(make_provider: MakeProvider, upstream: FakeUpstream) -> None:
+    upstream.malformed_next(ONE_BAD_RESULT)
+    result = make_provider().moderate(["I will kill you", "you idiot", "calm"])
+    assert result.defective == frozenset({0})
+    assert result.results[1].scores["harassment"] == TRIGGERS["idiot"]["harassment"]
+    assert result.results[2].scores["violence"] == UNTRIGGERED_SCORE
+
+
+def test_partly_defective_payload_is_reported_by_position() -> None:
+    results, judged, defective = parse_batch(
+        {"results": [{"category_scores": {"hate": 0.4}}, "garbage", {"category_scores": {"hate": "x"}}]}, expected=3)
+    assert defective == frozenset({1, 2})
+    assert results[0].scores == {"hate": 0.4} and judged == frozenset({"hate"})
+    with pytest.raises(TransientProviderError):
+        parse_batch({"results": ["garbage"]}, expected=1)  # nothing usable at all: the whole call failed
+
+
+def test_refusal_names_the_status_and_the_providers_code(make_provider: MakeProvider, upstream: FakeUpstream) -> None:
+    upstream.max_batch = 1
+    with pytest.raises(PermanentProviderError) as caught:
+        make_provider().moderate(["a", "b"])
+    assert caught.value.code == "upstream_refused"
+    assert "400" in caught.value.message and "batch_too_large" in caught.value.message

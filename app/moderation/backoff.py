@@ -1,0 +1,64 @@
+"""How long to wait before asking a provider again: tenacity's strategies, one policy for every retry.
+
+A 429 (or a 5xx) that says `Retry-After` is honoured; anything else transient backs off exponentially with full
+jitter. Every wait is capped below the broker's visibility timeout (Settings checks the cap), because a retry is a
+countdown message and Redis hands an unacknowledged message to another worker once that timeout passes.
+
+Queued work retries through the queue (the row says `queued` with its due time, so a killed worker loses nothing):
+`retry_delay` gives the countdown. The synchronous endpoint has no queue to go back to and retries in place with
+`sync_retrying`, on the same strategies.
+"""
+
+from __future__ import annotations
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
+
+from app.moderation.providers import ProviderError
+
+
+class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own strategies
+    """The provider's `Retry-After` when it sent one (capped), else `fallback`."""
+
+    def __init__(self, fallback: wait_base, cap: float) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        if isinstance(error, ProviderError) and error.retry_after is not None:
+            return min(self.cap, error.retry_after)
+        return min(self.cap, self.fallback(retry_state))
+
+
+def provider_wait(cap: float) -> wait_base:
+    return wait_retry_after(wait_random_exponential(multiplier=1, max=cap), cap)
+
+
+def retry_delay(attempt: int, error: ProviderError, cap: float) -> float:
+    """The countdown before queued work that failed its `attempt`-th try is tried again."""
+    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    state.set_exception((type(error), error, error.__traceback__))
+    return float(provider_wait(cap)(state))
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(error, ProviderError) and error.transient
+
+
+def sync_retrying(*, attempts: int, budget_seconds: float, cap: float) -> Retrying:
+    """In-place retries for a caller that waits for the answer: transient errors only, within `budget_seconds`."""
+    return Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(attempts) | stop_before_delay(budget_seconds),
+        wait=provider_wait(cap),
+        reraise=True,
+    )

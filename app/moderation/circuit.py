@@ -1,0 +1,124 @@
+"""The circuit breaker around the upstream provider, shared by every worker through Redis, and its fallback.
+
+After CIRCUIT_FAILURE_THRESHOLD outages in a row (5xx, timeouts, unreachable, garbled answers) the circuit opens:
+for CIRCUIT_RESET_SECONDS no worker calls the provider; then one call tries it again (half-open) and closes the
+circuit if it succeeds. While it is open, the fallback provider (MODERATION_FALLBACK_PROVIDER, e.g. the local
+engine) answers instead and its verdicts are marked `degraded`; with no fallback, the call fails as transient
+(`upstream_circuit_open`) and the queue retries it after the cool-down.
+
+Refusals (4xx) and rate limiting are not outages: they never open the circuit. The breaker is pybreaker's, with its
+Redis storage, so the state is one for all workers and hosts; it is created on first use, so building the app never
+needs Redis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import pybreaker
+import redis
+import structlog
+
+from app.config import Settings
+from app.moderation.providers import (
+    ModelInfo,
+    ModerationProvider,
+    ProviderError,
+    ProviderResult,
+    TransientProviderError,
+)
+
+log = structlog.get_logger(__name__)
+
+# Transient, but the provider is up: it is busy (429), or we are waiting for our own limit.
+NOT_OUTAGES = frozenset({"upstream_rate_limited", "upstream_capacity_wait", "rate_limiter_unavailable"})
+
+
+def _not_an_outage(error: BaseException) -> bool:
+    return isinstance(error, ProviderError) and (not error.transient or error.code in NOT_OUTAGES)
+
+
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: pybreaker.CircuitBreakerState | None,
+                     new_state: pybreaker.CircuitBreakerState) -> None:
+        log.warning("upstream_circuit", name=cb.name, old=old_state.name if old_state else None,
+                    new=new_state.name)
+
+
+class GuardedProvider:
+    """The primary provider behind the shared circuit breaker, with the fallback for when the circuit is open."""
+
+    def __init__(self, primary: ModerationProvider, *, breaker: Callable[[], Breaker],
+                 fallback: ModerationProvider | None, reset_seconds: float) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.name = primary.name
+        self.max_batch = primary.max_batch if fallback is None else min(primary.max_batch, fallback.max_batch)
+        self._make_breaker = breaker
+        self._breaker: Breaker | None = None
+        self._lock = threading.Lock()
+        self._reset_seconds = reset_seconds
+
+    def breaker(self) -> Breaker:
+        with self._lock:
+            if self._breaker is None:
+                self._breaker = self._make_breaker()
+            return self._breaker
+
+    def warm_up(self) -> None:
+        self.primary.warm_up()
+        if self.fallback is not None:
+            self.fallback.warm_up()
+
+    def models(self) -> list[ModelInfo]:
+        return self.primary.models() + (self.fallback.models() if self.fallback is not None else [])
+
+    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
+        try:
+            result: ProviderResult = self.breaker().circuit.call(self.primary.moderate, texts, model)
+            return result
+        except pybreaker.CircuitBreakerError as exc:
+            if self.fallback is None:
+                raise TransientProviderError("upstream_circuit_open", "the moderation provider is failing; its "
+                                             "circuit is open", retry_after=self._cooldown_left()) from exc
+            return degrade(self.fallback.moderate(texts, None))
+
+    def _cooldown_left(self) -> float:
+        opened_at = self.breaker().storage.opened_at
+        if opened_at is None:
+            return self._reset_seconds
+        elapsed = (datetime.now(UTC) - opened_at.astimezone(UTC)).total_seconds()
+        return max(1.0, self._reset_seconds - elapsed)
+
+
+def degrade(result: ProviderResult) -> ProviderResult:
+    """A fallback's answer: kept, and marked as decided without the primary provider."""
+    return dataclasses.replace(result, degraded=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Breaker:
+    circuit: pybreaker.CircuitBreaker
+    storage: pybreaker.CircuitBreakerStorage  # where the state lives (Redis), read for the cool-down left
+
+
+def shared_breaker(settings: Settings, namespace: str) -> Callable[[], Breaker]:
+    def build() -> Breaker:
+        storage: pybreaker.CircuitBreakerStorage
+        url = settings.shared_redis_url
+        if url is None:
+            storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        else:
+            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=namespace)
+        circuit = pybreaker.CircuitBreaker(
+            fail_max=settings.circuit_failure_threshold, reset_timeout=settings.circuit_reset_seconds,
+            exclude=[_not_an_outage], state_storage=storage, name=namespace, listeners=[_LogTransitions()],
+            throw_new_error_on_trip=False,
+        )
+        return Breaker(circuit, storage)
+
+    return build

@@ -1,0 +1,457 @@
+"""Verdict's benchmark (`make bench`; see ops/bench/README.md): upstream efficiency, intake, end to end.
+
+Everything is real except the upstream moderation API, which is `tests.fake_upstream.FakeUpstream` (in this
+process, enforcing a provider's requests-per-minute limit): a scratch PostgreSQL database, the Redis broker, the
+API under gunicorn and Celery worker processes. Each figure comes with a baseline measured in the same run. The
+last line printed is the RESULT line; ops/bench/RESULTS.md gets the run's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+from sqlalchemy import func, select, update  # noqa: E402
+
+from app.cli import migrate_database  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.db import Database  # noqa: E402
+from app.models import Submission, Verdict  # noqa: E402
+from app.use_cases.keys import create_key  # noqa: E402
+from tests.fake_upstream import FakeUpstream  # noqa: E402
+
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+UPSTREAM_KEY = "sk-bench"
+LOG_DIR = ROOT / "var" / "bench"
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+class Proc:
+    """A child process in its own process group (so its pool processes are found and stopped with it)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = LOG_DIR / f"{name}.log"
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def wait_for_log(self, marker: bytes, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+            if marker in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s")
+
+    def peak_rss_mb(self) -> float:
+        """The sum of the peak resident sets (VmHWM) of every process in the group."""
+        total_kb = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.process.pid:  # field 5 of stat: the process group
+                    continue
+                for line in (stat.parent / "status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total_kb += int(line.split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total_kb / 1024
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        run = uuid.uuid4().hex[:8]
+        self.db_name = f"verdict_bench_{run}"
+        self.prefix = f"verdict-bench-{run}:"
+        self.database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db_name}"
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.database: Database | None = None
+        self.procs: list[Proc] = []
+        self.results: dict[str, Any] = {}
+
+    # -- setup -----------------------------------------------------------------------------------------------
+
+    def base_env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("UPSTREAM_", "MODERATION_", "DATABASE_", "BROKER_", "REDIS_"))}
+        env.update({"DATABASE_URL": self.database_url, "BROKER_URL": REDIS_URL, "BROKER_KEY_PREFIX": self.prefix,
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)})
+        env.update(extra)
+        return env
+
+    def setup(self) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        migrate_database(Settings(_env_file=None, database_url=self.database_url))  # type: ignore[call-arg]
+        self.database = Database(self.database_url)
+
+    def teardown(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+        self.flush_broker()
+        if self.database is not None:
+            self.database.engine.dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+
+    def flush_broker(self) -> None:
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
+        if keys:
+            self.redis.delete(*keys)
+
+    def new_key(self) -> str:
+        assert self.database is not None
+        with self.database.session_scope() as session:
+            issued = create_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:8]}", scopes=("submit", "read"))
+            return issued.plaintext
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], ready: bytes) -> Proc:
+        proc = Proc(name, argv, env)
+        self.procs.append(proc)
+        proc.wait_for_log(ready)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        self.procs.remove(proc)
+
+    def start_workers(self, label: str, env: dict[str, str], app: str = "workers.entry",
+                      queue: str = "moderation") -> list[Proc]:
+        return [self.start(f"{label}-{i}", [sys.executable, "-m", "celery", "-A", app, "worker",
+                                             "-c", str(self.args.concurrency),
+                                             "-Q", queue, "-n", f"{label}{i}@%h", "--loglevel", "INFO",
+                                             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                           env, b" ready.")
+                for i in range(self.args.workers)]
+
+    def start_api(self, env: dict[str, str]) -> tuple[Proc, str]:
+        port = self.args.api_port
+        proc = self.start("api", [str(Path(sys.executable).with_name("verdict")), "api", "--bind",
+                                  f"127.0.0.1:{port}", "--workers", "2", "--threads", "8"], env, b"Booting worker")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the API did not answer /healthz")
+
+    def abandon_unfinished(self) -> None:
+        """Between phases: what one phase left queued must not be worked on by the next one's workers."""
+        assert self.database is not None
+        self.flush_broker()
+        with self.database.session_scope() as session:
+            session.execute(update(Submission).where(Submission.status.in_(["queued", "processing"]))
+                            .values(status="failed", error_code="bench_abandoned", claim_token=None))
+            session.commit()
+
+    def submit_texts(self, url: str, key: str, texts: list[str], threads: int = 2) -> None:
+        chunks = [texts[i:i + 100] for i in range(0, len(texts), 100)]
+
+        def post(chunk: list[str]) -> None:
+            response = http.post(f"{url}/v1/submissions", json={"items": [{"input": t} for t in chunk]},
+                                 headers={"Authorization": f"Bearer {key}"})
+            if response.status_code != 202:
+                raise RuntimeError(f"submit answered {response.status_code}: {response.text[:300]}")
+
+        with httpx.Client(timeout=60) as http, ThreadPoolExecutor(threads) as pool:
+            list(pool.map(post, chunks))
+
+    # -- phase 1: upstream efficiency ------------------------------------------------------------------------
+
+    def upstream(self, url: str) -> None:
+        args = self.args
+        rpm, batch, window = args.rpm, args.batch, args.window
+        assert self.database is not None
+        key = self.new_key()
+        with FakeUpstream(api_key=UPSTREAM_KEY, rpm=rpm, max_batch=batch, latency=args.latency) as fake:
+            # A backlog that outlasts the window, so every call can be full.
+            backlog = int(math.ceil(rpm * batch * (window / 60 + 0.5) / 100) * 100)
+            log(f"upstream: submitting a backlog of {backlog} texts")
+            self.submit_texts(url, key, [f"upstream text {i}: have a lovely day" for i in range(backlog)])
+            env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
+                                UPSTREAM_API_KEY=UPSTREAM_KEY, UPSTREAM_MAX_BATCH=str(batch),
+                                UPSTREAM_RPM=str(rpm))
+            workers = self.start_workers("upstream", env)
+            while not fake.requests:
+                time.sleep(0.01)
+            started = datetime.now(UTC)
+            log(f"upstream: first call; measuring {window:.0f} s at R={rpm}/min, B={batch}, "
+                f"{args.workers} workers x {args.concurrency}")
+            time.sleep(window)
+            ended = datetime.now(UTC)
+            with self.database.session_scope() as session:
+                moderated = session.scalar(select(func.count()).select_from(Verdict)
+                                           .where(Verdict.created_at >= started, Verdict.created_at < ended))
+            calls = fake.requests
+            rejected = fake.rejected_429
+            for worker in workers:
+                self.stop(worker)
+        moderated = int(moderated or 0)
+        per_minute = moderated / window * 60
+        ratio = per_minute / (rpm * batch)
+        sizes = [len(r.json["input"]) for r in calls if isinstance(r.json, dict) and "input" in r.json]
+        self.results.update(upstream_ratio=ratio, upstream_429=rejected, upstream_texts_per_min=per_minute,
+                            upstream_calls=len(calls), upstream_mean_batch=statistics.fmean(sizes) if sizes else 0)
+        log(f"upstream: {moderated} texts in {window:.0f} s = {per_minute:.0f}/min of {rpm * batch} possible "
+            f"(ratio {ratio:.3f}), {rejected} x 429, mean batch {self.results['upstream_mean_batch']:.1f}")
+        self.abandon_unfinished()
+
+    # -- phase 2: intake -------------------------------------------------------------------------------------
+
+    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int) -> tuple[float, list[float]]:
+        duration, threads = self.args.intake_seconds, self.args.intake_threads
+        latencies: list[list[float]] = [[] for _ in range(threads)]
+        errors: list[int] = []
+        stop_at = time.monotonic() + duration
+
+        def run(slot: int) -> None:
+            with httpx.Client(timeout=30) as http:
+                while time.monotonic() < stop_at:
+                    began = time.perf_counter()
+                    response = request(http)
+                    latencies[slot].append((time.perf_counter() - began) * 1000)
+                    if response.status_code != expected:
+                        errors.append(response.status_code)
+
+        began = time.monotonic()
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        elapsed = time.monotonic() - began
+        if errors:
+            raise RuntimeError(f"{len(errors)} unexpected answers, e.g. {errors[:5]}")
+        flat = [v for slot in latencies for v in slot]
+        return len(flat) / elapsed, flat
+
+    def intake(self, url: str) -> None:
+        key = self.new_key()
+        headers = {"Authorization": f"Bearer {key}"}
+        base_rps, base_lat = self.load(lambda http: http.get(f"{url}/v1/models", headers=headers), 200)
+        counter = iter(range(10**9))
+        rps, lat = self.load(lambda http: http.post(
+            f"{url}/v1/submissions", json={"input": f"intake text {next(counter)}: have a lovely day"},
+            headers=headers), 202)
+        self.results.update(intake_rps=rps, intake_ratio=rps / base_rps, intake_p50_ms=percentile(lat, 0.5),
+                            intake_p99_ms=percentile(lat, 0.99), baseline_rps=base_rps,
+                            baseline_p50_ms=percentile(base_lat, 0.5), baseline_p99_ms=percentile(base_lat, 0.99))
+        log(f"intake: POST /v1/submissions {rps:.0f} req/s (p50 {self.results['intake_p50_ms']:.1f} ms, "
+            f"p99 {self.results['intake_p99_ms']:.1f} ms); GET /v1/models {base_rps:.0f} req/s "
+            f"(p50 {self.results['baseline_p50_ms']:.1f} ms, p99 {self.results['baseline_p99_ms']:.1f} ms)")
+        self.abandon_unfinished()
+
+    # -- phase 3: end to end ---------------------------------------------------------------------------------
+
+    def end_to_end(self, url: str, api: Proc) -> None:
+        assert self.database is not None
+        count = self.args.e2e_texts
+        key = self.new_key()
+        workers = self.start_workers("e2e", self.base_env(MODERATION_PROVIDER="local"))
+        began = datetime.now(UTC)
+        self.submit_texts(url, key, [f"end to end text {i}: " + ("you idiot" if i % 5 == 0 else "thank you")
+                                     for i in range(count)])
+        deadline = time.monotonic() + 600
+        while True:
+            with self.database.session_scope() as session:
+                rows = session.execute(
+                    select(Submission.created_at, Verdict.created_at).join(Verdict)
+                    .where(Submission.created_at >= began)).tuples().all()
+            if len(rows) >= count:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(rows)} of {count} verdicts after 600 s")
+            time.sleep(0.5)
+        finished = max(decided for _, decided in rows)
+        elapsed = (finished - began).total_seconds()
+        latencies = [(decided - submitted).total_seconds() * 1000 for submitted, decided in rows]
+        worker_rss = max(w.peak_rss_mb() for w in workers)
+        for worker in workers:
+            self.stop(worker)
+        self.results.update(e2e_tps=count / elapsed, e2e_p50_ms=percentile(latencies, 0.5),
+                            e2e_p99_ms=percentile(latencies, 0.99), worker_rss_mb=worker_rss,
+                            api_rss_mb=api.peak_rss_mb())
+
+        counter = f"{self.prefix}noop-count"
+        env = self.base_env(BENCH_BROKER_URL=REDIS_URL, BENCH_KEY_PREFIX=self.prefix, BENCH_COUNTER=counter)
+        noop_workers = self.start_workers("noop", env, app="ops.bench.noop", queue="bench-noop")
+        from celery import Celery
+
+        sender = Celery("bench-sender", broker=REDIS_URL)
+        sender.conf.update(broker_transport_options={"global_keyprefix": self.prefix}, task_serializer="json")
+        began_noop = time.monotonic()
+        with sender.producer_or_acquire() as producer:
+            for i in range(count):
+                sender.send_task("bench.noop", args=[str(i)], queue="bench-noop", producer=producer)
+        while int(self.redis.get(counter) or 0) < count:
+            if time.monotonic() - began_noop > 600:
+                raise RuntimeError("the no-op tasks did not finish")
+            time.sleep(0.05)
+        noop_tps = count / (time.monotonic() - began_noop)
+        for worker in noop_workers:
+            self.stop(worker)
+        self.results.update(e2e_ratio=self.results["e2e_tps"] / noop_tps, noop_tps=noop_tps)
+        log(f"end to end: {count} texts at {self.results['e2e_tps']:.1f}/s (p50 {self.results['e2e_p50_ms']:.0f} ms,"
+            f" p99 {self.results['e2e_p99_ms']:.0f} ms); no-op task {noop_tps:.0f}/s")
+
+    # -- report ----------------------------------------------------------------------------------------------
+
+    def result_line(self) -> str:
+        r = self.results
+        return (f"RESULT upstream_ratio={r['upstream_ratio']:.3f} upstream_429={r['upstream_429']} "
+                f"intake_rps={r['intake_rps']:.1f} intake_ratio={r['intake_ratio']:.3f} "
+                f"intake_p99_ms={r['intake_p99_ms']:.1f} e2e_tps={r['e2e_tps']:.1f} e2e_ratio={r['e2e_ratio']:.3f} "
+                f"e2e_p50_ms={r['e2e_p50_ms']:.0f} e2e_p99_ms={r['e2e_p99_ms']:.0f} "
+                f"api_rss_mb={r['api_rss_mb']:.0f} worker_rss_mb={r['worker_rss_mb']:.0f}")
+
+    def write_report(self, line: str, started: datetime, seconds: float) -> None:
+        r, a = self.results, self.args
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        with psycopg.connect(PG_ADMIN) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            pg_version = row[0] if row else "?"
+        redis_version = self.redis.info("server").get("redis_version", "?")
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor() or "?")
+        memory_kb = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                          if line.startswith("MemTotal:")), 0)
+        load = os.getloadavg()
+        rows = [
+            ("figure", "value", "baseline (same run)", "ratio"),
+            ("---", "---", "---", "---"),
+            (f"upstream: texts moderated per minute, R={a.rpm}/min, B={a.batch}, {a.window:.0f} s window",
+             f"{r['upstream_texts_per_min']:.0f}", f"R x B = {a.rpm * a.batch}", f"**{r['upstream_ratio']:.3f}**"),
+            ("upstream: 429 answers received", f"**{r['upstream_429']}**", "target 0", ""),
+            ("upstream: calls made / mean texts per call",
+             f"{r['upstream_calls']} / {r['upstream_mean_batch']:.1f}", "", ""),
+            (f"intake: `POST /v1/submissions` (one text), {a.intake_threads} clients, {a.intake_seconds:.0f} s",
+             f"{r['intake_rps']:.1f} req/s, p50 {r['intake_p50_ms']:.1f} ms, p99 {r['intake_p99_ms']:.1f} ms",
+             f"`GET /v1/models`: {r['baseline_rps']:.1f} req/s, p50 {r['baseline_p50_ms']:.1f} ms, "
+             f"p99 {r['baseline_p99_ms']:.1f} ms", f"{r['intake_ratio']:.3f}"),
+            (f"end to end: {a.e2e_texts} texts, submit to stored verdict, local engine",
+             f"{r['e2e_tps']:.1f} texts/s", f"no-op Celery task: {r['noop_tps']:.1f} tasks/s",
+             f"{r['e2e_ratio']:.3f}"),
+            ("end to end: submit-to-verdict latency",
+             f"p50 {r['e2e_p50_ms']:.0f} ms, p99 {r['e2e_p99_ms']:.0f} ms", "", ""),
+            ("peak RSS (VmHWM summed over a process group)",
+             f"API {r['api_rss_mb']:.0f} MB, one worker {r['worker_rss_mb']:.0f} MB", "", ""),
+        ]
+        table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+        report = f"""# Benchmark results
+
+Written by `make bench` (ops/bench/run.py); how to run it and what each figure means: ops/bench/README.md.
+
+## The run
+
+- when: {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} minutes
+- commit: {commit}{" (with uncommitted changes)" if dirty else ""}
+- machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, {memory_kb / 1024 / 1024:.1f} GiB RAM,
+  {platform.system()} {platform.release()}; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}
+  (the machine is shared: other test runs may have been running)
+- software: Python {platform.python_version()}, PostgreSQL {pg_version}, Redis {redis_version}
+- command: `make bench BENCH_ARGS='{" ".join(sys.argv[1:])}'`
+- setup: {a.workers} Celery workers (`celery worker -c {a.concurrency}` each), the API under gunicorn
+  (2 processes x 8 threads), PostgreSQL and Redis on this machine; the fake upstream (tests/fake_upstream.py)
+  in the benchmark's process
+
+## Figures
+
+{table}
+
+## The RESULT line
+
+```
+{line}
+```
+"""
+        (ROOT / "ops" / "bench" / "RESULTS.md").write_text(report)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rpm", type=int, default=60, help="the fake upstream's requests per minute (R)")
+    parser.add_argument("--batch", type=int, default=32, help="texts per upstream call (B)")
+    parser.add_argument("--window", type=float, default=180, help="seconds the upstream phase is measured")
+    parser.add_argument("--latency", type=float, default=0.05, help="the fake upstream's answer latency")
+    parser.add_argument("--workers", type=int, default=2, help="Celery workers")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="pool processes per worker (Verdict's default WORKER_CONCURRENCY is 2)")
+    parser.add_argument("--intake-seconds", type=float, default=15)
+    parser.add_argument("--intake-threads", type=int, default=8)
+    parser.add_argument("--e2e-texts", type=int, default=2000)
+    parser.add_argument("--api-port", type=int, default=8791)
+    args = parser.parse_args()
+
+    bench = Bench(args)
+    started, began = datetime.now(UTC), time.monotonic()
+    bench.setup()
+    try:
+        api, url = bench.start_api(bench.base_env())
+        bench.upstream(url)
+        bench.intake(url)
+        bench.end_to_end(url, api)
+    finally:
+        bench.teardown()
+    line = bench.result_line()
+    bench.write_report(line, started, time.monotonic() - began)
+    log("wrote ops/bench/RESULTS.md")
+    print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
