@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,6 +24,9 @@ from pydantic import (
 )
 
 from app.moderation.taxonomy import CATEGORIES
+
+if TYPE_CHECKING:
+    from app.models import Submission, Verdict
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,45 @@ class SubmissionOut(BaseModel):
     verdict: VerdictOut | None
     error: SubmissionError | None
     links: dict[str, str]
+
+
+def submission_out(submission: Submission, verdict: Verdict | None) -> SubmissionOut:
+    """A stored submission as the API shows it and webhook payloads carry it: one function for both, so a receiver
+    gets exactly what `GET /v1/submissions/{id}` returns. Never the text."""
+    return SubmissionOut(
+        id=submission.id,
+        status=submission.status,
+        role=submission.role,
+        text_count=submission.text_count,
+        conversation_id=submission.conversation_id,
+        turn_id=submission.turn_id,
+        metadata=submission.client_metadata,
+        policy=submission.policy_name,
+        model=submission.model,
+        created_at=submission.created_at,
+        completed_at=submission.completed_at,
+        erased_at=submission.erased_at,
+        verdict=None if verdict is None else VerdictOut(
+            decision=verdict.decision,
+            flagged=verdict.flagged,
+            categories=verdict.categories,
+            category_scores=verdict.category_scores,
+            not_judged=verdict.not_judged,
+            results=verdict.results,
+            provider=verdict.provider,
+            model=verdict.model,
+            policy=verdict.policy_name,
+            policy_version=verdict.policy_version,
+            thresholds=verdict.thresholds,
+            cached=verdict.cached,
+            degraded=verdict.degraded,
+            latency_ms=verdict.latency_ms,
+            decided_at=verdict.created_at,
+        ),
+        error=None if submission.error_code is None else SubmissionError(
+            code=submission.error_code, message=submission.error_message or ""),
+        links={"self": f"/v1/submissions/{submission.id}"},
+    )
 
 
 class SubmissionAccepted(BaseModel):

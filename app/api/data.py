@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from app.api.submissions import submission_out
+from app.api.submissions import submission_view
 from app.auth import current_principal, require_scope
 from app.db import request_session
 from app.request_context import current_request_id
@@ -21,4 +21,4 @@ def erase(submission_id: str) -> Response:
     principal = current_principal()
     submission = erase_submission(request_session(), principal.tenant_id, submission_id, actor=principal.key_id,
                                   request_id=current_request_id())
-    return jsonify(submission_out(submission).model_dump(mode="json"))
+    return jsonify(submission_view(submission).model_dump(mode="json"))

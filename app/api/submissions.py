@@ -16,13 +16,12 @@ from app.schemas import (
     SubmissionAccepted,
     SubmissionBatchAccepted,
     SubmissionBatchIn,
-    SubmissionError,
     SubmissionGetQuery,
     SubmissionIn,
     SubmissionListQuery,
     SubmissionOut,
     SubmissionPage,
-    VerdictOut,
+    submission_out,
 )
 from app.use_cases.submissions import (
     SubmissionFilter,
@@ -61,7 +60,7 @@ def get_submission(submission_id: str) -> Response:
     query = SubmissionGetQuery.model_validate(request.args.to_dict())
     submission = await_submission(request_session(), current_principal().tenant_id, submission_id,
                                   wait_seconds=query.wait)
-    return jsonify(submission_out(submission).model_dump(mode="json"))
+    return jsonify(submission_view(submission).model_dump(mode="json"))
 
 
 @bp.get("/v1/submissions")
@@ -73,7 +72,7 @@ def list_all() -> Response:
         SubmissionFilter(status=query.status, decision=query.decision, role=query.role),
         limit=query.limit, cursor=query.cursor,
     )
-    body = SubmissionPage(data=[submission_out(s) for s in page.submissions],
+    body = SubmissionPage(data=[submission_view(s) for s in page.submissions],
                           has_more=page.next_cursor is not None, next_cursor=page.next_cursor)
     return jsonify(body.model_dump(mode="json"))
 
@@ -82,39 +81,5 @@ def _self_link(submission_id: str) -> str:
     return url_for("submissions.get_submission", submission_id=submission_id)
 
 
-def submission_out(submission: Submission) -> SubmissionOut:
-    verdict = submission.verdict
-    return SubmissionOut(
-        id=submission.id,
-        status=submission.status,
-        role=submission.role,
-        text_count=submission.text_count,
-        conversation_id=submission.conversation_id,
-        turn_id=submission.turn_id,
-        metadata=submission.client_metadata,
-        policy=submission.policy_name,
-        model=submission.model,
-        created_at=submission.created_at,
-        completed_at=submission.completed_at,
-        erased_at=submission.erased_at,
-        verdict=None if verdict is None else VerdictOut(
-            decision=verdict.decision,
-            flagged=verdict.flagged,
-            categories=verdict.categories,
-            category_scores=verdict.category_scores,
-            not_judged=verdict.not_judged,
-            results=verdict.results,
-            provider=verdict.provider,
-            model=verdict.model,
-            policy=verdict.policy_name,
-            policy_version=verdict.policy_version,
-            thresholds=verdict.thresholds,
-            cached=verdict.cached,
-            degraded=verdict.degraded,
-            latency_ms=verdict.latency_ms,
-            decided_at=verdict.created_at,
-        ),
-        error=None if submission.error_code is None else SubmissionError(
-            code=submission.error_code, message=submission.error_message or ""),
-        links={"self": _self_link(submission.id)},
-    )
+def submission_view(submission: Submission) -> SubmissionOut:
+    return submission_out(submission, submission.verdict)

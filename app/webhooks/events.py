@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from app.models import Submission, SubmissionStatus, Verdict
-from app.schemas import SubmissionError, SubmissionOut, VerdictOut
+from app.schemas import submission_out
 
 SUBMISSION_COMPLETED = "submission.completed"
 SUBMISSION_FLAGGED = "submission.flagged"
@@ -41,41 +41,8 @@ def envelope(event_type: str, data: dict[str, Any], occurred_at: datetime) -> st
 
 
 def submission_data(submission: Submission, verdict: Verdict | None) -> dict[str, Any]:
-    """The submission as `GET /v1/submissions/{id}` shows it (the same schema): metadata and verdict, no text."""
-    out = SubmissionOut(
-        id=submission.id,
-        status=submission.status,
-        role=submission.role,
-        text_count=submission.text_count,
-        conversation_id=submission.conversation_id,
-        turn_id=submission.turn_id,
-        metadata=submission.client_metadata,
-        policy=submission.policy_name,
-        model=submission.model,
-        created_at=submission.created_at,
-        completed_at=submission.completed_at,
-        verdict=None if verdict is None else VerdictOut(
-            decision=verdict.decision,
-            flagged=verdict.flagged,
-            categories=verdict.categories,
-            category_scores=verdict.category_scores,
-            not_judged=verdict.not_judged,
-            results=verdict.results,
-            provider=verdict.provider,
-            model=verdict.model,
-            policy=verdict.policy_name,
-            policy_version=verdict.policy_version,
-            thresholds=verdict.thresholds,
-            cached=verdict.cached,
-            degraded=verdict.degraded,
-            latency_ms=verdict.latency_ms,
-            decided_at=verdict.created_at,
-        ),
-        error=None if submission.error_code is None else SubmissionError(
-            code=submission.error_code, message=submission.error_message or ""),
-        links={"self": f"/v1/submissions/{submission.id}"},
-    )
-    return out.model_dump(mode="json")
+    """The submission as `GET /v1/submissions/{id}` shows it (the same function): metadata and verdict, no text."""
+    return submission_out(submission, verdict).model_dump(mode="json")
 
 
 def webhook_test_data(endpoint_id: str) -> dict[str, Any]:
