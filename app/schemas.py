@@ -7,6 +7,7 @@ context as `Limits`, so one schema serves every deployment.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -165,11 +166,23 @@ class SubmissionGetQuery(_Strict):
 AuditTerm = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 
+def _iso_8601_only(value: Any) -> Any:
+    # pydantic would also read a number (or a numeric string) as Unix seconds; the API, and its OpenAPI document,
+    # say ISO 8601 (found by the fuzzer's negative-data check: `?start=0.5` was accepted).
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise ValueError("must be an ISO 8601 time with a zone, such as 2026-01-31T00:00:00Z")
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_8601_only)]
+
+
 class AuditRangeQuery(_Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    start: AwareDatetime | None = Field(default=None, description="ISO 8601 with a zone (`…Z`); inclusive.")
-    end: AwareDatetime | None = Field(default=None, description="ISO 8601 with a zone; exclusive.")
+    start: IsoDatetime | None = Field(default=None, description="ISO 8601 with a zone (`…Z`); inclusive.")
+    end: IsoDatetime | None = Field(default=None, description="ISO 8601 with a zone; exclusive.")
 
     @field_validator("end")
     @classmethod

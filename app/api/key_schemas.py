@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from app.schemas import IsoDatetime
 
 Scope = Literal["submit", "read", "audit", "admin"]
 
@@ -16,7 +18,7 @@ class KeyCreateIn(BaseModel):
     scopes: list[Scope] = Field(min_length=1, max_length=4, description="What the key may do.")
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
         default=None, description="A label for people; never secret.")
-    expires_at: AwareDatetime | None = Field(
+    expires_at: IsoDatetime | None = Field(
         default=None, strict=False,
         description="ISO 8601 with a zone, in the future; after it the key is refused (401).")
     rate_limit_rpm: int | None = Field(default=None, ge=1, le=2**31 - 1, description=(

@@ -103,6 +103,7 @@ def test_key_expires(client: FlaskClient, tenant: TenantKey, database: Database)
         pytest.param({"scopes": "read"}, "scopes", id="scopes-not-a-list"),
         pytest.param({"scopes": ["read"], "expires_at": "2001-01-01T00:00:00Z"}, "expires_at", id="past"),
         pytest.param({"scopes": ["read"], "expires_at": "2099-01-01T00:00:00"}, "expires_at", id="no-zone"),
+        pytest.param({"scopes": ["read"], "expires_at": 4102444800}, "expires_at", id="unix-seconds"),
         pytest.param({"scopes": ["read"], "name": ""}, "name", id="empty-name"),
         pytest.param({"scopes": ["read"], "rate_limit_rpm": 0}, "rate_limit_rpm", id="zero-rpm"),
         pytest.param({"scopes": ["read"], "rate_limit_rpm": 10**6}, "rate_limit_rpm", id="above-tenant-rpm"),

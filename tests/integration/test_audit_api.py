@@ -189,6 +189,9 @@ BAD_QUERIES = [
     pytest.param("/v1/audit/verify", {"start_seq": "abc"}, "start_seq", id="verify-start-not-a-number"),
     pytest.param("/v1/audit/verify", {"start_seq": "5", "end_seq": "4"}, "end_seq", id="verify-end-below-start"),
     pytest.param("/v1/audit/verify", {"tenant": "other"}, "tenant", id="verify-unknown-param"),
+    # Found by the API fuzzer: a number was read as Unix seconds, though the document says ISO 8601.
+    pytest.param("/v1/audit", {"start": "0.5"}, "start", id="start-a-number"),
+    pytest.param("/v1/audit/export", {"end": "1700000000"}, "end", id="export-end-a-number"),
     # Found by the API fuzzer: a seq beyond bigint was a 500 from the database.
     pytest.param("/v1/audit/verify", {"end_seq": str(2**63)}, "end_seq", id="verify-end-beyond-bigint"),
     pytest.param("/v1/audit/verify", {"start_seq": "1994303291088396260321787904"}, "start_seq",

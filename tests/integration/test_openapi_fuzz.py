@@ -1,7 +1,8 @@
 """The property-based API fuzzer: schemathesis generates requests from /openapi.json (valid and invalid ones) and
 sends them to the app, in-process, against real PostgreSQL and Redis, with a key holding every scope.
 
-It fails on any 5xx, any status, content type, header or body that the document does not describe, and any crash.
+It fails on any 5xx, any status, content type, header or body that the document does not describe, a keyed route
+answering without its key, a request that violates the document but is accepted, and any crash.
 Bounded (FUZZ_MAX_EXAMPLES per operation, default 50) so it stays a few minutes of CI; raise it locally to dig.
 """
 
@@ -18,6 +19,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     ignored_auth,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -29,7 +31,7 @@ from tests.conftest import TenantKey, issue_key, make_settings
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "50"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, ignored_auth]
+          response_schema_conformance, ignored_auth, negative_data_rejection]
 
 
 @pytest.fixture(scope="module")
