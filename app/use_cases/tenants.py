@@ -51,21 +51,13 @@ def configure_tenant(
     if isinstance(failure_mode, str) and failure_mode not in FAILURE_MODES:
         raise TenantRequestError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
     changes: dict[str, dict[str, int | bool | str | None]] = {}
-    if retention_days is not KEEP and retention_days != tenant.retention_days:
-        changes["retention_days"] = {"from": tenant.retention_days, "to": retention_days}
-        tenant.retention_days = retention_days
-    if mask_by_default is not KEEP and mask_by_default != tenant.mask_by_default:
-        changes["mask_by_default"] = {"from": tenant.mask_by_default, "to": mask_by_default}
-        tenant.mask_by_default = mask_by_default
-    if rate_limit_rpm is not KEEP and rate_limit_rpm != tenant.rate_limit_rpm:
-        changes["rate_limit_rpm"] = {"from": tenant.rate_limit_rpm, "to": rate_limit_rpm}
-        tenant.rate_limit_rpm = rate_limit_rpm
-    if rate_limit_tpm is not KEEP and rate_limit_tpm != tenant.rate_limit_tpm:
-        changes["rate_limit_tpm"] = {"from": tenant.rate_limit_tpm, "to": rate_limit_tpm}
-        tenant.rate_limit_tpm = rate_limit_tpm
-    if failure_mode is not KEEP and failure_mode != tenant.failure_mode:
-        changes["failure_mode"] = {"from": tenant.failure_mode, "to": failure_mode}
-        tenant.failure_mode = failure_mode
+    requested = {"retention_days": retention_days, "mask_by_default": mask_by_default,
+                 "rate_limit_rpm": rate_limit_rpm, "rate_limit_tpm": rate_limit_tpm, "failure_mode": failure_mode}
+    for field, value in requested.items():
+        current = getattr(tenant, field)
+        if value is not KEEP and value != current:
+            changes[field] = {"from": current, "to": value}
+            setattr(tenant, field, value)
     if changes:
         record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
                      subject_id=tenant.id, details={"changes": changes})
