@@ -53,7 +53,10 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from app import create_app
 
-        return create_app()
+        app = create_app()
+        # Each API process loads the moderation model as it starts, not on its first /v1/moderations request.
+        app.extensions["verdict.provider"].warm_up()
+        return app
 
 
 def _serve_api(bind: str, workers: int, threads: int) -> None:

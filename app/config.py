@@ -23,7 +23,14 @@ class Settings(BaseSettings):
     # Prefix for every key Verdict's broker writes in Redis, so several deployments (or test runs) share one Redis.
     broker_key_prefix: str = ""
 
-    moderation_provider: Literal["local", "openai"] = "local"
+    # "local" (the embedded engine), "openai" (an OpenAI-compatible upstream), or "cascade": the local engine
+    # answers the texts it is sure of and only the uncertain ones go upstream (app/moderation/cascade.py).
+    moderation_provider: Literal["local", "openai", "cascade"] = "local"
+    # The cascade's uncertainty band: a text whose highest local score is >= CASCADE_BAND_LOW and < CASCADE_BAND_HIGH
+    # is sent upstream; below, the engine allows it; at or above, the engine flags it. `make eval` reports the share
+    # sent upstream and the harmful texts let through for a band (ops/engine/RESULTS.md).
+    cascade_band_low: float = Field(default=0.1, ge=0.0, le=1.0)
+    cascade_band_high: float = Field(default=0.9, ge=0.0, le=1.0)
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: SecretStr | None = None
     upstream_model: str = "omni-moderation-latest"
@@ -128,6 +135,12 @@ class Settings(BaseSettings):
     def _check_schedule(cls, value: str) -> str:
         _parse_delays(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_cascade_band(self) -> Settings:
+        if self.cascade_band_low > self.cascade_band_high:
+            raise ValueError("CASCADE_BAND_LOW must not be above CASCADE_BAND_HIGH")
+        return self
 
     @model_validator(mode="after")
     def _check_webhook_lease(self) -> Settings:
