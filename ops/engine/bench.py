@@ -32,7 +32,8 @@ def rss_mb() -> float:
 
 def texts() -> list[str]:
     """Deterministic ~600-character English texts: sliding windows over the README and the engine docs."""
-    corpus = " ".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"])
+    paths = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+    corpus = " ".join(p.read_text(encoding="utf-8") for p in paths)
     corpus = " ".join(corpus.split())
     step = max(1, (len(corpus) - TEXT_CHARS) // (4 * BATCH))
     return [corpus[i:i + TEXT_CHARS] for i in range(0, step * 4 * BATCH, step)][:4 * BATCH]

@@ -25,7 +25,6 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.moderation.taxonomy import CATEGORIES
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 KEY_RE = re.compile(r"^vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")

@@ -57,7 +57,7 @@ def test_only_uncertain_texts_go_upstream(local: LocalEngine) -> None:
     middle = [t for t, s in zip(texts, scores, strict=True) if low <= s < high]
     assert upstream.asked == [middle]
     assert result.provider == "cascade"
-    for text, s, answer in zip(texts, scores, result.results, strict=True):
+    for s, answer in zip(scores, result.results, strict=True):
         assert answer.decided_by == ("openai" if low <= s < high else "local")
         if answer.decided_by == "openai":
             assert answer.scores == dict.fromkeys(CATEGORIES, 0.42)

@@ -160,7 +160,8 @@ def sentence_embeddings(tokenizer: Tokenizer, texts: Sequence[str], token_codes:
 
 
 def sigmoid(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
-    return (1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))).astype(np.float32)
+    result: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-np.clip(x, -40.0, 40.0)))).astype(np.float32)
+    return result
 
 
 def consistent_with_taxonomy(heads: Sequence[str], probabilities: npt.NDArray[np.float32]
