@@ -402,7 +402,8 @@ def test_batch_of_100_through_local_engine(
     for submission_id, text in zip(ids, texts, strict=True):
         verdict = client.get(f"/v1/submissions/{submission_id}", headers=tenant.headers).get_json()["verdict"]
         assert verdict["provider"] == "local"
-        assert verdict["decision"] == ("block" if "idiot" in text else "allow"), (submission_id, text)
+        # The calibrated engine sends plain insults to review or block (about 0.75-0.82 harassment), never allows them.
+        assert (verdict["decision"] != "allow") is ("idiot" in text), (submission_id, text, verdict["decision"])
         assert verdict["flagged"] is ("idiot" in text)
 
 
