@@ -20,8 +20,22 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_di
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from app.api.key_schemas import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
-from app.api.webhook_schemas import (
+from app.schemas.audit import AuditExportQuery, AuditPage, AuditQuery, AuditVerificationOut, AuditVerifyQuery
+from app.schemas.errors import ErrorResponse
+from app.schemas.health import HealthOut, ReadinessOut
+from app.schemas.keys import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
+from app.schemas.moderations import ModelList, ModerationRequest, ModerationResponse
+from app.schemas.submissions import (
+    SubmissionAccepted,
+    SubmissionBatchAccepted,
+    SubmissionBatchIn,
+    SubmissionGetQuery,
+    SubmissionIn,
+    SubmissionListQuery,
+    SubmissionOut,
+    SubmissionPage,
+)
+from app.schemas.webhooks import (
     CallbackSecretOut,
     CallbackSecretWithSecret,
     DeliveryListQuery,
@@ -33,27 +47,6 @@ from app.api.webhook_schemas import (
     WebhookEndpointList,
     WebhookEndpointOut,
     WebhookEndpointWithSecret,
-)
-from app.schemas import (
-    AuditExportQuery,
-    AuditPage,
-    AuditQuery,
-    AuditVerificationOut,
-    AuditVerifyQuery,
-    ErrorResponse,
-    HealthOut,
-    ModelList,
-    ModerationRequest,
-    ModerationResponse,
-    ReadinessOut,
-    SubmissionAccepted,
-    SubmissionBatchAccepted,
-    SubmissionBatchIn,
-    SubmissionGetQuery,
-    SubmissionIn,
-    SubmissionListQuery,
-    SubmissionOut,
-    SubmissionPage,
 )
 
 bp = Blueprint("openapi", __name__)

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from app.models import Submission, SubmissionStatus, Verdict
-from app.schemas import submission_out
+from app.schemas.submissions import submission_out
 
 SUBMISSION_COMPLETED = "submission.completed"
 SUBMISSION_FLAGGED = "submission.flagged"

@@ -19,12 +19,11 @@ fixed and moving windows with a cost, but none of that.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -170,11 +169,6 @@ class OverTokenLimit(Exception):
 class Permit:
     entry_id: str
     tokens: int
-
-
-def estimate_tokens(texts: Sequence[str]) -> int:
-    """Tokens a call will cost, before it is made: about four characters per token, rounded up per text."""
-    return sum(max(1, math.ceil(len(text) / 4)) for text in texts)
 
 
 def limiter_key(prefix: str, *parts: str) -> str:
