@@ -79,8 +79,7 @@ def moderate_submission(
             first = _load_work(session, claim)
             if first is None:
                 return "failed"
-            started = time.monotonic()
-            capacity = min(provider.max_batch, BATCH_SIZER.most_submissions(settings))
+            capacity = provider.max_batch
             more, others_queued = _claim_more(session, first, room=capacity - len(first.texts), settings=settings)
             batch = [first, *more]
         # Under load (something else was queued) wait once, briefly, for more to arrive; an idle worker never waits.
@@ -99,32 +98,21 @@ def moderate_submission(
         if not batch:
             return statuses[submission_id]
 
-        call_started = time.monotonic()
         answered, failures = _ask_provider(provider, batch, cache)
-        call_seconds = time.monotonic() - call_started
         for work, error in failures:
             fallback_answer = _fallback_answer(provider, work, error, settings)
             with session.begin():
                 statuses[work.submission_id] = _settle_failure(session, work, error, settings, fallback_answer)
 
-        # Past this point the task is close to its soft time limit: what is not recorded yet goes back to the queue
-        # at once (not counted as a try) instead of being cut off mid-transaction and left to its lease. The first
-        # chunk is always recorded, so every batch makes progress.
-        deadline = started + settings.task_soft_time_limit * 0.75
+        # A few verdicts per transaction: fewer commits than one each, while the tenants' audit chains stay locked
+        # only briefly (batches of one tenant in several workers interleave); each is fenced by its own claim.
         for start in range(0, len(answered), RECORD_CHUNK):
             chunk = answered[start:start + RECORD_CHUNK]
-            if start and time.monotonic() > deadline:
-                with session.begin():
-                    for work, _ in chunk:
-                        statuses[work.submission_id] = _defer(session, work)
-                continue
             with session.begin():
                 verdicts = [record_verdict(session, work.claim, outcome, work.policy, submission=work.submission)
                             for work, outcome in chunk]
             for (work, _), verdict in zip(chunk, verdicts, strict=True):
                 statuses[work.submission_id] = _recorded(work, verdict, batch_texts=sum(len(w.texts) for w in batch))
-        if answered:
-            BATCH_SIZER.observe(len(batch), time.monotonic() - started - call_seconds)
     return statuses[submission_id]
 
 
@@ -170,32 +158,6 @@ def _claim_more(session: Session, first: Work, *, room: int, settings: Settings)
         .options(lazyload(Submission.verdict)))} if claimed else {}
     works = [_load_work(session, claim, loaded.get(claim.submission_id)) for claim in claimed]
     return [w for w in works if w is not None], bool(candidates)
-
-
-class BatchSizer:
-    """How many submissions one batch may hold so that its database work (claiming, recording verdicts and audit
-    events) fits the task's time limit, learned from the batches this process already did.
-
-    The provider's batch size bounds the texts; this bounds the rows. With a production lease it rarely binds; with
-    a short lease, a slow database or many workers queueing on one tenant's audit chain, it keeps a batch from being
-    cut off by the soft time limit (which would leave its claims to expire and be redone)."""
-
-    def __init__(self, initial_seconds_per_submission: float = 0.05) -> None:
-        self.seconds_per_submission = initial_seconds_per_submission
-
-    def most_submissions(self, settings: Settings) -> int:
-        # What the soft limit leaves after waiting for capacity and the call's own timeout; half of it, for safety,
-        # shared by as many batches as this worker runs at once (they may queue on the same tenant's audit chain).
-        spare = settings.task_soft_time_limit - settings.upstream_capacity_wait - settings.upstream_timeout_seconds
-        budget = max(1.0, spare) / 2 / settings.worker_concurrency
-        return max(1, int(budget / self.seconds_per_submission))
-
-    def observe(self, submissions: int, seconds: float) -> None:
-        if submissions > 0:
-            self.seconds_per_submission = 0.7 * self.seconds_per_submission + 0.3 * (seconds / submissions)
-
-
-BATCH_SIZER = BatchSizer()
 
 
 def _cached_answers(provider: ModerationProvider, cache: VerdictCache,
@@ -303,15 +265,6 @@ def _settle_failure(session: Session, work: Work, exc: ProviderError, settings: 
                              submission=work.submission)
     log_.warning("verdict_degraded", provider=FAILSAFE_PROVIDER, decision=decision.value, reason=exc.code)
     return "completed" if verdict is not None else "skipped"
-
-
-def _defer(session: Session, work: Work) -> str:
-    """Back to the queue at once, the try refunded: the batch ran out of time before recording it."""
-    if not release_for_retry(session, work.claim, delay_seconds=0, refund_attempt=True):
-        return "skipped"
-    log.warning("moderation_deferred", submission_id=work.submission_id, request_id=work.submission.request_id,
-                reason="time_limit")
-    return "retry"
 
 
 def _recorded(work: Work, verdict: Verdict | None, *, cached: bool = False, batch_texts: int | None = None) -> str:
