@@ -1,9 +1,5 @@
-"""The database: engine, declarative base, and the sessions whose transactions the entry points open.
-
-Sessions never begin a transaction by themselves (`autobegin=False`): a view, a task, a CLI command or a multi-step
-command opens each one with `database.transaction()` or `with session.begin():`, and a session used outside one
-fails loudly. See docs/architecture.md ("Transactions").
-"""
+"""The database: engine, declarative base, and sessions that never begin a transaction by themselves
+(`autobegin=False`): each entry point opens its own. See docs/architecture.md ("Transactions")."""
 
 from __future__ import annotations
 

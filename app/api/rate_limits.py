@@ -1,9 +1,5 @@
-"""Per-key API rate limits: requests and tokens per minute in moving windows that every API process shares (the
-`limits` library, in Redis), the `X-RateLimit-*` headers and the 429s. Not the upstream's budget, which is
-app/moderation/upstream_budget.py. See docs/api.md.
-
-A limiter that cannot be reached lets the request through and logs it: its outage must not become moderation's.
-"""
+"""Per-key API rate limits (requests and tokens per minute, shared by every API process through Redis), their
+`X-RateLimit-*` headers and 429s. Not the upstream's budget (app/moderation/upstream_budget.py). See docs/api.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""`/v1/webhooks` and `/v1/deliveries`: webhook endpoints, the callback secret, and the delivery log.
-
-Scopes: everything that reads or changes endpoints and secrets, sends a test or redelivers needs `admin`; reading
-an endpoint's delivery log needs `read` (it shows what was sent, which a `read` key may see anyway).
-A secret appears in exactly two answers: the one that created it and the one that rotated it in.
-"""
+"""`/v1/webhooks` and `/v1/deliveries`: webhook endpoints, the callback secret, and the delivery log (`admin` scope,
+the log also `read`). A secret appears only in the answer that created or rotated it. See docs/webhooks.md."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The OpenAI-compatible HTTP provider: `POST {base_url}/moderations` (or `/moderate`) with an array `input`.
-
-Each call first waits for capacity under the upstream's shared budget (app/moderation/upstream_budget.py), then
-tells it what the provider answered: its `X-RateLimit-*` headers, its `usage`, its `Retry-After`.
-
-Parsing is tolerant of what compatible servers vary in (label spelling, extra fields, missing categories) and strict
-about what would make a verdict wrong (result count, non-numeric scores). One unusable result in a batch spoils only
-its own text (`ProviderResult.defective`); an answer that cannot be matched to its inputs spoils the whole call.
-"""
+"""The OpenAI-compatible HTTP provider (`POST {base_url}/moderations` or `/moderate`), under the upstream's shared
+budget, tolerant of label spelling and strict about what would make a verdict wrong. See docs/moderation.md."""
 
 from __future__ import annotations
 

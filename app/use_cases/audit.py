@@ -1,10 +1,6 @@
-"""The audit trail in the database: appending events to a tenant's hash chain in the caller's transaction, and
-querying, streaming and verifying what is stored. The chain's pure part (canonical form, hashing, the verifier,
-export lines) is app/audit_chain.py; the design is in docs/compliance.md.
-
-Writers of one chain queue on its `audit_chain_heads` row, which `record_event` locks until the caller commits:
-call it after the transaction's other writes, keep the transaction short, and append to one chain per transaction.
-"""
+"""The audit trail in the database: `record_event` appends to a tenant's hash chain in the caller's transaction
+(locking the chain's head: call it last, keep the transaction short); querying, streaming and verifying what is
+stored. The pure part is app/audit_chain.py; see docs/compliance.md."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Who is calling: API keys as made (`vk_<id>_<secret>`, stored as a SHA-256 digest only) and a presented key
-checked against the database in constant time, giving the `Principal` the request acts as.
-
-The HTTP side (the header, the 401, rate limits, scopes) is app/api/auth.py; see docs/architecture.md.
-"""
+"""Who is calling: API keys as made (`vk_<id>_<secret>`, stored as a SHA-256 digest only) and checked against the
+database in constant time, giving the `Principal`. The HTTP gate is app/api/auth.py."""
 
 from __future__ import annotations
 

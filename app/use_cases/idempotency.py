@@ -1,8 +1,5 @@
-"""The idempotency-key store: claim a key for a request, keep its first response, replay it, forget it after the TTL.
-
-Each function works in the caller's transaction, which the HTTP wrapper (app/api/idempotency.py) keeps apart from
-the request's own: a claim must be visible to a racing request before the first one has done anything.
-"""
+"""The idempotency-key store: claim a key, keep the first response, replay it, forget it after the TTL, each in the
+caller's transaction, which the HTTP wrapper (app/api/idempotency.py) keeps apart from the request's."""
 
 from __future__ import annotations
 

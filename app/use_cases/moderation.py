@@ -1,8 +1,5 @@
-"""Moderating queued submissions in batches: the command a worker runs for one message, and the sweep that sends
-again what the queue lost. A batch is the submission the message names plus whatever else is queued for the same
-model, up to the provider's batch size, in one upstream call; each submission is still claimed and settled on its
-own (app/use_cases/verdicts.py). See docs/moderation.md and docs/architecture.md.
-"""
+"""Moderating queued submissions in batches (the command a worker runs for one message) and the sweep that sends
+again what the queue lost. See docs/moderation.md and docs/architecture.md."""
 
 from __future__ import annotations
 

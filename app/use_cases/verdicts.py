@@ -1,8 +1,5 @@
-"""Claiming a submission and settling it exactly once: its verdict, its failure, or its return to the queue, each
-fenced by the claim's token and written in the caller's transaction. The async batch (app/use_cases/moderation.py)
-and the synchronous path (app/use_cases/sync_moderation.py) both settle through here; see docs/architecture.md
-("Claims and fencing tokens").
-"""
+"""Claiming a submission and settling it exactly once (verdict, failure, or back to the queue), each fenced by the
+claim's token, in the caller's transaction. See docs/architecture.md ("Claims and fencing tokens")."""
 
 from __future__ import annotations
 
