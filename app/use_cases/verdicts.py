@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
-from sqlalchemy import and_, or_, update
+from sqlalchemy import ColumnElement, and_, or_, update
 from sqlalchemy.orm import Session, lazyload
 
 from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
@@ -62,6 +62,12 @@ def claim_submission(session: Session, submission_id: str, *, lease_seconds: int
     return Claim(submission_id=submission_id, token=token, attempt=attempt)
 
 
+def _held_by(claim: Claim) -> ColumnElement[bool]:
+    """The fence of every UPDATE that settles a submission: it is still processing under this claim's token."""
+    return and_(Submission.id == claim.submission_id, Submission.claim_token == claim.token,
+                Submission.status == SubmissionStatus.PROCESSING.value)
+
+
 def record_verdict(
     session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
     cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
@@ -85,8 +91,7 @@ def record_verdict(
     now = utcnow()
     won = session.execute(
         update(Submission)
-        .where(Submission.id == claim.submission_id, Submission.claim_token == claim.token,
-               Submission.status == SubmissionStatus.PROCESSING.value)
+        .where(_held_by(claim))
         .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
                 error_code=None, error_message=None)
         .returning(Submission.erased_at)
@@ -155,8 +160,7 @@ def fail_submission(session: Session, claim: Claim, *, code: str, message: str) 
     now = utcnow()
     won = session.execute(
         update(Submission)
-        .where(Submission.id == claim.submission_id, Submission.claim_token == claim.token,
-               Submission.status == SubmissionStatus.PROCESSING.value)
+        .where(_held_by(claim))
         .values(status=SubmissionStatus.FAILED.value, completed_at=now, claim_token=None, updated_at=now,
                 error_code=code, error_message=message[:500])
         .returning(Submission.tenant_id, Submission.request_id, Submission.content_digest, Submission.conversation_id,
