@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flask import Flask, current_app
+from flask import current_app
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,6 +42,6 @@ def current_cache() -> VerdictCache | None:
     return cache
 
 
-def current_celery(app: Flask | None = None) -> Celery:
-    celery_app: Celery = (app or current_app).extensions[CELERY]
+def current_celery() -> Celery:
+    celery_app: Celery = current_app.extensions[CELERY]
     return celery_app
