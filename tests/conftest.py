@@ -126,7 +126,7 @@ class TenantKey:
 def issue_key(database: Database, *, tenant_name: str | None = None, scopes: tuple[str, ...] = (
         "submit", "read", "audit", "admin")) -> TenantKey:
     name = tenant_name or f"tenant-{uuid.uuid4().hex[:12]}"
-    with database.session_scope() as session:
+    with database.transaction() as session:
         issued = create_key(session, tenant_name=name, scopes=scopes)
         return TenantKey(tenant_name=name, tenant_id=issued.key.tenant_id, key_id=issued.key.id,
                          plaintext=issued.plaintext)

@@ -1,9 +1,5 @@
-"""The local engine: moderation inside Verdict, with no network and no download.
-
-It uses `alt-profanity-check`, a small linear model trained on offensive language that ships inside its wheel. That
-model honestly measures one thing, insulting or abusive language, which we report as `harassment`. Every other
-category is reported as not judged rather than as a made-up zero.
-"""
+"""The local engine: moderation inside Verdict with no network (`alt-profanity-check`'s shipped model, reported as
+`harassment`; every other category not judged). See docs/moderation.md."""
 
 from __future__ import annotations
 

@@ -105,13 +105,12 @@ def worker_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
 def retire_leftovers(database: Database) -> None:
     """Submissions that earlier tests left queued (they ran no worker) are not this test's: a worker gathers every
     queued row into its batches, so they would reach this test's upstream. They are marked failed, as abandoned."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(Submission)
                         .where(Submission.status.in_([SubmissionStatus.QUEUED.value,
                                                       SubmissionStatus.PROCESSING.value]))
                         .values(status=SubmissionStatus.FAILED.value, claim_token=None, completed_at=utcnow(),
                                 error_code="abandoned_by_an_earlier_test"))
-        session.commit()
 
 
 @pytest.fixture

@@ -39,18 +39,17 @@ def verdict(database_url: str, tmp_path: Path) -> Verdict:
 
 @pytest.fixture
 def chained(database: Database, tenant: TenantKey) -> TenantKey:
-    with database.session_scope() as session:
-        for number in range(6):
+    for number in range(6):
+        with database.transaction() as session:
             record_event(session, tenant_id=tenant.tenant_id, action="verdict.decided", actor="worker",
                          subject_type="submission", subject_id=f"sub_{number}", conversation_id="conv-1",
                          decision="block" if number % 2 else "allow", categories=["violence"] if number % 2 else [],
                          details={"scores": {"violence": 0.97 if number % 2 else 0.01}})
-        session.commit()
     return tenant
 
 
 def head_hash(database: Database, tenant_id: str) -> str:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         head = session.get(AuditChainHead, tenant_id)
         assert head is not None
         return head.hash
@@ -163,7 +162,7 @@ def test_tenants_configure_sets_and_audits_retention_and_masking(verdict: Verdic
     assert result.stdout.decode().splitlines()[1:] == ["retention_days: default", "mask_by_default: True",
                                                        "rate_limit_rpm: default", "rate_limit_tpm: default",
                                                        "failure_mode: review"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.scalars(select(Tenant).where(Tenant.id == tenant.tenant_id)).one()
         assert (row.retention_days, row.mask_by_default, row.failure_mode) == (None, True, "review")
     assert verdict("tenants", "configure", tenant.tenant_name, "--failure-mode", "sometimes").returncode == 2

@@ -22,11 +22,10 @@ def write_events(database_url: str, tenant_ids: list[str], writer: int, go: Even
     database = Database(database_url)
     go.wait(timeout=60)
     for number in range(EVENTS_PER_PROCESS):
-        with database.session_scope() as session:
+        with database.transaction() as session:
             record_event(session, tenant_id=tenant_ids[(writer + number) % 2], action="test.concurrent",
                          actor=f"writer-{writer}", subject_type="thing", subject_id=f"{writer}-{number}",
                          details={"writer": writer, "number": number})
-            session.commit()
     database.engine.dispose()
 
 
@@ -47,7 +46,7 @@ def test_concurrent_writers_from_many_processes_keep_both_chains_gapless_and_val
     assert [p.exitcode for p in writers] == [0] * PROCESSES
 
     per_tenant = PROCESSES * EVENTS_PER_PROCESS // 2
-    with database.session_scope() as session:
+    with database.transaction() as session:
         for tenant_id in tenant_ids:
             seqs = list(session.scalars(select(AuditEvent.seq).where(AuditEvent.chain_id == tenant_id)
                                         .order_by(AuditEvent.seq)))

@@ -82,7 +82,7 @@ def wait_all_final(database: Database, ids: Sequence[str], *, timeout: float = 9
     """Poll the database until every submission is completed or failed; the statuses by id."""
     deadline = time.monotonic() + timeout
     while True:
-        with database.session_scope() as session:
+        with database.transaction() as session:
             found = dict(session.execute(
                 select(Submission.id, Submission.status).where(Submission.id.in_(ids))).tuples().all())
         if len(found) == len(ids) and all(status in FINAL for status in found.values()):
@@ -95,13 +95,13 @@ def wait_all_final(database: Database, ids: Sequence[str], *, timeout: float = 9
 
 
 def verdict_counts(database: Database, ids: Sequence[str]) -> Counter[str]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return Counter(session.scalars(select(Verdict.submission_id).where(Verdict.submission_id.in_(ids))))
 
 
 def event_counts(database: Database, ids: Sequence[str]) -> Counter[tuple[str, str]]:
     """(subject id, action) -> how many audit events."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         rows = session.execute(select(AuditEvent.subject_id, AuditEvent.action)
                                .where(AuditEvent.subject_id.in_(ids))).tuples().all()
     return Counter((str(subject), action) for subject, action in rows)
@@ -150,7 +150,7 @@ def drain_pending(database: Database, timeout: float = 30) -> None:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with database.session_scope() as session:
+        with database.transaction() as session:
             pending = session.scalar(select(func.count()).select_from(Submission)
                                      .where(Submission.status.in_(["queued", "processing"])))
         if not pending:
@@ -252,7 +252,7 @@ class TestThroughOpenAICompatibleProvider:
             decisions[verdict["decision"]] += 1
         assert decisions == {"block": 31, "review": 3, "allow": 66}
 
-        with database.session_scope() as session:
+        with database.transaction() as session:
             contents = dict(session.execute(
                 select(Submission.id, Submission.content).where(Submission.id.in_(ids))).tuples().all())
         assert [contents[i] for i in ids] == [[t] for t in texts]
@@ -279,7 +279,7 @@ class TestThroughOpenAICompatibleProvider:
 
         assert set(wait_all_final(database, ids, worker=shared_worker).values()) == {"completed"}
 
-        with database.session_scope() as session:
+        with database.transaction() as session:
             events = list(session.scalars(select(AuditEvent).where(AuditEvent.subject_id.in_(ids))
                                           .order_by(AuditEvent.id)))
             # Read every column while the session is open.
@@ -343,7 +343,7 @@ class TestThroughOpenAICompatibleProvider:
             assert verdict["latency_ms"] >= 0
             assert verdict["not_judged"] == []
             assert body["error"] is None
-            with database.session_scope() as session:
+            with database.transaction() as session:
                 row = session.scalars(select(Verdict).where(Verdict.submission_id == submission_id)).one()
                 assert (row.provider, row.model, row.policy_name, row.policy_version, row.cached, row.degraded) == (
                     "openai", model, "default", 1, False, False)
@@ -365,7 +365,7 @@ class TestThroughOpenAICompatibleProvider:
         assert body["status"] == case.status, body
         assert requests_for(upstream, text) == case.requests
         counts = event_counts(database, [submission_id])
-        with database.session_scope() as session:
+        with database.transaction() as session:
             submission = session.get(Submission, submission_id)
             assert submission is not None
             assert submission.attempts == case.requests

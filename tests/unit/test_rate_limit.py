@@ -1,4 +1,4 @@
-"""The shared upstream rate limit (`app.moderation.rate_limit`) against the real Redis, and the OpenAI-compatible
+"""The shared upstream rate limit (`app.moderation.upstream_budget`) against the real Redis, and the OpenAI-compatible
 provider using it against the fake upstream.
 
 What must hold: limiters with the same key share one budget (and others do not); a call that does not fit waits or
@@ -17,12 +17,12 @@ import redis
 
 from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import PermanentProviderError, TransientProviderError
-from app.moderation.rate_limit import (
+from app.moderation.tokens import estimate_tokens
+from app.moderation.upstream_budget import (
     NoCapacity,
     OverTokenLimit,
     ProviderLimits,
     SharedRateLimiter,
-    estimate_tokens,
     limiter_key,
     parse_duration,
 )
