@@ -39,7 +39,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test lint typecheck migrations-check ci bench clean
+.PHONY: help install interop dev services test lint typecheck migrations-check ci bench settings-docs clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -99,6 +99,11 @@ ci: install services lint typecheck migrations-check test ## Everything CI runs,
 BENCH_ARGS ?=
 bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/bench/RESULTS.md, ends with a RESULT line
 	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
+
+# The settings are described once, in app/config.py; tests/unit/test_settings_reference.py fails until this is run.
+settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py
+	$(BIN)/verdict settings --format env > .env.example.new && mv .env.example.new .env.example
+	$(BIN)/verdict settings --format markdown > docs/configuration.md.new && mv docs/configuration.md.new docs/configuration.md
 
 clean: ## Remove var/ (the embedded default's data) and caches; keeps .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
