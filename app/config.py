@@ -318,8 +318,8 @@ class Settings(BaseSettings):
         default="5,300,1800,7200,18000,36000", json_schema_extra=_in(
         WEBHOOKS, accepts="comma-separated seconds"),
         description=(
-            "Seconds before each retry of a failed delivery (at most 20 retries, each below 10 days; the default is "
-            "about a day in all); after the last, the delivery is dead."
+            "Seconds before each retry of a failed delivery (at most 20 retries, each below 10 days; the default's "
+            "seven attempts span about 18 hours); after the last, the delivery is dead."
         ),
     )
     webhook_timeout_seconds: float = Field(
