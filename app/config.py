@@ -113,8 +113,7 @@ class Settings(BaseSettings):
         ),
     )
     upstream_base_url: str = Field(
-        default="https://api.openai.com/v1", json_schema_extra=_in(PROVIDER,
-                                   accepts="a URL"),
+        default="https://api.openai.com/v1", json_schema_extra=_in(PROVIDER, accepts="a URL"),
         description="Base URL of the OpenAI-compatible API; calls go to UPSTREAM_BASE_URL + UPSTREAM_PATH.",
     )
     upstream_api_key: SecretStr | None = Field(
@@ -254,8 +253,7 @@ class Settings(BaseSettings):
         ),
     )
     rate_limit_storage_url: str = Field(
-        default="", json_schema_extra=_in(KEY_LIMITS,
-                                        accepts="a Redis URL, or `memory://`"),
+        default="", json_schema_extra=_in(KEY_LIMITS, accepts="a Redis URL, or `memory://`"),
         description=(
             "Where the per-key windows are kept, when not in REDIS_URL: another Redis (every API process shares it), "
             "or `memory://` (each process counts alone). Empty: REDIS_URL, else a Redis BROKER_URL, else the API "
@@ -306,8 +304,7 @@ class Settings(BaseSettings):
 
     # ---- webhooks
     webhook_allowed_networks: str = Field(
-        default="", json_schema_extra=_in(WEBHOOKS,
-                                          accepts="comma-separated CIDRs"),
+        default="", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated CIDRs"),
         description=(
             "Networks webhooks may reach although they are not public (loopback, private, link-local, ...), e.g. "
             "`10.20.0.0/16` for receivers on your own network. Empty: public addresses only; any other URL is refused "
@@ -315,8 +312,7 @@ class Settings(BaseSettings):
         ),
     )
     webhook_retry_schedule: str = Field(
-        default="5,300,1800,7200,18000,36000", json_schema_extra=_in(
-        WEBHOOKS, accepts="comma-separated seconds"),
+        default="5,300,1800,7200,18000,36000", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated seconds"),
         description=(
             "Seconds before each retry of a failed delivery (at most 20 retries, each below 10 days; the default's "
             "seven attempts span about 18 hours); after the last, the delivery is dead."
@@ -368,8 +364,7 @@ class Settings(BaseSettings):
         ),
     )
     mask_phone_regions: str = Field(
-        default="US", json_schema_extra=_in(COMPLIANCE,
-                                    accepts="comma-separated ISO 3166 region codes"),
+        default="US", json_schema_extra=_in(COMPLIANCE, accepts="comma-separated ISO 3166 region codes"),
         description=(
             "Regions whose national phone numbers masking recognises; numbers written with a +country code are "
             "recognised whatever this says."
@@ -382,8 +377,7 @@ class Settings(BaseSettings):
         description="Tasks one `verdict worker` runs at once (its pool processes; `verdict dev` runs at most 2).",
     )
     log_level: str = Field(
-        default="INFO", json_schema_extra=_in(RUNTIME,
-                           accepts="`DEBUG`, `INFO`, `WARNING` or `ERROR`"),
+        default="INFO", json_schema_extra=_in(RUNTIME, accepts="`DEBUG`, `INFO`, `WARNING` or `ERROR`"),
         description="The least severe log lines written.",
     )
     log_format: Literal["json", "console"] = Field(
