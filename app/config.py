@@ -6,6 +6,7 @@ With nothing set, the embedded default applies (SQLite under VAR_DIR, a broker o
 
 from __future__ import annotations
 
+import re
 import textwrap
 import types
 import typing
@@ -603,7 +604,8 @@ def markdown_reference() -> str:
     for section, settings in _by_section():
         parts.append(f"## {section}\n")
         if SECTIONS[section]:
-            parts.append(f"{SECTIONS[section]}\n")
+            # The intro names a doc as a path (right in .env.example); here it is a link beside it.
+            parts.append(re.sub(r"docs/([a-z]+\.md)", r"[\1](\1)", SECTIONS[section]) + "\n")
         rows = ["| setting | default | accepts | what it does |", "|---|---|---|---|"]
         rows += [f"| `{doc.name}` | {f'`{doc.default}`' if doc.default else 'empty'} | {_cell(doc.accepts)} | "
                  f"{_cell(doc.description)} |" for doc in settings]
