@@ -1,8 +1,5 @@
-"""Verdict's settings, read from the environment (and an optional `.env`): the one place each is described.
-
-With nothing set, the embedded default applies (SQLite under VAR_DIR, a broker on SQLite, the local engine).
-`.env.example` and docs/configuration.md are generated from the descriptions here: `make settings-docs`.
-"""
+"""Verdict's settings, read from the environment (and an optional `.env`), each one described here and only here:
+`.env.example` and docs/configuration.md are generated from these descriptions (`make settings-docs`)."""
 
 from __future__ import annotations
 
