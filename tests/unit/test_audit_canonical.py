@@ -1,5 +1,5 @@
 """The audit chain's canonical form and the verifier, without a database: the exact bytes an event's hash covers
-(as docs/compliance.md documents them), and every way a chain can break, found and located."""
+(as README and app/use_cases/audit.py document them), and every way a chain can break, found and located."""
 
 from __future__ import annotations
 
