@@ -39,7 +39,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test lint typecheck migrations-check ci bench settings-docs clean
+.PHONY: help install interop dev services test lint typecheck migrations-check ci bench clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -101,6 +101,7 @@ bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/b
 	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
 
 # The settings are described once, in app/config.py; tests/unit/test_settings_reference.py fails until this is run.
+.PHONY: settings-docs
 settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py
 	$(BIN)/verdict settings --format env > .env.example.new && mv .env.example.new .env.example
 	$(BIN)/verdict settings --format markdown > docs/configuration.md.new && mv docs/configuration.md.new docs/configuration.md
