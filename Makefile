@@ -100,6 +100,12 @@ BENCH_ARGS ?=
 bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/bench/RESULTS.md, ends with a RESULT line
 	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
 
+# The settings are described once, in app/config.py; tests/unit/test_settings_reference.py fails until this is run.
+.PHONY: settings-docs
+settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py
+	$(BIN)/verdict settings --format env > .env.example.new && mv .env.example.new .env.example
+	$(BIN)/verdict settings --format markdown > docs/configuration.md.new && mv docs/configuration.md.new docs/configuration.md
+
 clean: ## Remove var/ (the embedded default's data) and caches; keeps .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -374,5 +374,15 @@ def audit_export(tenant: str | None, system_chain: bool, export_format: str, sta
     out.flush()
 
 
+@main.command("settings")
+@click.option("--format", "output_format", type=click.Choice(["env", "markdown"]), default="env", show_default=True,
+              help="env: as .env.example; markdown: as docs/configuration.md.")
+def settings_reference(output_format: str) -> None:
+    """Print every setting with its default and what it does (the reference `make settings-docs` writes)."""
+    from app.config import env_reference, markdown_reference
+
+    click.echo(env_reference() if output_format == "env" else markdown_reference(), nl=False)
+
+
 if __name__ == "__main__":
     main()
