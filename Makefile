@@ -13,10 +13,10 @@ INTEROP_STAMP := $(INTEROP_JS)/node_modules/.package-lock.json
 
 PORT ?= 8000
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist); 0 runs everything in this process. `--dist loadgroup` keeps the tests that run
-# Celery workers in one group, run one after another beside the rest (docs/testing.md).
+# Test processes (pytest-xdist); 0 runs everything in this process. Tests that run Celery workers never run beside
+# each other, whatever the number (tests/lanes.py, docs/testing.md).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # migrations-check runs Alembic against a scratch database on the same PostgreSQL the tests use.
 # PG_ADMIN_URL is a database to connect to while creating and dropping the scratch one.

@@ -1,21 +1,29 @@
 """The two test lanes: a test that starts a process or a server is marked `integration` (by the fixtures it uses, or
 by hand), `make test-fast` runs the others, and a guard fails every test whose marker does not match what it does.
+Tests that run Celery workers are also marked `serial`: under pytest-xdist they run one at a time, first.
 
 How the lanes are chosen and run: docs/testing.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing.process
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Generator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 INTEGRATION = "integration"
+# Never beside another `serial` test: those that run Celery workers, whose 10 s leases and timed retries do not
+# survive sharing two cores with a second worker tree. (xdist's own `xdist_group` is not used: with pytest 9.2 it
+# silently stops grouping, pytest-dev/pytest-xdist#1386.)
+SERIAL = "serial"
 
 # PEP 578 audit events raised when this interpreter starts another process. multiprocessing's spawn and forkserver
 # start methods raise none of them, so `BaseProcess.start` is watched as well.
@@ -24,19 +32,13 @@ PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posi
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The xdist group (`--dist loadgroup`) whose tests run one after another, never beside each other: those that run
-# Celery workers, whose 10 s leases and timed retries do not survive sharing two cores with another worker tree.
-SERIAL_GROUP = "serial"
-serial_group = pytest.mark.xdist_group(SERIAL_GROUP)
-
 _STARTS_SERVERS = "_verdict_starts_servers"
 _SERIAL = "_verdict_serial"
 
 
 def integration_fixture(function: F | None = None, /, *, serial: bool = False, **options: Any) -> Any:
     """`pytest.fixture` for a fixture that starts a process or a server, or hands the test something that does: every
-    test using it, directly or through another fixture, is marked `integration` (and, with `serial=True`, put in the
-    serial group)."""
+    test using it, directly or through another fixture, is marked `integration` (and, with `serial=True`, `serial`)."""
 
     def decorate(fixture_function: F) -> F:
         setattr(fixture_function, _STARTS_SERVERS, True)
@@ -82,10 +84,10 @@ class LaneGuard:
         if event not in PROCESS_EVENTS or self.item is None or os.getpid() != self._pid:
             return
         self.saw(describe_process(event, args))
-        if event == "subprocess.Popen" and runs_a_worker(args[1]) and not in_serial_group(self.item):
-            raise LaneError(f"{self.item.nodeid} runs a Celery worker outside the serial group: start it with a "
-                            "fixture made with `integration_fixture(serial=True)`, or mark the test with "
-                            "`tests.lanes.serial_group`. See docs/testing.md.")
+        if event == "subprocess.Popen" and runs_a_worker(args[1]) and self.item.get_closest_marker(SERIAL) is None:
+            raise LaneError(f"{self.item.nodeid} runs a Celery worker but is not marked `serial`: start it with a "
+                            "fixture made with `integration_fixture(serial=True)`, or mark the test "
+                            "`@pytest.mark.serial`. See docs/testing.md.")
 
 
 def runs_a_worker(command: Any) -> bool:
@@ -93,11 +95,6 @@ def runs_a_worker(command: Any) -> bool:
     words = [os.path.basename(os.fsdecode(w)) for w in command] if isinstance(command, list | tuple) else []
     return ("celery" in words and "worker" in words) or ("verdict" in words[:1] and bool({"worker", "dev"} & {
         *words[1:2]}))
-
-
-def in_serial_group(item: pytest.Item) -> bool:
-    return any(mark.args[:1] == (SERIAL_GROUP,) or mark.kwargs.get("name") == SERIAL_GROUP
-               for mark in item.iter_markers("xdist_group"))
 
 
 def describe_process(event: str, args: tuple[Any, ...]) -> str:
@@ -155,7 +152,37 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     if any(getattr(f, _STARTS_SERVERS, False) for f in functions):
         item.add_marker(INTEGRATION)
     if any(getattr(f, _SERIAL, False) for f in functions):
-        item.add_marker(serial_group)
+        item.add_marker(SERIAL)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`serial` tests first, in their own order: the xdist worker that takes them starts on the longest chain at
+    once, while the other workers run everything else. Every worker collects, and so orders, the same way."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker(SERIAL) is None)
+
+
+class SerialLock:
+    """One lock file per pytest-xdist run: a `serial` test holds it exclusively from its setup to its teardown, so two
+    never run at once, whatever worker each was sent to. A run without xdist needs no lock."""
+
+    def __init__(self) -> None:
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+        self.path = Path(tempfile.gettempdir()) / f"verdict-tests-serial-{run}.lock" if run else None
+
+    def hold(self) -> Callable[[], None]:
+        if self.path is None:
+            return lambda: None
+        handle = self.path.open("a")
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another worker runs a serial test
+
+        def release() -> None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+        return release
+
+
+_serial_lock = SerialLock()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -172,11 +199,13 @@ _call_passed = pytest.StashKey[bool]()
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, Any, Any]:
+    release = _serial_lock.hold() if item.get_closest_marker(SERIAL) is not None else (lambda: None)
     _guard.item, _guard.started = item, []
     try:
         return (yield)
     finally:
         _guard.item = None
+        release()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -26,7 +26,7 @@ import pytest
 
 from app.config import Settings
 from app.moderation.taxonomy import CATEGORIES
-from tests.lanes import integration_fixture, serial_group
+from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 KEY_RE = re.compile(r"^vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")
@@ -268,7 +268,7 @@ def test_sigterm_stops_everything_and_logs_hold_no_text_or_key(service: Service)
 
 
 @pytest.mark.integration
-@serial_group
+@pytest.mark.serial
 def test_sigterm_to_verdict_dev_alone_stops_the_whole_tree(tmp_path: Path) -> None:
     # What `docker stop` or a plain supervisor does: only the main process is signalled; it must stop the API and
     # the worker it started.
