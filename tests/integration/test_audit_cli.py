@@ -16,6 +16,7 @@ from app.db import Database
 from app.models import AuditChainHead, Tenant
 from app.use_cases.audit import record_event
 from tests.conftest import TenantKey
+from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 _CONFIG_PREFIXES = ("DATABASE_URL", "BROKER_", "MODERATION_", "UPSTREAM_", "VAR_DIR", "CONTENT_", "MASK_")
@@ -32,7 +33,7 @@ class Verdict:
                               input=stdin)
 
 
-@pytest.fixture
+@integration_fixture
 def verdict(database_url: str, tmp_path: Path) -> Verdict:
     return Verdict(database_url, tmp_path)
 

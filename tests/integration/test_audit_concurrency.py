@@ -6,12 +6,15 @@ from __future__ import annotations
 import multiprocessing
 from multiprocessing.synchronize import Event
 
+import pytest
 from sqlalchemy import func, select
 
 from app.db import Database
 from app.models import AuditEvent
 from app.use_cases.audit import record_event, verify_chain
 from tests.conftest import TenantKey
+
+pytestmark = pytest.mark.integration  # the writers are OS processes
 
 PROCESSES = 8
 EVENTS_PER_PROCESS = 50

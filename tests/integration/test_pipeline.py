@@ -29,8 +29,7 @@ from tests.integration.conftest import (
     wait_final,
     worker_env,
 )
-
-pytestmark = pytest.mark.integration
+from tests.lanes import integration_fixture
 
 
 def test_submission_completes_through_openai_compatible_provider(
@@ -161,13 +160,13 @@ def drain_pending(database: Database, timeout: float = 30) -> None:
 # --- one worker on the OpenAI-compatible provider, shared by the tests of this class ------------------------------
 
 
-@pytest.fixture(scope="class")
+@integration_fixture(scope="class")
 def shared_upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key="sk-upstream-test") as upstream:
         yield upstream
 
 
-@pytest.fixture(scope="class")
+@integration_fixture(scope="class", serial=True)
 def shared_worker(database_url: str, redis_url: str, database: Database, shared_upstream: FakeUpstream,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     flush_redis(redis_url)

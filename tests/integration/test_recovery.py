@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
@@ -41,8 +40,6 @@ from tests.integration.test_pipeline import (
     verdict_counts,
     wait_all_final,
 )
-
-pytestmark = pytest.mark.integration
 
 THREAT = "I will kill you"
 RECOVERY_TIMEOUT = 90  # generous: a killed claim needs its 10 s lease to run out before the sweep sends it again

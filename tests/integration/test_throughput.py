@@ -27,8 +27,7 @@ from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
 from tests.integration.conftest import WorkerProcess, openai_worker_env
 from tests.integration.test_pipeline import submit_batch, upstream_inputs, wait_all_final
 from tests.integration.test_recovery import RECOVERY_TIMEOUT, assert_exactly_once, attempts, upstream_calls
-
-pytestmark = pytest.mark.integration
+from tests.lanes import integration_fixture
 
 API_KEY = "sk-upstream-test"
 
@@ -82,7 +81,7 @@ def test_a_result_unusable_for_one_text_retries_only_that_submission(
     assert [tries[ids[texts.index(text)]] for text in first_inputs[1:]] == [1] * (len(first_inputs) - 1)
 
 
-@pytest.fixture
+@integration_fixture
 def limited_upstream() -> Iterator[FakeUpstream]:
     # Two requests in any 3-second window: a limit a backlog runs into many times within one test.
     with FakeUpstream(api_key=API_KEY, rpm=2, window=3) as upstream:

@@ -15,12 +15,13 @@ from app.config import Settings
 from app.db import Database
 from app.models import AuditEvent, WebhookDelivery, utcnow
 from tests.conftest import TenantKey
+from tests.lanes import integration_fixture
 from tests.webhook_receiver import WebhookReceiver
 
 ALL_EVENTS = ["submission.completed", "submission.flagged", "submission.failed"]
 
 
-@pytest.fixture
+@integration_fixture
 def receiver() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as server:
         yield server

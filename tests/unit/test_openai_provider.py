@@ -20,6 +20,7 @@ from app.moderation.openai_compat import OpenAICompatibleProvider, parse_batch
 from app.moderation.providers import PermanentProviderError, TransientProviderError
 from app.moderation.taxonomy import CATEGORIES
 from tests.fake_upstream import MALFORMED_KINDS, ONE_BAD_RESULT, TRIGGERS, UNTRIGGERED_SCORE, FakeUpstream
+from tests.lanes import integration_fixture
 
 API_KEY = "sk-test-provider"
 MODEL = "omni-moderation-latest"
@@ -27,7 +28,7 @@ MODEL = "omni-moderation-latest"
 MakeProvider = Callable[..., OpenAICompatibleProvider]
 
 
-@pytest.fixture
+@integration_fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key=API_KEY) as server:
         yield server

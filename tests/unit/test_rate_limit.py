@@ -28,6 +28,7 @@ from app.moderation.upstream_budget import (
 )
 from tests.conftest import TEST_REDIS_URL
 from tests.fake_upstream import FakeUpstream
+from tests.lanes import integration_fixture
 
 WINDOW = 61.0
 
@@ -148,7 +149,7 @@ def test_header_parsing() -> None:
 # ---- the provider with the limiter, against the fake upstream --------------------------------------------------
 
 
-@pytest.fixture
+@integration_fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(rpm=2) as server:
         yield server
