@@ -84,6 +84,8 @@ endef
 test: install interop services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
 	$(call run_pytest,)
 
+# The fast lane fuzzes each operation with fewer cases (FUZZ_MAX_EXAMPLES, 50 in `make test`) to stay near a minute.
+test-fast: export FUZZ_MAX_EXAMPLES ?= 10
 test-fast: install services ## The fast lane: every test that starts no process and no server (about a minute)
 	$(call run_pytest,-m "not integration")
 

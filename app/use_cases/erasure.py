@@ -17,6 +17,7 @@ from app.db import Database
 from app.models import Submission, Tenant, Verdict, utcnow
 from app.use_cases.audit import record_event
 from app.use_cases.submissions import get_submission
+from app.use_cases.webhook_deliveries import erase_delivery_payloads
 
 RETENTION_ACTOR = "retention"
 ERASED_FIELDS = ["content", "metadata", "verdict.results"]
@@ -105,6 +106,8 @@ def _erase(
         update(Verdict).where(Verdict.submission_id.in_([row.id for row in erased])).values(results=[])
         .execution_options(synchronize_session=False)
     )
+    # The bodies of the submission's webhook deliveries carry its metadata and per-text results too.
+    erase_delivery_payloads(session, [row.id for row in erased], now)
     for row in sorted(erased, key=lambda r: r.id):
         record_event(
             session, tenant_id=tenant_id, action="data.erased", actor=actor, subject_type="submission",

@@ -1,5 +1,5 @@
 """The audit chain's canonical form and the verifier, without a database: the exact bytes an event's hash covers
-(as README and app/audit_chain.py document them), and every way a chain can break, found and located."""
+(as docs/compliance.md and app/audit_chain.py document them), and every way a chain can break, found and located."""
 
 from __future__ import annotations
 
