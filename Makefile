@@ -13,6 +13,10 @@ INTEROP_STAMP := $(INTEROP_JS)/node_modules/.package-lock.json
 
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); 0 runs everything in this process. Tests that run Celery workers never run beside
+# each other, whatever the number (tests/lanes.py, docs/testing.md).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # migrations-check runs Alembic against a scratch database on the same PostgreSQL the tests use.
 # PG_ADMIN_URL is a database to connect to while creating and dropping the scratch one.
@@ -39,7 +43,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test lint typecheck migrations-check ci bench train-engine eval clean
+.PHONY: help install interop dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -71,10 +75,19 @@ services: ## Make sure PostgreSQL and Redis answer (starts the machine's own if 
 	bash ops/ensure-services.sh
 
 # pytest's exit code 5 means "no tests collected"; it fails the build like any other non-zero code.
-test: install interop services ## Run the test suite (extra pytest arguments in PYTEST_ARGS)
-	@status=0; $(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
-	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure." >&2; fi; \
-	exit $$status
+define run_pytest
+@status=0; $(PYTEST) $(1) $(PYTEST_ARGS) || status=$$?; \
+if [ $$status -eq 5 ]; then echo "make $@: pytest collected no tests; that is a failure." >&2; fi; \
+exit $$status
+endef
+
+test: install interop services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
+	$(call run_pytest,)
+
+# The fast lane fuzzes each operation with fewer cases (FUZZ_MAX_EXAMPLES, 50 in `make test`) to stay near a minute.
+test-fast: export FUZZ_MAX_EXAMPLES ?= 10
+test-fast: install services ## The fast lane: every test that starts no process and no server (about a minute)
+	$(call run_pytest,-m "not integration")
 
 lint: install ## ruff check
 	$(BIN)/ruff check .
@@ -99,6 +112,12 @@ ci: install services lint typecheck migrations-check test ## Everything CI runs,
 BENCH_ARGS ?=
 bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/bench/RESULTS.md, ends with a RESULT line
 	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
+
+# The settings are described once, in app/config.py; tests/unit/test_settings_reference.py fails until this is run.
+.PHONY: settings-docs
+settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py
+	$(BIN)/verdict settings --format env > .env.example.new && mv .env.example.new .env.example
+	$(BIN)/verdict settings --format markdown > docs/configuration.md.new && mv docs/configuration.md.new docs/configuration.md
 
 # Not part of `make test` or CI either: training and evaluating take minutes (ops/engine/README.md).
 DATA ?= ../shared/data/moderation

@@ -17,11 +17,11 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from gunicorn.app.base import BaseApplication
 
-from app.auth import SCOPES
 from app.config import Settings
+from app.use_cases.authentication import SCOPES
 
 if TYPE_CHECKING:
-    from app.use_cases.audit import Verification
+    from app.audit_chain import Verification
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,11 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from app import create_app
+        from app.extensions import PROVIDER
 
         app = create_app()
         # Each API process loads the moderation model as it starts, not on its first /v1/moderations request.
-        app.extensions["verdict.provider"].warm_up()
+        app.extensions[PROVIDER].warm_up()
         return app
 
 
@@ -165,20 +166,20 @@ def keys_create(tenant: str, scopes: str, name: str | None, expires_at: datetime
     from app.db import Database
     from app.use_cases.keys import KeyLimits, KeyRequestError, create_key
 
-    settings = Settings()
-    database = Database(settings.database_url)
-    with database.session_scope() as session:
-        try:
+    database = Database(Settings().database_url)
+    try:
+        with database.transaction() as session:
             issued = create_key(session, tenant_name=tenant, scopes=[s.strip() for s in scopes.split(",") if s],
                                 name=name, expires_at=expires_at,
                                 limits=KeyLimits(rpm=rate_limit_rpm, tpm=rate_limit_tpm))
-        except KeyRequestError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(f"key id: {issued.key.id}")
-        click.echo(f"tenant: {tenant}{' (new)' if issued.tenant_created else ''}")
-        click.echo(f"scopes: {','.join(issued.key.scopes)}")
-        click.echo("Store this key now; it is not shown again:")
-        click.echo(issued.plaintext)
+    except KeyRequestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    # Printed once committed: a key that is shown exists.
+    click.echo(f"key id: {issued.key.id}")
+    click.echo(f"tenant: {tenant}{' (new)' if issued.tenant_created else ''}")
+    click.echo(f"scopes: {','.join(issued.key.scopes)}")
+    click.echo("Store this key now; it is not shown again:")
+    click.echo(issued.plaintext)
 
 
 @keys.command("revoke")
@@ -189,12 +190,12 @@ def keys_revoke(key_id: str) -> None:
     from app.use_cases.keys import KeyRequestError, revoke_key
 
     database = Database(Settings().database_url)
-    with database.session_scope() as session:
-        try:
+    try:
+        with database.transaction() as session:
             key = revoke_key(session, key_id)
-        except KeyRequestError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(f"revoked {key.id}")
+    except KeyRequestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"revoked {key.id}")
 
 
 @main.group()
@@ -233,21 +234,20 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     if mask_by_default is not None:
         mask = None if mask_by_default == "default" else mask_by_default == "on"
     rpm, tpm = _limit_option(rate_limit_rpm, "--rate-limit-rpm"), _limit_option(rate_limit_tpm, "--rate-limit-tpm")
+    mode: str | None | Keep = KEEP if failure_mode is None else (None if failure_mode == "default" else failure_mode)
     database = Database(Settings().database_url)
-    with database.session_scope() as session:
-        try:
-            mode: str | None | Keep = KEEP if failure_mode is None else (
-                None if failure_mode == "default" else failure_mode)
+    try:
+        with database.transaction() as session:
             tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
                                       rate_limit_rpm=rpm, rate_limit_tpm=tpm, failure_mode=mode)
-        except TenantRequestError as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(f"tenant: {tenant.name} ({tenant.id})")
-        click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
-        click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
-        click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
-        click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
-        click.echo(f"failure_mode: {'default' if tenant.failure_mode is None else tenant.failure_mode}")
+    except TenantRequestError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"tenant: {tenant.name} ({tenant.id})")
+    click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
+    click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
+    click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
+    click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
+    click.echo(f"failure_mode: {'default' if tenant.failure_mode is None else tenant.failure_mode}")
 
 
 def _limit_option(value: str | None, hint: str) -> int | None | Any:
@@ -271,8 +271,8 @@ class CannotVerify(click.ClickException):
 def _chain_id(session: Any, tenant: str | None, system: bool) -> str:
     from sqlalchemy import select
 
+    from app.audit_chain import SYSTEM_CHAIN
     from app.models import Tenant
-    from app.use_cases.audit import SYSTEM_CHAIN
 
     if system:
         return SYSTEM_CHAIN
@@ -301,8 +301,9 @@ def audit_verify(tenant: str | None, system_chain: bool, export_file: BinaryIO |
 
     Exit status: 0 the chain holds, 1 it is broken, 2 it could not be verified.
     """
+    from app.audit_chain import verify_export
     from app.db import Database
-    from app.use_cases.audit import verify_chain, verify_export
+    from app.use_cases.audit import verify_chain
 
     if tenant is not None and system_chain:
         raise click.UsageError("give --tenant or --system, not both")
@@ -311,7 +312,7 @@ def audit_verify(tenant: str | None, system_chain: bool, export_file: BinaryIO |
     expected_chain = None
     if tenant is not None or system_chain:
         database = Database(Settings().database_url)
-        with database.session_scope() as session:
+        with database.transaction() as session:
             expected_chain = _chain_id(session, tenant, system_chain)
             if export_file is None:
                 result = verify_chain(session, expected_chain, start_seq=start_seq, end_seq=end_seq)
@@ -356,8 +357,9 @@ def _report(result: Verification, *, as_json: bool) -> None:
 def audit_export(tenant: str | None, system_chain: bool, export_format: str, start: datetime | None,
                  end: datetime | None) -> None:
     """Stream a chain's events, oldest first, to stdout."""
+    from app.audit_chain import csv_lines, export_line
     from app.db import Database
-    from app.use_cases.audit import csv_lines, export_line, stream_events
+    from app.use_cases.audit import stream_events
 
     if (tenant is None) == (not system_chain):
         raise click.UsageError("give --tenant NAME or --system (one of them)")
@@ -365,7 +367,7 @@ def audit_export(tenant: str | None, system_chain: bool, export_format: str, sta
         raise click.BadParameter("must be after --start", param_hint="--end")
     database = Database(Settings().database_url)
     out = sys.stdout.buffer
-    with database.session_scope() as session:
+    with database.transaction() as session:
         events = stream_events(session, _chain_id(session, tenant, system_chain), start=start, end=end)
         if export_format == "csv":
             for text in csv_lines(events):
@@ -374,6 +376,16 @@ def audit_export(tenant: str | None, system_chain: bool, export_format: str, sta
             for event in events:
                 out.write(export_line(event))
     out.flush()
+
+
+@main.command("settings")
+@click.option("--format", "output_format", type=click.Choice(["env", "markdown"]), default="env", show_default=True,
+              help="env: as .env.example; markdown: as docs/configuration.md.")
+def settings_reference(output_format: str) -> None:
+    """Print every setting with its default and what it does (the reference `make settings-docs` writes)."""
+    from app.config import env_reference, markdown_reference
+
+    click.echo(env_reference() if output_format == "env" else markdown_reference(), nl=False)
 
 
 if __name__ == "__main__":

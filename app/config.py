@@ -1,112 +1,401 @@
-"""Verdict's settings, read from the environment (and an optional `.env`).
-
-With nothing set, the embedded default applies: SQLite under VAR_DIR, a broker on SQLite that needs no server,
-and the local moderation engine. Every setting is documented in `.env.example`.
-"""
+"""Verdict's settings, read from the environment (and an optional `.env`), each one described here and only here:
+`.env.example` and docs/configuration.md are generated from these descriptions (`make settings-docs`)."""
 
 from __future__ import annotations
 
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The sections of the reference, in order, each with what an operator should know before its settings.
+STORAGE = "Storage, broker and Redis"
+PROVIDER = "Moderation provider"
+REQUEST_LIMITS = "Request limits"
+KEY_LIMITS = "Per-key rate limits and idempotency"
+PROCESSING = "Processing, retries and recovery"
+WEBHOOKS = "Webhooks"
+COMPLIANCE = "Compliance: retention and masking"
+RUNTIME = "Workers and logging"
+SECTIONS: dict[str, str] = {
+    STORAGE: (
+        "With none of these set, Verdict runs on the embedded default: SQLite files under VAR_DIR, a Celery broker on "
+        "SQLite, per-key rate limits in the API process's memory, and no upstream budget, circuit breaker or cache "
+        "shared between processes. In production two settings are enough, DATABASE_URL and REDIS_URL: REDIS_URL alone "
+        "gives the broker, the shared upstream budget, circuit breaker and cache, and the per-key rate-limit windows. "
+        "BROKER_URL and RATE_LIMIT_STORAGE_URL override it for the broker or the rate limits only; a deployment that "
+        "sets only BROKER_URL to a Redis URL keeps using that Redis for everything."
+    ),
+    PROVIDER: (
+        "Which provider scores the texts and how Verdict calls it: batching, the upstream budget shared by all "
+        "workers, the circuit breaker, the fallback, the failure mode and the cache (docs/moderation.md)."
+    ),
+    REQUEST_LIMITS: "A larger request is refused: 413 for the body, 400 naming the field for the rest (docs/api.md).",
+    KEY_LIMITS: "How per-key rate limits and Idempotency-Key work: docs/api.md.",
+    PROCESSING: (
+        "How the pipeline recovers from lost messages and dead workers, and how often it retries "
+        "(docs/moderation.md, \"The pipeline\")."
+    ),
+    WEBHOOKS: "Delivery, retries, signing and the SSRF guard: docs/webhooks.md.",
+    COMPLIANCE: "Retention, erasure and masking: docs/compliance.md.",
+    RUNTIME: "",
+}
+
+
+def _in(section: str, *, accepts: str | None = None) -> JsonDict:
+    """A field's place in the reference (and, where its type says too little, what it accepts)."""
+    return {"section": section} if accepts is None else {"section": section, "accepts": accepts}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # An empty variable (`UPSTREAM_RPM=`, as `.env.example` shows an unset one) means "not set": the default.
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      env_ignore_empty=True)
 
-    var_dir: Path = Path("var")
-    database_url: str = ""
-    broker_url: str = ""
-    # Prefix for every key Verdict's broker writes in Redis, so several deployments (or test runs) share one Redis.
-    broker_key_prefix: str = ""
+    # ---- storage, broker and Redis
+    database_url: str = Field(
+        default="", json_schema_extra=_in(STORAGE, accepts="a SQLAlchemy URL"),
+        description=(
+            "The database. Empty: SQLite at $VAR_DIR/verdict.db. Production: "
+            "`postgresql+psycopg://user:pass@host:5432/verdict`."
+        ),
+    )
+    redis_url: str = Field(
+        default="", json_schema_extra=_in(STORAGE, accepts="a `redis://` or `rediss://` URL"),
+        description=(
+            "The Redis that processes share: the Celery broker (unless BROKER_URL is set), the upstream budget, "
+            "circuit breaker and verdict cache, and the per-key rate-limit windows (unless RATE_LIMIT_STORAGE_URL is "
+            "set). Production: `redis://host:6379/0`. Empty: BROKER_URL when that is Redis. With no Redis at all "
+            "there is no upstream budget (only the provider's 429s hold calls back), each worker process has its own "
+            "circuit breaker, and nothing is cached."
+        ),
+    )
+    broker_url: str = Field(
+        default="", json_schema_extra=_in(STORAGE, accepts="a Celery broker URL"),
+        description=(
+            "The Celery broker, when it is not REDIS_URL (another Redis, or any kombu transport). Empty: REDIS_URL if "
+            "set, else kombu's SQLAlchemy transport on SQLite at $VAR_DIR/broker.db (no server)."
+        ),
+    )
+    broker_key_prefix: str = Field(
+        default="", json_schema_extra=_in(STORAGE),
+        description=(
+            "Prefix for every key Verdict writes in Redis (broker messages, the upstream budget, circuit breaker, "
+            "cache and per-key rate limits), so several deployments (or test runs) can share one Redis. Empty: none."
+        ),
+    )
+    var_dir: Path = Field(
+        default=Path("var"), json_schema_extra=_in(STORAGE),
+        description=(
+            "Where the embedded default keeps its SQLite files, and `verdict dev` its beat schedule (created on first "
+            "use; relative to the working directory)."
+        ),
+    )
 
-    # "local" (the embedded engine), "openai" (an OpenAI-compatible upstream), or "cascade": the local engine
-    # answers the texts it is sure of and only the uncertain ones go upstream (app/moderation/cascade.py).
-    moderation_provider: Literal["local", "openai", "cascade"] = "local"
-    # The cascade's uncertainty band: a text whose highest local score is >= CASCADE_BAND_LOW and < CASCADE_BAND_HIGH
-    # is sent upstream; below, the engine allows it; at or above, the engine flags it. `make eval` reports the share
-    # sent upstream and the harmful texts let through for a band (ops/engine/RESULTS.md).
-    cascade_band_low: float = Field(default=0.1, ge=0.0, le=1.0)
-    cascade_band_high: float = Field(default=0.9, ge=0.0, le=1.0)
-    upstream_base_url: str = "https://api.openai.com/v1"
-    upstream_api_key: SecretStr | None = None
-    upstream_model: str = "omni-moderation-latest"
-    upstream_path: Literal["/moderations", "/moderate"] = "/moderations"
-    upstream_timeout_seconds: float = Field(default=10.0, gt=0)
-    # Most texts in one upstream call; empty: 32 for /moderations, 100 for /moderate.
-    upstream_max_batch: int | None = Field(default=None, gt=0)
-    # The provider's limits for this key, shared by every worker through Redis. Empty: only what the provider's
-    # X-RateLimit-* headers say (they also tighten a configured limit).
-    upstream_rpm: int | None = Field(default=None, gt=0)
-    upstream_tpm: int | None = Field(default=None, gt=0)
-    # The period the provider counts those limits over: a minute for every provider we know.
-    upstream_rate_window_seconds: float = Field(default=60.0, gt=0)
-    # Redis for what workers share besides the queue (the upstream rate limit). Empty: BROKER_URL when it is Redis.
-    redis_url: str = ""
-    # The circuit breaker (shared by all workers): this many upstream outages in a row open it for
-    # CIRCUIT_RESET_SECONDS, during which the fallback answers (or calls fail and are retried after the cool-down).
-    circuit_failure_threshold: int = Field(default=5, gt=0)
-    circuit_reset_seconds: float = Field(default=30.0, gt=0)
-    # Who answers while the upstream's circuit is open or its retries are used up: "local" (the local engine,
-    # verdicts marked degraded) or "none".
-    moderation_fallback_provider: Literal["none", "local"] = "none"
-    # When no provider can answer at all (tenants may override): "fail" the submission, or record a degraded
-    # verdict: "review" or "block" (fail closed), "allow" (fail open).
-    moderation_failure_mode: Literal["fail", "review", "block", "allow"] = "fail"
-    # How long a provider's scores for a text are reused for the same text (same tenant, model and policy). 0: off.
-    cache_ttl_seconds: int = Field(default=86_400, ge=0)
-    # Under load, how long a worker waits for more queued texts to fill a batch; an idle worker never waits.
-    batch_max_wait_ms: int = Field(default=5, ge=0, le=1000)
+    # ---- moderation provider
+    moderation_provider: Literal["local", "openai", "cascade"] = Field(
+        default="local", json_schema_extra=_in(PROVIDER),
+        description=(
+            "`local`: the engine shipped inside Verdict, no network (the categories it judges and does not judge: "
+            "docs/engine.md). `openai`: any OpenAI-compatible moderation endpoint, configured by the UPSTREAM_* "
+            "settings. `cascade`: the local engine answers the texts it is sure of and only the uncertain ones go "
+            "upstream (CASCADE_BAND_LOW/HIGH)."
+        ),
+    )
+    cascade_band_low: float = Field(
+        default=0.1, ge=0.0, le=1.0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "With MODERATION_PROVIDER=cascade: a text whose highest local score is at least this and below "
+            "CASCADE_BAND_HIGH is sent upstream; below it the local engine's answer stands (`make eval` reports the "
+            "share sent upstream and the harmful texts let through for a band)."
+        ),
+    )
+    cascade_band_high: float = Field(
+        default=0.9, ge=0.0, le=1.0, json_schema_extra=_in(PROVIDER),
+        description="With MODERATION_PROVIDER=cascade: at or above this highest local score the local engine's answer "
+                    "stands (it flags the text); between the two bands the upstream decides.",
+    )
+    upstream_base_url: str = Field(
+        default="https://api.openai.com/v1", json_schema_extra=_in(PROVIDER, accepts="a URL"),
+        description="Base URL of the OpenAI-compatible API; calls go to UPSTREAM_BASE_URL + UPSTREAM_PATH.",
+    )
+    upstream_api_key: SecretStr | None = Field(
+        default=None, json_schema_extra=_in(PROVIDER),
+        description=(
+            "The upstream API key, sent as a Bearer token. Secret: never logged, never shown. Empty: no Authorization "
+            "header is sent."
+        ),
+    )
+    upstream_model: str = Field(
+        default="omni-moderation-latest", json_schema_extra=_in(PROVIDER),
+        description="Model name sent upstream for submissions that name no `model`.",
+    )
+    upstream_path: Literal["/moderations", "/moderate"] = Field(
+        default="/moderations", json_schema_extra=_in(PROVIDER),
+        description="`/moderations` (OpenAI's) or `/moderate`.",
+    )
+    upstream_timeout_seconds: float = Field(
+        default=10.0, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "Timeout of one upstream call, in seconds, for connecting and again for reading; a call that times out is "
+            "retried."
+        ),
+    )
+    upstream_max_batch: int | None = Field(
+        default=None, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "Most texts in one upstream call: workers gather queued texts into batches up to this size. Empty: 32 for "
+            "`/moderations`, 100 for `/moderate`."
+        ),
+    )
+    upstream_rpm: int | None = Field(
+        default=None, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "The provider's requests per minute for this key. Every worker on every host shares one budget (in Redis) "
+            "and waits for capacity instead of being refused. Empty: no limit but what the provider's "
+            "`X-RateLimit-*` headers say; those headers also tighten a configured limit."
+        ),
+    )
+    upstream_tpm: int | None = Field(
+        default=None, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "The provider's tokens per minute for this key, shared like UPSTREAM_RPM. A call's tokens are estimated "
+            "(one per 4 characters) and corrected from the answer's `usage`. Empty: as for UPSTREAM_RPM."
+        ),
+    )
+    upstream_rate_window_seconds: float = Field(
+        default=60.0, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "The period the provider counts those limits over, in seconds: a minute for every provider we know. "
+            "Verdict counts over this plus a 1 s margin."
+        ),
+    )
+    batch_max_wait_ms: int = Field(
+        default=5, ge=0, le=1000, json_schema_extra=_in(PROVIDER),
+        description=(
+            "Under load, milliseconds a worker waits once for more queued texts to fill a batch. An idle worker never "
+            "waits."
+        ),
+    )
+    cache_ttl_seconds: int = Field(
+        default=86_400, ge=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "Seconds a provider's scores for a text are reused when the same tenant sends the same text again (same "
+            "provider, model and policy version); such verdicts say `\"cached\": true`. Only scores are stored, "
+            "under a SHA-256. Needs Redis. 0: off."
+        ),
+    )
+    circuit_failure_threshold: int = Field(
+        default=5, gt=0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "Upstream outages in a row (5xx, timeouts, unreachable, garbled answers; not 429, not other 4xx) that "
+            "open the circuit breaker shared by all workers: no call is made for CIRCUIT_RESET_SECONDS, then one call "
+            "tries again."
+        ),
+    )
+    circuit_reset_seconds: float = Field(
+        default=30.0, gt=0, json_schema_extra=_in(PROVIDER),
+        description="Seconds the circuit stays open before one call tries the provider again.",
+    )
+    moderation_fallback_provider: Literal["none", "local"] = Field(
+        default="none", json_schema_extra=_in(PROVIDER),
+        description=(
+            "Who answers while the circuit is open or an upstream error outlasted its retries: `local` (the local "
+            "engine; verdicts say provider `local` and `\"degraded\": true`) or `none`."
+        ),
+    )
+    moderation_failure_mode: Literal["fail", "review", "block", "allow"] = Field(
+        default="fail", json_schema_extra=_in(PROVIDER),
+        description=(
+            "When no provider can answer at all: `fail` the submission (with the upstream's error code), or record a "
+            "degraded verdict from provider `failsafe`: `review` or `block` (fail closed), `allow` (fail open). "
+            "Tenants may have their own (`verdict tenants configure NAME --failure-mode`). The synchronous "
+            "`/v1/moderations` answers 503 instead."
+        ),
+    )
 
-    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
-    max_text_chars: int = Field(default=32_768, gt=0)
-    max_items_per_request: int = Field(default=100, gt=0)
-    max_texts_per_submission: int = Field(default=32, gt=0)
-    max_metadata_bytes: int = Field(default=4096, gt=0)
+    # ---- request limits
+    max_request_bytes: int = Field(
+        default=1024 * 1024, gt=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description="Largest HTTP request body, in bytes (1 MiB); a larger one is answered 413.",
+    )
+    max_text_chars: int = Field(
+        default=32_768, gt=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description="Longest single text, in characters.",
+    )
+    max_items_per_request: int = Field(
+        default=100, gt=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description="Most submissions in one `POST /v1/submissions` (`items`).",
+    )
+    max_texts_per_submission: int = Field(
+        default=32, gt=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description="Most texts in one submission's `input` list, and in one `/v1/moderations` request.",
+    )
+    max_metadata_bytes: int = Field(
+        default=4096, gt=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description=(
+            "Largest `metadata` object, in bytes of compact JSON (it may also be nested at most 5 levels deep)."
+        ),
+    )
 
-    # Per-key rate limits, in moving one-minute windows (tenants and keys may have their own, app/rate_limits.py).
-    # Tokens are estimated as one per four characters of moderated text, at least one per text.
-    rate_limit_rpm: int = Field(default=600, gt=0)
-    rate_limit_tpm: int = Field(default=1_000_000, gt=0)
-    # Where the windows are kept: a Redis URL, so every API process shares them. Empty: BROKER_URL if it is Redis,
-    # else in memory (one process only, as on the embedded default).
-    rate_limit_storage_url: str = ""
-    # How long a response to a POST with an Idempotency-Key is kept and replayed to retries.
-    idempotency_ttl_seconds: int = Field(default=86_400, gt=0)
+    # ---- per-key rate limits and idempotency
+    rate_limit_rpm: int = Field(
+        default=600, gt=0, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Requests per minute for each API key, in a moving one-minute window; a request over it gets 429 with "
+            "Retry-After. A tenant may have its own (`verdict tenants configure NAME --rate-limit-rpm N`), and a key "
+            "its own, no higher than its tenant's (`rate_limit_rpm` in `POST /v1/keys`)."
+        ),
+    )
+    rate_limit_tpm: int = Field(
+        default=1_000_000, gt=0, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Tokens per minute for each API key, counted over the texts of `POST /v1/submissions`, `/v1/moderations` "
+            "and `/v1/moderate` (one token per 4 characters, at least one per text). Tenants and keys may have their "
+            "own, as for RATE_LIMIT_RPM (`--rate-limit-tpm`, `rate_limit_tpm`)."
+        ),
+    )
+    rate_limit_storage_url: str = Field(
+        default="", json_schema_extra=_in(KEY_LIMITS, accepts="a Redis URL, or `memory://`"),
+        description=(
+            "Where the per-key windows are kept, when not in REDIS_URL: another Redis (every API process shares it), "
+            "or `memory://` (each process counts alone). Empty: REDIS_URL, else a Redis BROKER_URL, else the API "
+            "process's memory, which is right only for one process, such as the embedded default's."
+        ),
+    )
+    idempotency_ttl_seconds: int = Field(
+        default=86_400, gt=0, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Seconds a response to a POST sent with an `Idempotency-Key` is kept and replayed to retries (24 h)."
+        ),
+    )
 
-    processing_lease_seconds: int = Field(default=120, gt=0)
-    requeue_after_seconds: int = Field(default=60, gt=0)
-    sweep_interval_seconds: float = Field(default=30.0, gt=0)
-    broker_visibility_timeout: int = Field(default=900, gt=0)
-    moderation_max_retries: int = Field(default=5, ge=0)
-    moderation_retry_backoff_max: int = Field(default=300, gt=0)
+    # ---- processing, retries and recovery
+    processing_lease_seconds: int = Field(
+        default=120, gt=0, json_schema_extra=_in(PROCESSING),
+        description=(
+            "How long a worker's claim on a submission lasts before another worker may take it over (at least 10). A "
+            "task is killed 5 s before its lease ends, so two workers never moderate one submission at once."
+        ),
+    )
+    requeue_after_seconds: int = Field(
+        default=60, gt=0, json_schema_extra=_in(PROCESSING),
+        description="A queued submission that no worker has picked up by then is sent again (covers lost messages).",
+    )
+    sweep_interval_seconds: float = Field(
+        default=30.0, gt=0, json_schema_extra=_in(PROCESSING),
+        description="Seconds between beat's sweeps for such submissions and for claims whose lease ran out.",
+    )
+    broker_visibility_timeout: int = Field(
+        default=900, gt=0, json_schema_extra=_in(PROCESSING),
+        description=(
+            "Seconds after which a Redis broker redelivers a message that was not acknowledged. No retry delay may "
+            "reach it."
+        ),
+    )
+    moderation_max_retries: int = Field(
+        default=5, ge=0, json_schema_extra=_in(PROCESSING),
+        description=(
+            "Retries after a transient upstream error (429, 5xx, timeout, unreachable, garbled answer) before the "
+            "fallback or the failure mode decides. Waiting for the upstream budget does not count as a try."
+        ),
+    )
+    moderation_retry_backoff_max: int = Field(
+        default=300, gt=0, json_schema_extra=_in(PROCESSING),
+        description="Cap on one retry's delay, in seconds; must be below BROKER_VISIBILITY_TIMEOUT.",
+    )
 
-    # Webhooks. Networks a webhook URL may resolve into although they are not public (loopback, private,
-    # link-local, ...): comma-separated CIDRs. Empty: public addresses only (the SSRF guard, app/webhooks/url_guard.py).
-    webhook_allowed_networks: str = ""
-    # Seconds before each retry of a failed delivery, comma-separated; after the last one the delivery is dead.
-    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000"
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    # A worker's claim on a delivery; its task is killed before the claim runs out, so no two send at once.
-    webhook_lease_seconds: int = Field(default=60, gt=0)
-    webhook_sweep_interval_seconds: float = Field(default=5.0, gt=0)
-    # After a rotation the previous secret keeps signing (as a second signature) for this long.
-    webhook_secret_grace_seconds: int = Field(default=86_400, ge=0)
+    # ---- webhooks
+    webhook_allowed_networks: str = Field(
+        default="", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated CIDRs"),
+        description=(
+            "Networks webhooks may reach although they are not public (loopback, private, link-local, ...), e.g. "
+            "`10.20.0.0/16` for receivers on your own network. Empty: public addresses only; any other URL is refused "
+            "at registration and again before each attempt."
+        ),
+    )
+    webhook_retry_schedule: str = Field(
+        default="5,300,1800,7200,18000,36000", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated seconds"),
+        description=(
+            "Seconds before each retry of a failed delivery (at most 20 retries, each below 10 days; the default's "
+            "seven attempts span about 18 hours); after the last, the delivery is dead."
+        ),
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, json_schema_extra=_in(WEBHOOKS),
+        description="Timeout of one delivery attempt, in seconds, for connecting and again for reading.",
+    )
+    webhook_lease_seconds: int = Field(
+        default=60, gt=0, json_schema_extra=_in(WEBHOOKS),
+        description=(
+            "A worker's claim on a delivery, in seconds (at least 2 x WEBHOOK_TIMEOUT_SECONDS + 10). The delivery "
+            "task is killed 5 s before it ends, and only then may another worker retry it, so no delivery is sent "
+            "twice at once."
+        ),
+    )
+    webhook_sweep_interval_seconds: float = Field(
+        default=5.0, gt=0, json_schema_extra=_in(WEBHOOKS),
+        description="Seconds between beat's sweeps: due retries, and deliveries whose task was lost, are sent again.",
+    )
+    webhook_secret_grace_seconds: int = Field(
+        default=86_400, ge=0, json_schema_extra=_in(WEBHOOKS),
+        description=(
+            "After a secret is rotated, the old one keeps signing beside the new one for this many seconds. 0: it "
+            "stops at once."
+        ),
+    )
 
-    # Days to keep submitted content (tenants may override); then it is erased and audit events stay. 0: forever.
-    content_retention_days: int = Field(default=30, ge=0)
-    retention_sweep_interval_seconds: float = Field(default=3600.0, gt=0)
-    # Mask personal data in submissions that neither say `mask` nor belong to a tenant with its own default.
-    mask_by_default: bool = False
-    # Where phone numbers written without a +country code are recognised: ISO 3166 region codes, comma-separated.
-    mask_phone_regions: str = "US"
+    # ---- compliance: retention and masking
+    content_retention_days: int = Field(
+        default=30, ge=0, json_schema_extra=_in(COMPLIANCE),
+        description=(
+            "Days submitted content is kept; then the retention job erases it (texts, metadata, per-text results) and "
+            "keeps a tombstone and every audit event. 0 keeps content forever. A tenant may have its own: `verdict "
+            "tenants configure NAME --retention-days N` (0: forever, `default`: follow this setting)."
+        ),
+    )
+    retention_sweep_interval_seconds: float = Field(
+        default=3600.0, gt=0, json_schema_extra=_in(COMPLIANCE),
+        description="Seconds between beat's retention sweeps (the same interval purges expired idempotency keys).",
+    )
+    mask_by_default: bool = Field(
+        default=False, json_schema_extra=_in(COMPLIANCE),
+        description=(
+            "Mask personal data (e-mail, phone, card, IP, IBAN, SSN) in submissions that neither set `mask` nor "
+            "belong to a tenant with its own default (`verdict tenants configure NAME --mask-by-default "
+            "on|off|default`)."
+        ),
+    )
+    mask_phone_regions: str = Field(
+        default="US", json_schema_extra=_in(COMPLIANCE, accepts="comma-separated ISO 3166 region codes"),
+        description=(
+            "Regions whose national phone numbers masking recognises; numbers written with a +country code are "
+            "recognised whatever this says."
+        ),
+    )
 
-    worker_concurrency: int = Field(default=2, gt=0)
-    log_level: str = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    # ---- workers and logging
+    worker_concurrency: int = Field(
+        default=2, gt=0, json_schema_extra=_in(RUNTIME),
+        description="Tasks one `verdict worker` runs at once (its pool processes; `verdict dev` runs at most 2).",
+    )
+    log_level: str = Field(
+        default="INFO", json_schema_extra=_in(RUNTIME, accepts="`DEBUG`, `INFO`, `WARNING` or `ERROR`"),
+        description="The least severe log lines written.",
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", json_schema_extra=_in(RUNTIME),
+        description="`json`: one JSON object per line, for log shippers; `console`: readable lines, for a terminal.",
+    )
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -115,7 +404,8 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{var / 'verdict.db'}"
         if not self.broker_url:
-            self.broker_url = f"sqla+sqlite:///{var / 'broker.db'}"
+            # One Redis is enough: REDIS_URL is the broker too, unless BROKER_URL says otherwise.
+            self.broker_url = self.redis_url or f"sqla+sqlite:///{var / 'broker.db'}"
         # A task still running when its lease ends could be taken over by a second worker; the hard time limit
         # (lease minus a margin) makes sure the first one is gone by then.
         if self.processing_lease_seconds < 10:
@@ -175,11 +465,8 @@ class Settings(BaseSettings):
 
     @property
     def rate_limit_storage(self) -> str:
-        if self.rate_limit_storage_url:
-            return self.rate_limit_storage_url
-        if self.broker_url.startswith(("redis://", "rediss://")):
-            return self.broker_url
-        return "memory://"
+        """Where the per-key rate-limit windows live: RATE_LIMIT_STORAGE_URL, else the shared Redis, else memory."""
+        return self.rate_limit_storage_url or self.shared_redis_url or "memory://"
 
     @property
     def is_embedded(self) -> bool:
@@ -203,6 +490,7 @@ class Settings(BaseSettings):
 
     @property
     def shared_redis_url(self) -> str | None:
+        """The Redis workers share (upstream budget, circuit breaker, cache): REDIS_URL, else a Redis broker."""
         if self.redis_url:
             return self.redis_url
         return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
@@ -245,3 +533,157 @@ def _parse_delays(value: str) -> tuple[float, ...]:
     if len(delays) > 20:
         raise ValueError("WEBHOOK_RETRY_SCHEDULE: at most 20 retries")
     return tuple(delays)
+
+
+# ---- the reference: `.env.example` and docs/configuration.md, generated from the fields above ---------------------
+
+REGENERATE = "make settings-docs"
+_WIDTH = 118
+
+_ENV_HEADER = f"""\
+# Verdict's settings. Copy to .env (never commit .env) and uncomment what you change; each line shows the default.
+# Generated from app/config.py by `{REGENERATE}`: change a description there, then regenerate; never edit here.
+# With nothing set, Verdict runs on the embedded default: SQLite files under VAR_DIR, a broker on SQLite, the local
+# moderation engine, no server to install. Environment variables win over .env; an empty value means the default.
+# In docker-compose.yml, DATABASE_URL and REDIS_URL are set by compose. The reference: docs/configuration.md.
+"""
+
+_ENV_FOOTER = f"""\
+{"# --- Tests only ".ljust(_WIDTH, "-")}
+# TEST_DATABASE_URL, TEST_REDIS_URL and FUZZ_MAX_EXAMPLES are read from the shell (or CI), not from .env:
+# docs/testing.md.
+"""
+
+_MARKDOWN_HEADER = f"""\
+# Configuration
+
+<!-- Generated from app/config.py by `{REGENERATE}` (`verdict settings --format markdown`). Do not edit this
+file: change a setting's description in app/config.py and regenerate; a test fails until you do. -->
+
+Every setting is an environment variable, or a line in a `.env` file in the working directory
+([`.env.example`](../.env.example) lists them all, commented out, with their defaults). Environment variables win
+over `.env`; names are not case-sensitive; an empty value means the default. A value that is out of range, or a
+combination that would let work be lost or run twice (a retry delay reaching the broker's visibility timeout, a lease
+too short for its task's timeouts), stops Verdict at start with an error that names the setting.
+`verdict settings` prints this reference (`--format env` as `.env.example`, `--format markdown` as this page), so an
+installed copy or a container carries it too.
+
+Tenants override some of these for themselves with `verdict tenants configure` (retention, masking, rate limits,
+failure mode: [operations.md](operations.md#the-cli)); keys may have their own rate limits (`POST /v1/keys`,
+[api.md](api.md#rate-limits)). The variables that only the test suite reads are in [testing.md](testing.md).
+"""
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as the reference shows it."""
+
+    name: str  # the environment variable
+    section: str
+    default: str  # as an environment value; "" when the default is empty
+    accepts: str
+    description: str
+
+
+def settings_reference() -> list[SettingDoc]:
+    """Every setting, section by section in SECTIONS order, and within a section in the order of the fields."""
+    documented: list[SettingDoc] = []
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        section, accepts = extra.get("section"), extra.get("accepts")
+        if not isinstance(section, str) or section not in SECTIONS or not field.description:
+            raise ValueError(f"Settings.{name} needs a description and a section, one of: {', '.join(SECTIONS)}")
+        documented.append(SettingDoc(name=name.upper(), section=section, default=_env_value(field.default),
+                                     accepts=accepts if isinstance(accepts, str) else _accepts(field),
+                                     description=" ".join(field.description.split())))
+    order = list(SECTIONS)
+    return sorted(documented, key=lambda doc: order.index(doc.section))
+
+
+def env_reference() -> str:
+    """`.env.example`: every setting with its description, commented out at its default."""
+    lines = [_ENV_HEADER]
+    for section, settings in _by_section():
+        lines.append(f"# --- {section} ".ljust(_WIDTH, "-"))
+        lines.extend(_comment(SECTIONS[section]))
+        for doc in settings:
+            lines.append("")
+            lines.extend(_comment(f"{doc.description} Accepts: {doc.accepts}."))
+            lines.append(f"# {doc.name}={doc.default}")
+        lines.append("")
+    lines.append(_ENV_FOOTER)
+    return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: a table per section."""
+    parts = [_MARKDOWN_HEADER]
+    for section, settings in _by_section():
+        parts.append(f"## {section}\n")
+        if SECTIONS[section]:
+            # The intro names a doc as a path (right in .env.example); here it is a link beside it.
+            parts.append(re.sub(r"docs/([a-z]+\.md)", r"[\1](\1)", SECTIONS[section]) + "\n")
+        rows = ["| setting | default | accepts | what it does |", "|---|---|---|---|"]
+        rows += [f"| `{doc.name}` | {f'`{doc.default}`' if doc.default else 'empty'} | {_cell(doc.accepts)} | "
+                 f"{_cell(doc.description)} |" for doc in settings]
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+def _by_section() -> list[tuple[str, list[SettingDoc]]]:
+    documented = settings_reference()
+    return [(section, [d for d in documented if d.section == section]) for section in SECTIONS
+            if any(d.section == section for d in documented)]
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}" for line in textwrap.wrap(text, _WIDTH - 2, break_on_hyphens=False)] if text else []
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _env_value(default: Any) -> str:
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def _accepts(field: FieldInfo) -> str:
+    """What a field's type and constraints allow, in words."""
+    annotation, optional = field.annotation, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = len(members) < len(typing.get_args(annotation)), members[0]
+    if typing.get_origin(annotation) is Literal:
+        choices = [f"`{choice}`" for choice in typing.get_args(annotation)]
+        text = f"{', '.join(choices[:-1])} or {choices[-1]}"
+    elif annotation is bool:
+        text = "`true` or `false`"
+    elif annotation in (int, float):
+        text = f"{'an integer' if annotation is int else 'a number'}{_bounds(field)}"
+    elif annotation is SecretStr:
+        text = "text (a secret)"
+    elif annotation is Path:
+        text = "a path"
+    else:
+        text = "text"
+    return f"{text}, or empty" if optional else text
+
+
+def _bounds(field: FieldInfo) -> str:
+    """A number's constraints in words (wrapping never splits them from their number)."""
+    # pydantic keeps Field(gt=..., ge=..., le=...) as annotated-types constraints, one attribute each.
+    found = {name: getattr(rule, name) for rule in field.metadata for name in ("gt", "ge", "le") if hasattr(rule, name)}
+    if "ge" in found and "le" in found:
+        return f" from {_env_value(found['ge'])} to {_env_value(found['le'])}"
+    if "gt" in found:
+        return f" above {_env_value(found['gt'])}"
+    if "ge" in found:
+        return f", {_env_value(found['ge'])} or more"
+    return ""

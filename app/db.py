@@ -1,8 +1,5 @@
-"""The database: engine, session factory, declarative base, and the session's life in Flask and in tasks.
-
-The session's life is decided here, outside the use cases that receive it: one per HTTP request (closed at
-teardown), one per task run (`session_scope`).
-"""
+"""The database: engine, declarative base, and sessions that never begin a transaction by themselves
+(`autobegin=False`): each entry point opens its own. See docs/architecture.md ("Transactions")."""
 
 from __future__ import annotations
 
@@ -10,10 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Flask, current_app, g
 from sqlalchemy import MetaData, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from app.outbox import Outbox
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -46,44 +46,31 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 class Database:
-    """One engine and session factory per process."""
+    """One engine, session factory and outbox per process."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, autobegin=False)
+        # What committed transactions send to the queue; app/queue.py installs its publisher.
+        self.outbox = Outbox(self.sessions)
 
     @contextmanager
-    def session_scope(self) -> Iterator[Session]:
-        session = self.sessions()
-        try:
+    def session(self) -> Iterator[Session]:
+        """A session for a command that commits in several steps, each opened with `with session.begin():`."""
+        with self.sessions() as session:
             yield session
-        finally:
-            session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed when the block ends, rolled back if it raises."""
+        with self.sessions() as session, session.begin():
+            yield session
 
     def dispose_after_fork(self) -> None:
         # A forked worker must not reuse the parent's connections.
         self.engine.dispose(close=False)
 
 
-def init_app(app: Flask, database: Database) -> None:
-    app.extensions["verdict.db"] = database
-    app.teardown_appcontext(_close_request_session)
-
-
-def get_database() -> Database:
-    database: Database = current_app.extensions["verdict.db"]
-    return database
-
-
-def request_session() -> Session:
-    """The session of the current request, opened on first use."""
-    if "db_session" not in g:
-        g.db_session = get_database().sessions()
-    session: Session = g.db_session
-    return session
-
-
-def _close_request_session(_exc: BaseException | None) -> None:
-    session: Session | None = g.pop("db_session", None)
-    if session is not None:
-        session.close()
+def insert_for(session: Session) -> Any:
+    """The dialect's INSERT (PostgreSQL's or SQLite's), for `on_conflict_do_nothing`."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert

@@ -1,8 +1,5 @@
-"""Structured logs: JSON lines (or console lines for a person), carrying request and submission ids.
-
-What may be logged is decided at the call sites: ids, codes, counts, timings. Never a key, a secret or moderated
-text; request bodies are never logged.
-"""
+"""Structured logs: JSON lines (or console lines for a person) carrying request and submission ids; never a key, a
+secret or moderated text. See docs/operations.md."""
 
 from __future__ import annotations
 

@@ -1,24 +1,5 @@
-"""PII masking: replaces personal identifiers in submitted text with typed placeholders before it is stored or sent
-to any provider.
-
-- `<EMAIL>`: e-mail addresses, Unicode local parts and domains too (a pattern).
-- `<IBAN>`: bank account numbers, spaced or not (a pattern, then the country's length, format and mod-97 check).
-- `<CARD>`: payment card numbers of 13 to 19 digits, spaced, dashed or not (digit groups, then the Luhn check).
-- `<IP>`: IPv4 and IPv6 addresses, with a zone or IPv4-mapped too (a pattern, then `ipaddress`).
-- `<SSN>`: US social security numbers written `123-45-6789` (a pattern with the issuing rules).
-- `<PHONE>`: phone numbers, any in international `+` form and national ones of `MASK_PHONE_REGIONS` (Google's
-  libphonenumber, through `phonenumbers`: valid numbers only).
-
-Where two findings overlap, the type earlier in the table wins (a card number is not also a phone number).
-
-Why our own module: Presidio (the reference PII library) needs a spaCy language model that it downloads at run time,
-which an offline, self-hosted service cannot count on, and which would be far heavier than the identifiers we mask;
-scrubadub is unmaintained since 2023 and pulls in scikit-learn and textblob; datafog's regex engine finds IPv4
-only, no IPv6, German IBANs only, and checks no card checksum. What is hard to get right by hand is delegated to
-well-kept libraries that ship their data in the wheel and need no network: phone numbering plans (phonenumbers,
-Google's libphonenumber metadata) and check digits (python-stdnum). Masking is pattern-based: it does not find
-names or street addresses, which need a language model.
-"""
+"""PII masking: typed placeholders (`<EMAIL>`, `<IBAN>`, `<CARD>`, `<IP>`, `<SSN>`, `<PHONE>`) replace personal
+identifiers before text is stored or sent to a provider. See docs/compliance.md (also why not Presidio)."""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # This key's own requests and tokens per minute: None follows its tenant's (app/rate_limits.py).
+    # This key's own requests and tokens per minute: None follows its tenant's (app/api/rate_limits.py).
     rate_limit_rpm: Mapped[int | None] = mapped_column(sa.Integer)
     rate_limit_tpm: Mapped[int | None] = mapped_column(sa.Integer)
 

@@ -1,7 +1,6 @@
-"""Celery, wired the way Flask documents it, and every Celery setting in one place.
-
-The API only ever *sends* tasks, by their stable names, so it never imports the task modules; the worker loads them
-from `workers.tasks` (see `include`). Renaming a Python function therefore never strands messages already queued.
+"""Celery, wired the way Flask documents it: every Celery setting in one place, and the publisher that sends the
+outbox's messages (app/outbox.py) once their transaction commits. The API only ever sends tasks by their stable
+names; the worker loads them from `workers.tasks`. See docs/architecture.md ("The queue").
 """
 
 from __future__ import annotations
@@ -9,24 +8,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init
-from flask import Flask, current_app, has_app_context
+from flask import Flask
 from kombu.entity import Queue
 
 from app.config import Settings
 from app.db import Database
+from app.extensions import CELERY, PROVIDER
+from app.outbox import (
+    DELIVER_WEBHOOK,
+    DISPATCH_WEBHOOKS,
+    ERASE_EXPIRED_CONTENT,
+    PURGE_IDEMPOTENCY_KEYS,
+    REQUEUE_STALLED,
+    Message,
+    Publisher,
+)
 
-log = structlog.get_logger(__name__)
-
-MODERATE_SUBMISSION = "moderation.moderate_submission"
-REQUEUE_STALLED = "moderation.requeue_stalled"
-ERASE_EXPIRED_CONTENT = "retention.erase_expired"
-PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 MODERATION_QUEUE = "moderation"
-DELIVER_WEBHOOK = "webhooks.deliver"
-DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
 # Webhook deliveries wait on other people's servers; their own queue lets an operator give them their own workers
 # (`verdict worker -Q webhooks`) so a slow receiver never holds up moderation. A plain worker consumes both.
 WEBHOOKS_QUEUE = "webhooks"
@@ -91,7 +91,9 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
-    app.extensions["celery"] = celery_app
+    app.extensions[CELERY] = celery_app
+    # Committed transactions' messages leave through this Celery app.
+    database.outbox.publisher = celery_publisher(celery_app)
 
     @worker_process_init.connect(weak=False)
     def _dispose_inherited_connections(**_kwargs: Any) -> None:
@@ -104,34 +106,19 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
         # is loaded once, shared by the pool processes, and never counted against a task's time limit. The engine
         # loads in well under a second, so the embedded default (whose worker must create the broker's SQLite file
         # before `verdict dev` is ready) warms up too.
-        app.extensions["verdict.provider"].warm_up()
+        app.extensions[PROVIDER].warm_up()
 
     return celery_app
 
 
-def dispatch_moderation(submission_ids: Sequence[str], *, countdown: float | None = None) -> None:
-    """Enqueue moderation for committed submissions (after `countdown` seconds: a retry, which the caller keeps below
-    the broker's visibility timeout). A broker failure is logged, not raised: the rows are the source of truth and
-    the requeue sweep will send them."""
-    celery_app: Celery = current_app.extensions["celery"]
-    try:
-        with celery_app.producer_or_acquire() as producer:
-            for submission_id in submission_ids:
-                celery_app.send_task(MODERATE_SUBMISSION, args=[submission_id], producer=producer,
-                                     countdown=countdown)
-    except Exception as exc:  # noqa: BLE001 - any broker failure means the same thing here
-        log.warning("dispatch_failed", count=len(submission_ids), error_type=type(exc).__name__)
+def celery_publisher(celery_app: Celery) -> Publisher:
+    """Send messages as Celery tasks, over one broker connection. A failure propagates to the outbox, which logs it
+    (publishing retries briefly first: `task_publish_retry_policy`, so a dead broker never hangs a request)."""
 
-
-def dispatch_webhook_deliveries(delivery_ids: Sequence[str]) -> None:
-    """Enqueue committed webhook deliveries. Like moderation, a failure is logged, not raised: the rows are the
-    outbox and the beat sweep (`webhooks.dispatch_due`) sends what was not sent."""
-    if not has_app_context():
-        return  # a script without the app: the sweep will send them
-    celery_app: Celery = current_app.extensions["celery"]
-    try:
+    def publish(messages: Sequence[Message]) -> None:
         with celery_app.producer_or_acquire() as producer:
-            for delivery_id in delivery_ids:
-                celery_app.send_task(DELIVER_WEBHOOK, args=[delivery_id], producer=producer)
-    except Exception as exc:  # noqa: BLE001 - any broker failure means the same thing here
-        log.warning("webhook_dispatch_failed", count=len(delivery_ids), error_type=type(exc).__name__)
+            for message in messages:
+                celery_app.send_task(message.task, args=list(message.args), producer=producer,
+                                     countdown=message.countdown)
+
+    return publish

@@ -176,7 +176,7 @@ def explain_all(database: Database, facts: dict[str, Any]) -> str:
     sections: list[str] = []
     summary: list[str] = []
     for title, request, run in queries(facts):
-        with database.session_scope() as session:
+        with database.transaction() as session:
             run(session)  # warm the cache once, as a busy server would have it
             captured.clear()
             run(session)

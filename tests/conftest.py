@@ -24,10 +24,15 @@ from app.config import Settings
 from app.db import Database
 from app.use_cases.keys import create_key
 
+# The integration marker, set by the fixtures a test uses, and the guard that keeps each test in its lane.
+pytest_plugins = ["tests.lanes"]
+
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# Each run's broker keys carry their own prefix, so concurrent runs on one Redis never take each other's messages.
-BROKER_KEY_PREFIX = f"verdict-test-{uuid.uuid4().hex[:8]}:"
+# Each test process (a run, or one pytest-xdist worker of it: gw0, gw1, ...) has its own scratch database and its own
+# Redis key prefix, so concurrent runs and workers never take each other's messages, rows, limits or cache entries.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+BROKER_KEY_PREFIX = f"verdict-test-{XDIST_WORKER}-{uuid.uuid4().hex[:8]}:"
 SERVICES_HINT = (
     "Run `make services` (or `docker compose up -d postgres redis`), or set TEST_DATABASE_URL/TEST_REDIS_URL."
 )
@@ -41,7 +46,7 @@ def _admin_conninfo(url: str) -> str:
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this run, migrated to head with Alembic, dropped at the end."""
-    name = f"verdict_test_{uuid.uuid4().hex[:10]}"
+    name = f"verdict_test_{XDIST_WORKER}_{uuid.uuid4().hex[:10]}"
     admin = _admin_conninfo(TEST_DATABASE_URL)
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
@@ -126,7 +131,7 @@ class TenantKey:
 def issue_key(database: Database, *, tenant_name: str | None = None, scopes: tuple[str, ...] = (
         "submit", "read", "audit", "admin")) -> TenantKey:
     name = tenant_name or f"tenant-{uuid.uuid4().hex[:12]}"
-    with database.session_scope() as session:
+    with database.transaction() as session:
         issued = create_key(session, tenant_name=name, scopes=scopes)
         return TenantKey(tenant_name=name, tenant_id=issued.key.tenant_id, key_id=issued.key.id,
                          plaintext=issued.plaintext)

@@ -1,4 +1,5 @@
-"""The HTTP API (v1): thin views that parse, call a use case, and shape the answer."""
+"""The HTTP API (v1): thin views that parse, open their transaction, call a use case, and shape the answer; and the
+HTTP-only concerns beside them (the auth gate, idempotency, rate limits, errors, request context, body parsing)."""
 
 from __future__ import annotations
 

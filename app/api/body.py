@@ -7,11 +7,12 @@ import json
 import math
 from typing import Any
 
-from flask import current_app, request
+from flask import request
 
-from app.config import Settings
-from app.errors import ApiError, InvalidRequest
-from app.schemas import Limits
+from app.api.errors import ApiError
+from app.extensions import current_settings
+from app.schemas.common import Limits
+from app.use_cases.errors import InvalidInput
 
 
 def read_json_object() -> dict[str, Any]:
@@ -23,28 +24,28 @@ def read_json_object() -> dict[str, Any]:
                        param="Content-Type")
     raw = request.get_data(cache=False)
     if not raw.strip():
-        raise InvalidRequest("The request body is empty.", code="empty_body")
+        raise InvalidInput("The request body is empty.", code="empty_body")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_utf8") from exc
+        raise InvalidInput("The request body is not valid UTF-8.", code="invalid_utf8") from exc
     try:
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError as exc:
-        raise InvalidRequest("The request body is nested too deeply.", code="too_deep") from exc
+        raise InvalidInput("The request body is nested too deeply.", code="too_deep") from exc
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(
+        raise InvalidInput(
             f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
             code="invalid_json",
         ) from exc
     except ValueError as exc:
-        raise InvalidRequest(str(exc), code="invalid_json") from exc
+        raise InvalidInput(str(exc), code="invalid_json") from exc
     if not isinstance(data, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+        raise InvalidInput("The request body must be a JSON object.", code="invalid_body")
     try:
         _check_strings(data, "")
     except RecursionError as exc:
-        raise InvalidRequest("The request body is nested too deeply.", code="too_deep") from exc
+        raise InvalidInput("The request body is nested too deeply.", code="too_deep") from exc
     return data
 
 
@@ -65,13 +66,13 @@ def _check_strings(value: Any, path: str) -> None:
     if isinstance(value, str):
         prefix = f"{path}: " if path else ""  # name the field, as every validation message does
         if "\x00" in value:
-            raise InvalidRequest(f"{prefix}Text must not contain NUL characters.", param=path or None,
-                                 code="invalid_text")
+            raise InvalidInput(f"{prefix}Text must not contain NUL characters.", param=path or None,
+                               code="invalid_text")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequest(f"{prefix}Text contains an unpaired surrogate.", param=path or None,
-                                 code="invalid_text") from exc
+            raise InvalidInput(f"{prefix}Text contains an unpaired surrogate.", param=path or None,
+                               code="invalid_text") from exc
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_strings(key, path)
@@ -82,7 +83,7 @@ def _check_strings(value: Any, path: str) -> None:
 
 
 def current_limits() -> Limits:
-    settings: Settings = current_app.extensions["verdict.settings"]
+    settings = current_settings()
     return Limits(
         max_text_chars=settings.max_text_chars,
         max_texts_per_submission=settings.max_texts_per_submission,

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from app.api.auth import current_principal, require_scope
+from app.api.request_context import current_request_id
 from app.api.submissions import submission_view
-from app.auth import current_principal, require_scope
-from app.db import request_session
-from app.request_context import current_request_id
+from app.api.transactions import request_session, transaction
 from app.use_cases.erasure import erase_submission
 
 bp = Blueprint("data", __name__)
@@ -17,6 +17,7 @@ bp = Blueprint("data", __name__)
 
 @bp.delete("/v1/data/<submission_id>")
 @require_scope("audit")
+@transaction
 def erase(submission_id: str) -> Response:
     principal = current_principal()
     submission = erase_submission(request_session(), principal.tenant_id, submission_id, actor=principal.key_id,

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery import Celery
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from app.db import get_database
-from app.errors import error_response
-from app.schemas import HealthOut, ReadinessOut
+from app.api.errors import error_response
+from app.extensions import current_celery, current_database
+from app.schemas.health import HealthOut, ReadinessOut
 
 bp = Blueprint("health", __name__)
 log = structlog.get_logger(__name__)
@@ -33,7 +32,7 @@ def readyz() -> Response:
 
 def _check_database() -> str:
     try:
-        with get_database().engine.connect() as connection:
+        with current_database().engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
         log.warning("readiness_database_failed", error_type=type(exc).__name__)
@@ -42,7 +41,7 @@ def _check_database() -> str:
 
 
 def _check_broker() -> str:
-    celery_app: Celery = current_app.extensions["celery"]
+    celery_app = current_celery()
     try:
         connection: Any
         with celery_app.connection_for_write() as connection:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from app.api.auth import current_principal, require_scope
 from app.api.body import read_json_object
-from app.api.key_schemas import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
-from app.auth import current_principal, current_settings, require_scope
-from app.db import request_session
-from app.errors import InvalidRequest, NotFound
+from app.api.rate_limits import quota_for
+from app.api.request_context import current_request_id
+from app.api.transactions import request_session, transaction
+from app.extensions import current_settings
 from app.models import ApiKey, Tenant
-from app.rate_limits import quota_for
-from app.request_context import current_request_id
+from app.schemas.keys import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
+from app.use_cases.errors import InvalidInput, NotFound
 from app.use_cases.keys import KeyLimits, KeyRequestError, create_tenant_key, list_keys, revoke_tenant_key
 
 bp = Blueprint("keys", __name__)
@@ -20,6 +21,7 @@ bp = Blueprint("keys", __name__)
 
 @bp.post("/v1/keys")
 @require_scope("admin")
+@transaction
 def create() -> tuple[Response, int, dict[str, str]]:
     body = KeyCreateIn.model_validate(read_json_object())
     session, principal = request_session(), current_principal()
@@ -31,8 +33,8 @@ def create() -> tuple[Response, int, dict[str, str]]:
     for param, value, most in (("rate_limit_rpm", body.rate_limit_rpm, ceiling.rpm),
                                ("rate_limit_tpm", body.rate_limit_tpm, ceiling.tpm)):
         if value is not None and value > most:
-            raise InvalidRequest(f"{param}: may be at most the tenant's limit, {most}.", param=param,
-                                 code="above_tenant_limit")
+            raise InvalidInput(f"{param}: may be at most the tenant's limit, {most}.", param=param,
+                               code="above_tenant_limit")
     try:
         issued = create_tenant_key(
             session, principal.tenant_id, scopes=body.scopes, name=body.name, expires_at=body.expires_at,
@@ -40,14 +42,15 @@ def create() -> tuple[Response, int, dict[str, str]]:
             request_id=current_request_id(),
         )
     except KeyRequestError as exc:
-        raise InvalidRequest(f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param,
-                             code="invalid_key_request") from exc
+        raise InvalidInput(f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param,
+                           code="invalid_key_request") from exc
     out = KeyWithSecret(**key_out(issued.key).model_dump(), secret=issued.plaintext)
     return jsonify(out.model_dump(mode="json")), 201, {"Location": out.links["self"]}
 
 
 @bp.get("/v1/keys")
 @require_scope("admin")
+@transaction
 def list_all() -> Response:
     keys = list_keys(request_session(), current_principal().tenant_id)
     return jsonify(KeyList(data=[key_out(k) for k in keys]).model_dump(mode="json"))
@@ -55,6 +58,7 @@ def list_all() -> Response:
 
 @bp.delete("/v1/keys/<key_id>")
 @require_scope("admin")
+@transaction
 def revoke(key_id: str) -> Response:
     principal = current_principal()
     key = revoke_tenant_key(request_session(), principal.tenant_id, key_id, actor=principal.key_id,

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from pydantic import ValidationError
 
+from app.api.auth import current_principal, require_scope
 from app.api.body import current_limits, read_json_object
-from app.auth import current_principal, require_scope
-from app.config import Settings
-from app.db import request_session
-from app.errors import ApiError, InvalidRequest
-from app.moderation.providers import ModerationProvider
-from app.rate_limits import charge_tokens
-from app.request_context import current_request_id
-from app.schemas import (
+from app.api.rate_limits import charge_tokens
+from app.api.request_context import current_request_id
+from app.extensions import current_database, current_provider, current_settings
+from app.schemas.moderations import (
     ImagePart,
     ModelList,
     ModelOut,
@@ -27,14 +24,10 @@ from app.schemas import (
     TextPart,
     openai_result,
 )
-from app.use_cases.moderation import ModerationUnavailable, moderate_now
+from app.use_cases.errors import InvalidInput
+from app.use_cases.sync_moderation import moderate_now
 
 bp = Blueprint("moderations", __name__)
-
-
-def _provider() -> ModerationProvider:
-    provider: ModerationProvider = current_app.extensions["verdict.provider"]
-    return provider
 
 
 @bp.post("/v1/moderations")
@@ -47,20 +40,15 @@ def create_moderation() -> Response:
     except ValidationError as exc:
         if exc.errors()[0]["loc"][:1] != ("input",):
             raise  # another field (`model`): the generic handler names it
-        raise InvalidRequest("'input' must be a string, a list of strings, or a list of text parts.",
-                             param="input", code="invalid_input") from exc
+        raise InvalidInput("'input' must be a string, a list of strings, or a list of text parts.",
+                           param="input", code="invalid_input") from exc
     texts = _texts(parsed)
     charge_tokens(texts)
-    settings: Settings = current_app.extensions["verdict.settings"]
-    try:
-        submission, verdict = moderate_now(
-            request_session(), _provider(), current_principal(), texts, model=parsed.model,
-            request_id=current_request_id(), settings=settings,
-        )
-    except ModerationUnavailable as exc:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
-        raise ApiError(503, "The moderation provider is unavailable; try again later.", code=exc.code,
-                       headers=headers) from exc
+    # A command with transactions of its own: none is open while the provider works.
+    submission, verdict = moderate_now(
+        current_database(), current_provider(), current_principal(), texts, model=parsed.model,
+        request_id=current_request_id(), settings=current_settings(),
+    )
     response = ModerationResponse(
         id=f"modr-{submission.id.removeprefix('sub_')}",
         model=verdict.model,
@@ -76,23 +64,23 @@ def _texts(parsed: ModerationRequest) -> list[str]:
     items = [raw] if isinstance(raw, str) else raw
     for index, item in enumerate(items):
         if isinstance(item, ImagePart):
-            raise InvalidRequest(
+            raise InvalidInput(
                 f"input[{index}]: image inputs are not supported by this deployment's moderation provider.",
                 param=f"input[{index}]", code="image_not_supported")
         texts.append(item.text if isinstance(item, TextPart) else item)
     limits = current_limits()
     if not texts:
-        raise InvalidRequest("input: must contain at least one text.", param="input", code="empty_input")
+        raise InvalidInput("input: must contain at least one text.", param="input", code="empty_input")
     if len(texts) > limits.max_texts_per_submission:
-        raise InvalidRequest(f"input: at most {limits.max_texts_per_submission} texts per request.", param="input",
-                             code="too_many_texts")
+        raise InvalidInput(f"input: at most {limits.max_texts_per_submission} texts per request.", param="input",
+                           code="too_many_texts")
     for index, text in enumerate(texts):
         if not text.strip():
-            raise InvalidRequest(f"input[{index}]: texts must not be empty.", param=f"input[{index}]",
-                                 code="empty_input")
+            raise InvalidInput(f"input[{index}]: texts must not be empty.", param=f"input[{index}]",
+                               code="empty_input")
         if len(text) > limits.max_text_chars:
-            raise InvalidRequest(f"input[{index}]: each text may be at most {limits.max_text_chars} characters.",
-                                 param=f"input[{index}]", code="text_too_long")
+            raise InvalidInput(f"input[{index}]: each text may be at most {limits.max_text_chars} characters.",
+                               param=f"input[{index}]", code="text_too_long")
     return texts
 
 
@@ -101,5 +89,5 @@ def _texts(parsed: ModerationRequest) -> list[str]:
 def list_models() -> Response:
     data = [ModelOut(id=m.id, owned_by=m.provider, provider=m.provider, judged_categories=m.judged_categories,
                      not_judged_categories=m.not_judged_categories, max_batch=m.max_batch)
-            for m in _provider().models()]
+            for m in current_provider().models()]
     return jsonify(ModelList(data=data).model_dump(mode="json"))

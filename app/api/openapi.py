@@ -1,11 +1,5 @@
-"""`GET /openapi.json` (OpenAPI 3.1) and `GET /docs` (Swagger UI), generated from the app itself.
-
-Paths and methods come from Flask's URL map, whether a route needs a key and which scope from `require_scope`, and
-every schema from the pydantic models that validate requests (validation mode) and shape answers (serialization
-mode), through `pydantic.json_schema.models_json_schema`. What this module adds is only what the code cannot say by
-itself: a summary per route, which models its body, query and answers use, and which errors it may answer. A test
-(tests/integration/test_openapi.py) holds every route to having an entry here, and the fuzzer holds the answers to it.
-"""
+"""`GET /openapi.json` (OpenAPI 3.1) and `GET /docs` (Swagger UI), generated from the URL map, `require_scope` and the
+schemas; this module adds only what the code cannot say (summaries, models per route, errors). See docs/api.md."""
 
 from __future__ import annotations
 
@@ -20,8 +14,22 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_di
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from app.api.key_schemas import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
-from app.api.webhook_schemas import (
+from app.schemas.audit import AuditExportQuery, AuditPage, AuditQuery, AuditVerificationOut, AuditVerifyQuery
+from app.schemas.errors import ErrorResponse
+from app.schemas.health import HealthOut, ReadinessOut
+from app.schemas.keys import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
+from app.schemas.moderations import ModelList, ModerationRequest, ModerationResponse
+from app.schemas.submissions import (
+    SubmissionAccepted,
+    SubmissionBatchAccepted,
+    SubmissionBatchIn,
+    SubmissionGetQuery,
+    SubmissionIn,
+    SubmissionListQuery,
+    SubmissionOut,
+    SubmissionPage,
+)
+from app.schemas.webhooks import (
     CallbackSecretOut,
     CallbackSecretWithSecret,
     DeliveryListQuery,
@@ -33,27 +41,6 @@ from app.api.webhook_schemas import (
     WebhookEndpointList,
     WebhookEndpointOut,
     WebhookEndpointWithSecret,
-)
-from app.schemas import (
-    AuditExportQuery,
-    AuditPage,
-    AuditQuery,
-    AuditVerificationOut,
-    AuditVerifyQuery,
-    ErrorResponse,
-    HealthOut,
-    ModelList,
-    ModerationRequest,
-    ModerationResponse,
-    ReadinessOut,
-    SubmissionAccepted,
-    SubmissionBatchAccepted,
-    SubmissionBatchIn,
-    SubmissionGetQuery,
-    SubmissionIn,
-    SubmissionListQuery,
-    SubmissionOut,
-    SubmissionPage,
 )
 
 bp = Blueprint("openapi", __name__)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 
+from app.api.auth import current_principal, require_scope
 from app.api.body import current_limits, read_json_object
-from app.auth import current_principal, require_scope
-from app.db import request_session
+from app.api.rate_limits import charge_tokens
+from app.api.request_context import current_request_id
+from app.api.transactions import request_session, transaction
+from app.extensions import current_database, current_settings
 from app.masking import Masker
 from app.models import Submission
-from app.queue import dispatch_moderation
-from app.rate_limits import charge_tokens
-from app.request_context import current_request_id
-from app.schemas import (
+from app.schemas.submissions import (
     SubmissionAccepted,
     SubmissionBatchAccepted,
     SubmissionBatchIn,
@@ -23,19 +23,15 @@ from app.schemas import (
     SubmissionPage,
     submission_out,
 )
-from app.use_cases.submissions import (
-    SubmissionFilter,
-    await_submission,
-    list_submissions,
-    submit_content,
-)
-from app.use_cases.webhooks import check_callback_urls
+from app.use_cases.submissions import SubmissionFilter, await_submission, list_submissions, submit_content
+from app.use_cases.webhook_endpoints import check_callback_urls
 
 bp = Blueprint("submissions", __name__)
 
 
 @bp.post("/v1/submissions")
 @require_scope("submit")
+@transaction
 def create_submissions() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object()
     context = {"limits": current_limits()}
@@ -43,11 +39,11 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
     items = (SubmissionBatchIn.model_validate(body, context=context).items if batch
              else [SubmissionIn.model_validate(body, context=context)])
     charge_tokens([text for item in items for text in item.input])
-    check_callback_urls(request_session(), current_principal().tenant_id, [item.callback_url for item in items],
-                        settings=current_app.extensions["verdict.settings"])
-    submissions = submit_content(request_session(), current_principal(), items,
-                                 request_id=current_request_id(), dispatch=dispatch_moderation,
-                                 masker=Masker.from_settings(current_app.extensions["verdict.settings"]))
+    session, principal, settings = request_session(), current_principal(), current_settings()
+    check_callback_urls(session, principal.tenant_id, [item.callback_url for item in items], settings=settings)
+    # Their moderation messages are sent once this view's transaction commits.
+    submissions = submit_content(session, principal, items, request_id=current_request_id(),
+                                 masker=Masker.from_settings(settings))
     accepted = [SubmissionAccepted(id=s.id, links={"self": _self_link(s.id)}) for s in submissions]
     if batch:
         return jsonify(SubmissionBatchAccepted(data=accepted).model_dump(mode="json")), 202, {}
@@ -58,13 +54,15 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
 @require_scope("read")
 def get_submission(submission_id: str) -> Response:
     query = SubmissionGetQuery.model_validate(request.args.to_dict())
-    submission = await_submission(request_session(), current_principal().tenant_id, submission_id,
+    # A command with a short transaction per look, so a long-poll holds no connection while it waits.
+    submission = await_submission(current_database(), current_principal().tenant_id, submission_id,
                                   wait_seconds=query.wait)
     return jsonify(submission_view(submission).model_dump(mode="json"))
 
 
 @bp.get("/v1/submissions")
 @require_scope("read")
+@transaction
 def list_all() -> Response:
     query = SubmissionListQuery.model_validate(request.args.to_dict())
     page = list_submissions(

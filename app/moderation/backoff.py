@@ -1,13 +1,5 @@
-"""How long to wait before asking a provider again: tenacity's strategies, one policy for every retry.
-
-A 429 (or a 5xx) that says `Retry-After` is honoured; anything else transient backs off exponentially with full
-jitter. Every wait is capped below the broker's visibility timeout (Settings checks the cap), because a retry is a
-countdown message and Redis hands an unacknowledged message to another worker once that timeout passes.
-
-Queued work retries through the queue (the row says `queued` with its due time, so a killed worker loses nothing):
-`retry_delay` gives the countdown. The synchronous endpoint has no queue to go back to and retries in place with
-`sync_retrying`, on the same strategies.
-"""
+"""How long to wait before asking a provider again (tenacity's strategies): `Retry-After` honoured, else exponential
+backoff with full jitter, capped below the broker's visibility timeout. See docs/moderation.md."""
 
 from __future__ import annotations
 

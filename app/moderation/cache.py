@@ -1,10 +1,5 @@
-"""The verdict cache: a provider's scores for one text, by content hash, so a repeated text is not paid for twice.
-
-Keys are scoped by tenant, provider, model and policy (name and version) and hold only scores, never the text: the
-key is a SHA-256 over those and the text. Entries live in Redis for CACHE_TTL_SECONDS. A cache that cannot be
-reached is skipped (the provider is asked), never an error. Degraded answers (a fallback, fail-open, fail-closed)
-are never cached.
-"""
+"""The verdict cache: a provider's scores per text, keyed by a hash of tenant, provider, model, policy and text (never
+the text), in Redis for CACHE_TTL_SECONDS; unreachable means skipped. See docs/moderation.md."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""The circuit breaker around the upstream provider, shared by every worker through Redis, and its fallback.
-
-After CIRCUIT_FAILURE_THRESHOLD outages in a row (5xx, timeouts, unreachable, garbled answers) the circuit opens:
-for CIRCUIT_RESET_SECONDS no worker calls the provider; then one call tries it again (half-open) and closes the
-circuit if it succeeds. While it is open, the fallback provider (MODERATION_FALLBACK_PROVIDER, e.g. the local
-engine) answers instead and its verdicts are marked `degraded`; with no fallback, the call fails as transient
-(`upstream_circuit_open`) and the queue retries it after the cool-down.
-
-Refusals (4xx) and rate limiting are not outages: they never open the circuit. The breaker is pybreaker's, with its
-Redis storage, so the state is one for all workers and hosts; it is created on first use, so building the app never
-needs Redis.
-"""
+"""The circuit breaker around the upstream provider (pybreaker, its state shared in Redis) and the fallback that
+answers while it is open. See docs/moderation.md."""
 
 from __future__ import annotations
 

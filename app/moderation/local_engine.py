@@ -1,10 +1,5 @@
-"""The local engine: moderation inside Verdict, with no network and no download.
-
-A multi-label model over the taxonomy, trained by `make train-engine` from openly licensed data and shipped as package
-data (app/moderation/engine/; model card: docs/engine.md). It judges the categories it has evidence for and reports
-the rest as not judged rather than as a made-up zero. The model loads once per process (`warm_up`, called when the
-API and the worker start).
-"""
+"""The local engine: moderation inside Verdict with no network, a multi-label model over the taxonomy shipped as package
+data (app/moderation/engine/), loaded once per process. Model card: docs/engine.md."""
 
 from __future__ import annotations
 

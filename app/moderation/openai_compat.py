@@ -1,12 +1,5 @@
-"""The OpenAI-compatible HTTP provider: `POST {base_url}/moderations` (or `/moderate`) with an array `input`.
-
-Each call first waits for capacity under the shared rate limit (app/moderation/rate_limit.py), then tells the limiter
-what the provider answered: its `X-RateLimit-*` headers, its `usage`, its `Retry-After`.
-
-Parsing is tolerant of what compatible servers vary in (label spelling, extra fields, missing categories) and strict
-about what would make a verdict wrong (result count, non-numeric scores). One unusable result in a batch spoils only
-its own text (`ProviderResult.defective`); an answer that cannot be matched to its inputs spoils the whole call.
-"""
+"""The OpenAI-compatible HTTP provider (`POST {base_url}/moderations` or `/moderate`), under the upstream's shared
+budget, tolerant of label spelling and strict about what would make a verdict wrong. See docs/moderation.md."""
 
 from __future__ import annotations
 
@@ -25,15 +18,9 @@ from app.moderation.providers import (
     TextScores,
     TransientProviderError,
 )
-from app.moderation.rate_limit import (
-    NoCapacity,
-    OverTokenLimit,
-    Permit,
-    RateLimitUnavailable,
-    SharedRateLimiter,
-    estimate_tokens,
-)
 from app.moderation.taxonomy import CATEGORIES, canonical_category
+from app.moderation.tokens import estimate_tokens
+from app.moderation.upstream_budget import NoCapacity, OverTokenLimit, Permit, RateLimitUnavailable, SharedRateLimiter
 
 
 class OpenAICompatibleProvider:
@@ -166,18 +153,10 @@ class OpenAICompatibleProvider:
                 self._limiter.settle(permit, tokens)
 
 
-def parse_results(payload: Any, *, expected: int) -> tuple[list[TextScores], frozenset[str]]:
-    """The per-text scores in an OpenAI-shaped answer, matched to the inputs by position; any defect raises."""
-    results, judged, defective = parse_batch(payload, expected=expected)
-    if defective:
-        raise TransientProviderError("upstream_malformed", "a result of the provider's answer is unusable")
-    return results, judged
-
-
 def parse_batch(payload: Any, *, expected: int) -> tuple[list[TextScores], frozenset[str], frozenset[int]]:
-    """Like `parse_results`, but a result that is unusable on its own is reported by position (the third item)
-    instead of spoiling the batch; the answer as a whole still raises when it cannot be matched to the inputs, or
-    when not one of its results is usable."""
+    """The per-text scores in an OpenAI-shaped answer, matched to the inputs by position, and the categories judged.
+    A result that is unusable on its own is reported by position (the third item) instead of spoiling the batch;
+    the answer as a whole raises when it cannot be matched to the inputs, or when not one of its results is usable."""
     if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
         raise TransientProviderError("upstream_malformed", "the provider's answer has no results list")
     raw_results: list[Any] = payload["results"]

@@ -1,8 +1,5 @@
-"""Policy: per-category thresholds that turn a provider's scores into `allow`, `review` or `block`.
-
-A score at or above a category's `block` threshold blocks; at or above `review` sends the submission to review. Over
-several texts, the submission takes the strictest decision and each category its highest score.
-"""
+"""Policy: per-category thresholds that turn a provider's scores into `allow`, `review` or `block` (over several
+texts, the strictest decision and each category's highest score). See docs/moderation.md."""
 
 from __future__ import annotations
 

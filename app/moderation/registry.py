@@ -11,7 +11,7 @@ from app.moderation.circuit import GuardedProvider, shared_breaker
 from app.moderation.local_engine import LocalEngine
 from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import ModerationProvider
-from app.moderation.rate_limit import WINDOW_MARGIN_SECONDS, SharedRateLimiter, limiter_key
+from app.moderation.upstream_budget import WINDOW_MARGIN_SECONDS, SharedRateLimiter, limiter_key
 
 log = structlog.get_logger(__name__)
 

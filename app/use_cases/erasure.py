@@ -1,10 +1,5 @@
-"""Erasing submitted content and personal data: on request (`DELETE /v1/data/{id}`), or when the tenant's retention
-period runs out (the beat job).
-
-What goes: the texts, the client's `metadata`, and the verdict's per-text results. What stays is a tombstone: the
-row with its status, decision and overall verdict, the content digest, ids and times, and `erased_at`. Audit events
-never held content, only digests, so the hash chain is untouched; a `data.erased` event records the erasure. A worker
-that later picks up an erased submission fails it as `content_unavailable`.
+"""Erasing submitted content and personal data, on request (`DELETE /v1/data/{id}`) or when the tenant's retention
+period runs out (the beat sweep); a tombstone and the audit trail stay. See docs/compliance.md.
 """
 
 from __future__ import annotations
@@ -18,9 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.db import Database
 from app.models import Submission, Tenant, Verdict, utcnow
 from app.use_cases.audit import record_event
 from app.use_cases.submissions import get_submission
+from app.use_cases.webhook_deliveries import erase_delivery_payloads
 
 RETENTION_ACTOR = "retention"
 ERASED_FIELDS = ["content", "metadata", "verdict.results"]
@@ -29,15 +26,13 @@ ERASED_FIELDS = ["content", "metadata", "verdict.results"]
 def erase_submission(
     session: Session, tenant_id: str, submission_id: str, *, actor: str, request_id: str | None
 ) -> Submission:
-    """Erase one submission of the tenant (404 for anyone else's). Erasing it again changes nothing."""
+    """Erase one submission of the tenant (404 for anyone else's), in the caller's transaction; the submission is
+    returned as it now stands. Erasing it again changes nothing."""
     submission = get_submission(session, tenant_id, submission_id)
     if submission.erased_at is None:
         _erase(session, tenant_id, [submission.id], actor=actor, request_id=request_id, reason="request")
-        session.commit()
-        session.expire_all()
+        session.expire_all()  # the UPDATEs bypassed the loaded objects
         submission = get_submission(session, tenant_id, submission_id)
-    else:
-        session.rollback()
     return submission
 
 
@@ -54,38 +49,40 @@ def retention_days(tenant_days: int | None, default_days: int) -> int:
 
 
 def erase_expired_content(
-    session: Session, *, default_days: int, time_budget: float, batch_size: int = 500,
+    database: Database, *, default_days: int, time_budget: float, batch_size: int = 500,
 ) -> RetentionSweep:
-    """Erase content older than each tenant's retention, a batch per transaction, until done or out of time."""
+    """Erase content older than each tenant's retention, until done or out of time.
+
+    A command: a batch of one tenant's submissions per transaction, so a sweep that stops (out of time, or killed)
+    keeps what it erased, and the tenant's audit chain is locked only briefly.
+    """
     deadline = time.monotonic() + time_budget
     now = utcnow()
-    tenants = session.execute(select(Tenant.id, Tenant.retention_days).order_by(Tenant.id)).all()
-    session.rollback()
-    erased = 0
-    for tenant_id, tenant_days in tenants:
-        days = retention_days(tenant_days, default_days)
-        if days <= 0:
-            continue
-        cutoff = now - timedelta(days=days)
-        while True:
-            if time.monotonic() > deadline:
-                return RetentionSweep(erased=erased, finished=False)
-            ids = list(session.scalars(
-                select(Submission.id)
-                .where(Submission.tenant_id == tenant_id, Submission.erased_at.is_(None),
-                       Submission.created_at < cutoff)
-                .order_by(Submission.created_at).limit(batch_size)
-                # Two sweeps at once (a slow one and the next beat) take different rows instead of waiting.
-                .with_for_update(skip_locked=True)
-            ))
-            if not ids:
-                session.rollback()
-                break
-            erased += _erase(session, tenant_id, ids, actor=RETENTION_ACTOR, request_id=None, reason="retention",
-                             details={"retention_days": days})
-            session.commit()
-            if len(ids) < batch_size:
-                break
+    with database.session() as session:
+        with session.begin():
+            tenants = session.execute(select(Tenant.id, Tenant.retention_days).order_by(Tenant.id)).all()
+        erased = 0
+        for tenant_id, tenant_days in tenants:
+            days = retention_days(tenant_days, default_days)
+            if days <= 0:
+                continue
+            cutoff = now - timedelta(days=days)
+            while True:
+                if time.monotonic() > deadline:
+                    return RetentionSweep(erased=erased, finished=False)
+                with session.begin():
+                    ids = list(session.scalars(
+                        select(Submission.id)
+                        .where(Submission.tenant_id == tenant_id, Submission.erased_at.is_(None),
+                               Submission.created_at < cutoff)
+                        .order_by(Submission.created_at).limit(batch_size)
+                        # Two sweeps at once (a slow one and the next beat) take different rows instead of waiting.
+                        .with_for_update(skip_locked=True)
+                    ))
+                    erased += _erase(session, tenant_id, ids, actor=RETENTION_ACTOR, request_id=None,
+                                     reason="retention", details={"retention_days": days}) if ids else 0
+                if len(ids) < batch_size:
+                    break
     return RetentionSweep(erased=erased, finished=True)
 
 
@@ -109,6 +106,8 @@ def _erase(
         update(Verdict).where(Verdict.submission_id.in_([row.id for row in erased])).values(results=[])
         .execution_options(synchronize_session=False)
     )
+    # The bodies of the submission's webhook deliveries carry its metadata and per-text results too.
+    erase_delivery_payloads(session, [row.id for row in erased], now)
     for row in sorted(erased, key=lambda r: r.id):
         record_event(
             session, tenant_id=tenant_id, action="data.erased", actor=actor, subject_type="submission",

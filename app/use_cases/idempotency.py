@@ -1,18 +1,15 @@
-"""The idempotency-key store: claim a key for a request, keep its first response, replay it, forget it after the TTL.
-
-Each function is one short transaction of its own, apart from the request's: the claim must be visible to a racing
-request before the first one has done anything, and a stored response must outlive a request that rolled back.
-"""
+"""The idempotency-key store: claim a key, keep the first response, replay it, forget it after the TTL, each in the
+caller's transaction, which the HTTP wrapper (app/api/idempotency.py) keeps apart from the request's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from app.db import insert_for
 from app.models import IdempotencyRecord, utcnow
 
 
@@ -43,30 +40,28 @@ ClaimResult = Claimed | InProgress | Mismatch | StoredResponse
 
 def claim(session: Session, tenant_id: str, key: str, fingerprint: str, *, api_key_id: str,
           ttl_seconds: int) -> ClaimResult:
+    """Claim the key for this request, or say what became of the request that claimed it first."""
     now = utcnow()
-    for _ in range(3):
-        record = session.get(IdempotencyRecord, (tenant_id, key))
-        if record is not None and record.expires_at <= now:
-            # Expired: forget it (only if it is still the row we saw), then claim afresh.
-            session.execute(delete(IdempotencyRecord).where(
-                IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key,
-                IdempotencyRecord.expires_at <= now))
-            session.commit()
-            record = None
-        if record is not None:
-            result = _judge(record, fingerprint)
-            session.rollback()
-            return result
-        session.add(IdempotencyRecord(tenant_id=tenant_id, key=key, fingerprint=fingerprint, api_key_id=api_key_id,
-                                      created_at=now, expires_at=now + timedelta(seconds=ttl_seconds)))
-        try:
-            session.commit()
-        except IntegrityError:
-            # A racing request inserted it first: look again.
-            session.rollback()
-            continue
+    # Expired: forget it, then claim afresh.
+    session.execute(delete(IdempotencyRecord).where(
+        IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key, IdempotencyRecord.expires_at <= now))
+    # Of two requests racing here, the second waits for the first's row and then inserts nothing.
+    claimed = session.execute(
+        insert_for(session)(IdempotencyRecord)
+        .values(tenant_id=tenant_id, key=key, fingerprint=fingerprint, api_key_id=api_key_id, created_at=now,
+                expires_at=now + timedelta(seconds=ttl_seconds))
+        .on_conflict_do_nothing(index_elements=["tenant_id", "key"])
+        .returning(IdempotencyRecord.key)
+    ).scalar_one_or_none()
+    if claimed is not None:
         return Claimed()
-    return InProgress()
+    record = session.scalars(
+        select(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    if record is None:  # pragma: no cover - the row that stopped the insert was deleted meanwhile
+        return InProgress()
+    return _judge(record, fingerprint)
 
 
 def _judge(record: IdempotencyRecord, fingerprint: str) -> ClaimResult:
@@ -84,7 +79,6 @@ def store_response(session: Session, tenant_id: str, key: str, response: StoredR
         .where(IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key)
         .values(status_code=response.status_code, response_body=response.body, response_headers=response.headers)
     )
-    session.commit()
 
 
 def release(session: Session, tenant_id: str, key: str) -> None:
@@ -92,11 +86,9 @@ def release(session: Session, tenant_id: str, key: str) -> None:
     session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant_id,
                                                     IdempotencyRecord.key == key,
                                                     IdempotencyRecord.status_code.is_(None)))
-    session.commit()
 
 
 def purge_expired(session: Session) -> int:
     """Delete expired records (claims look past them anyway; this keeps the table small)."""
     result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.expires_at <= utcnow()))
-    session.commit()
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -1,7 +1,6 @@
-"""Creating, listing and revoking API keys (and the tenant a first key creates).
-
-Two doors lead here: the operator's CLI (by tenant name, may create the tenant) and `/v1/keys` (an `admin` key,
-always within its own tenant). Rotation is create-then-revoke: issue the new key, deploy it, revoke the old one.
+"""Creating, listing and revoking API keys (and the tenant a first key creates), through two doors: the operator's
+CLI (by tenant name) and `/v1/keys` (an `admin` key, within its own tenant). Checking a presented key is
+app/use_cases/authentication.py.
 """
 
 from __future__ import annotations
@@ -13,10 +12,10 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.auth import SCOPES, generate_key, hash_key
-from app.errors import NotFound
 from app.models import ApiKey, Tenant, utcnow
 from app.use_cases.audit import SYSTEM_ACTOR, record_event
+from app.use_cases.authentication import SCOPES, generate_key, hash_key
+from app.use_cases.errors import NotFound
 
 
 class KeyRequestError(Exception):
@@ -118,7 +117,6 @@ def _issue(
         details["rate_limits"] = {"rpm": limits.rpm, "tpm": limits.tpm}
     record_event(session, tenant_id=tenant.id, action="key.created", actor=actor, subject_type="api_key",
                  subject_id=key_id, request_id=request_id, details=details)
-    session.commit()
     return IssuedKey(key=key, plaintext=plaintext, tenant_created=False)
 
 
@@ -141,7 +139,6 @@ def revoke_tenant_key(session: Session, tenant_id: str, key_id: str, *, actor: s
     """The API's door: another tenant's key answers exactly as a missing one. Revoking twice changes nothing."""
     key = None if "\x00" in key_id else session.get(ApiKey, key_id)
     if key is None or key.tenant_id != tenant_id:
-        session.rollback()
         raise NotFound("No such API key.", param="id")
     return _revoke(session, key, actor=actor, request_id=request_id)
 
@@ -152,11 +149,8 @@ def _revoke(session: Session, key: ApiKey, *, actor: str, request_id: str | None
         update(ApiKey).where(ApiKey.id == key.id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
         .returning(ApiKey.id).execution_options(synchronize_session=False)
     ).scalar_one_or_none()
-    if won is None:
-        session.rollback()
-    else:
+    if won is not None:
         record_event(session, tenant_id=key.tenant_id, action="key.revoked", actor=actor, subject_type="api_key",
                      subject_id=key.id, request_id=request_id)
-        session.commit()
     session.refresh(key)
     return key

@@ -1,28 +1,26 @@
-"""Taking content in and reading it back: submit, look up, list. Every read is scoped to the caller's tenant."""
+"""Taking content in and reading it back: submit, look up (or wait for), list. Every read is scoped to the caller's
+tenant."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from app.auth import Principal
-from app.errors import InvalidRequest, NotFound
+from app.audit_chain import content_digest
+from app.db import Database
 from app.masking import DEFAULT_MASKER, Masker
 from app.models import Submission, SubmissionStatus, Tenant, Verdict, utcnow
 from app.moderation.policy import get_policy
-from app.schemas import SubmissionIn
-from app.use_cases.audit import content_digest, record_event
-
-Dispatch = Callable[[Sequence[str]], None]
+from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.schemas.submissions import SubmissionIn
+from app.use_cases.audit import record_event
+from app.use_cases.authentication import Principal
+from app.use_cases.errors import InvalidInput, NotFound
+from app.use_cases.pagination import decode_cursor, encode_cursor
 
 
 def submit_content(
@@ -31,20 +29,17 @@ def submit_content(
     items: Sequence[SubmissionIn],
     *,
     request_id: str | None,
-    dispatch: Dispatch,
     masker: Masker = DEFAULT_MASKER,
 ) -> list[Submission]:
-    """Store the submissions and their `submission.received` events in one transaction, then dispatch them.
-
-    Dispatch happens only after the commit, so a worker never looks for a row that is not there yet. If dispatch
-    fails (broker down), the rows stay `queued` and the requeue sweep sends them later: nothing is lost. Texts to
-    be masked are masked first, so neither the database nor a provider ever sees the personal data, and the content
-    digest is of the masked text.
+    """Store the submissions and their `submission.received` events, in the caller's transaction; each is sent to
+    the queue once it commits (the outbox), and the requeue sweep sends any that were not. Texts to be masked are
+    masked first, so neither the database nor a provider ever sees the personal data, and the content digest is of
+    the masked text.
     """
     for index, item in enumerate(items):
         if get_policy(item.policy) is None:
             param = "policy" if len(items) == 1 else f"items[{index}].policy"
-            raise InvalidRequest(f"Unknown policy '{item.policy}'.", param=param, code="unknown_policy")
+            raise InvalidInput(f"Unknown policy '{item.policy}'.", param=param, code="unknown_policy")
 
     now = utcnow()
     tenant_default = _tenant_mask_default(session, principal.tenant_id) if any(
@@ -90,8 +85,7 @@ def submit_content(
             content_digest=submission.content_digest, conversation_id=submission.conversation_id,
             turn_id=submission.turn_id, details=details,
         )
-    session.commit()
-    dispatch([s.id for s in submissions])
+    send_after_commit(session, *(Message(MODERATE_SUBMISSION, (s.id,)) for s in submissions))
     return submissions
 
 
@@ -112,18 +106,19 @@ _FINAL = {SubmissionStatus.COMPLETED.value, SubmissionStatus.FAILED.value}
 
 
 def await_submission(
-    session: Session, tenant_id: str, submission_id: str, *, wait_seconds: float, poll_interval: float = 0.2
+    database: Database, tenant_id: str, submission_id: str, *, wait_seconds: float, poll_interval: float = 0.2
 ) -> Submission:
-    """The submission, waiting up to `wait_seconds` for it to reach a final status (long-poll)."""
+    """The submission (its verdict loaded), waiting up to `wait_seconds` for it to reach a final status (long-poll).
+
+    A command: each look is a short read transaction of its own, so no connection is held while it sleeps.
+    """
     deadline = time.monotonic() + wait_seconds
-    submission = get_submission(session, tenant_id, submission_id)
-    while submission.status not in _FINAL and time.monotonic() < deadline:
-        # Release the connection while sleeping; re-read fresh state afterwards.
-        session.rollback()
+    while True:
+        with database.transaction() as session:
+            submission = get_submission(session, tenant_id, submission_id)
+        if submission.status in _FINAL or time.monotonic() >= deadline:
+            return submission
         time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
-        session.expire_all()
-        submission = get_submission(session, tenant_id, submission_id)
-    return submission
 
 
 @dataclass(frozen=True)
@@ -165,24 +160,3 @@ def list_submissions(
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more and rows else None
     return Page(submissions=rows, next_cursor=next_cursor)
-
-
-def encode_cursor(created_at: datetime, submission_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), submission_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-_CURSOR_ID = re.compile(r"[\x21-\x7e]{1,64}")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_raw, submission_id = json.loads(raw)
-        created_at = datetime.fromisoformat(created_raw)
-        # The id goes into SQL: printable ASCII only (a NUL or a lone surrogate would fail in the driver, a 500).
-        if created_at.tzinfo is None or not isinstance(submission_id, str) or not _CURSOR_ID.fullmatch(submission_id):
-            raise ValueError("bad cursor")
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequest("Invalid cursor.", param="cursor", code="invalid_cursor") from exc
-    return created_at, submission_id

@@ -39,7 +39,8 @@ def configure_tenant(
     failure_mode: str | None | Keep = KEEP,
     actor: str = SYSTEM_ACTOR,
 ) -> Tenant:
-    """Change the tenant's settings (None: follow the deployment's default) and audit what changed."""
+    """Change the tenant's settings (None: follow the deployment's default) and audit what changed, in the caller's
+    transaction."""
     tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one_or_none()
     if tenant is None:
         raise TenantRequestError(f"no tenant named {tenant_name!r}")
@@ -61,7 +62,4 @@ def configure_tenant(
     if changes:
         record_event(session, tenant_id=tenant.id, action="tenant.updated", actor=actor, subject_type="tenant",
                      subject_id=tenant.id, details={"changes": changes})
-        session.commit()
-    else:
-        session.rollback()
     return tenant

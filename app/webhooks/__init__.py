@@ -1,2 +1,2 @@
-"""Webhook mechanics that know nothing of the database: signing (`signing`), the SSRF guard (`url_guard`),
-the HTTP attempt (`sender`) and the event payloads (`events`). The use cases live in `app.use_cases.webhooks`."""
+"""Webhook mechanics that know nothing of the database: signing, the SSRF guard, the HTTP attempt and the event
+payloads. The use cases are app/use_cases/webhook_endpoints.py and app/use_cases/webhook_deliveries.py."""

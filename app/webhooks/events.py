@@ -1,10 +1,5 @@
-"""The events Verdict sends and the exact JSON body of each (the Standard Webhooks envelope).
-
-    {"type": "submission.completed", "timestamp": "2026-…Z", "data": {…the submission, as GET /v1/submissions/{id}
-     returns it, verdict included…}}
-
-A body holds ids, metadata and the verdict, so a receiver needs no further call; it never holds moderated text.
-"""
+"""The events Verdict sends and the exact body of each (the Standard Webhooks envelope around the submission as
+`GET /v1/submissions/{id}` shows it; never moderated text). See docs/webhooks.md."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from app.models import Submission, SubmissionStatus, Verdict
-from app.schemas import submission_out
+from app.schemas.submissions import submission_out
 
 SUBMISSION_COMPLETED = "submission.completed"
 SUBMISSION_FLAGGED = "submission.flagged"

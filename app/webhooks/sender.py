@@ -1,11 +1,5 @@
-"""One HTTP attempt of a webhook delivery, made safely.
-
-The URL goes through the SSRF guard right before the attempt, and the connection goes to an address the guard
-checked: the request is sent to that IP with the original `Host` header and, for https, the original name for SNI
-and certificate verification, so a DNS answer that changes between check and connect (rebinding) cannot redirect
-it. Redirects are not followed, proxies from the environment are not used, and at most a short excerpt of the
-answer is read and kept.
-"""
+"""One HTTP attempt of a webhook delivery, sent to the addresses the SSRF guard checked (no re-resolving, no redirects,
+no proxies), keeping a short excerpt of the answer. See docs/webhooks.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""How a webhook is signed: Standard Webhooks (https://www.standardwebhooks.com), by its reference library.
-
-Headers: `webhook-id` (the delivery's id, the same on every attempt), `webhook-timestamp` (Unix seconds of this
-attempt) and `webhook-signature`: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, one per valid secret, separated
-by spaces, so a receiver still holding the previous secret keeps verifying during a rotation. Secrets read
-`whsec_<base64 of 32 random bytes>`, the shape every Standard Webhooks library accepts.
-"""
+"""How a webhook is signed: Standard Webhooks, by its reference library (`webhook-id`, `webhook-timestamp`,
+`webhook-signature` with one `v1,` signature per valid secret; secrets `whsec_…`). See docs/webhooks.md."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""The SSRF guard: where a webhook may be sent.
-
-A URL must be absolute http(s), without credentials, and every address its host resolves to must be public:
-loopback, private, shared (CGNAT), link-local, multicast, reserved, unspecified and cloud-metadata addresses are
-refused, in IPv4 and IPv6, including IPv4 addresses carried inside IPv6 ones (mapped `::ffff:a.b.c.d`, NAT64,
-6to4, Teredo). The operator may open networks on purpose with WEBHOOK_ALLOWED_NETWORKS (tests open 127.0.0.0/8).
-
-The guard runs when a URL is registered and again right before every attempt, because DNS can change in between;
-the sender then connects to exactly the addresses checked here (`Target.addresses`), never resolving again.
-"""
+"""The SSRF guard: a webhook URL must be absolute http(s) and resolve only to public addresses, unless
+WEBHOOK_ALLOWED_NETWORKS opens a network; checked on registration and before every attempt. See docs/webhooks.md."""
 
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ class Bench:
 
     def new_key(self) -> str:
         assert self.database is not None
-        with self.database.session_scope() as session:
+        with self.database.transaction() as session:
             issued = create_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:8]}", scopes=("submit", "read"))
             return issued.plaintext
 
@@ -190,10 +190,9 @@ class Bench:
         """Between phases: what one phase left queued must not be worked on by the next one's workers."""
         assert self.database is not None
         self.flush_broker()
-        with self.database.session_scope() as session:
+        with self.database.transaction() as session:
             session.execute(update(Submission).where(Submission.status.in_(["queued", "processing"]))
                             .values(status="failed", error_code="bench_abandoned", claim_token=None))
-            session.commit()
 
     def submit_texts(self, url: str, key: str, texts: list[str], threads: int = 2) -> None:
         chunks = [texts[i:i + 100] for i in range(0, len(texts), 100)]
@@ -230,7 +229,7 @@ class Bench:
                 f"{args.workers} workers x {args.concurrency}")
             time.sleep(window)
             ended = datetime.now(UTC)
-            with self.database.session_scope() as session:
+            with self.database.transaction() as session:
                 moderated = session.scalar(select(func.count()).select_from(Verdict)
                                            .where(Verdict.created_at >= started, Verdict.created_at < ended))
             calls = fake.requests
@@ -304,7 +303,7 @@ class Bench:
                                      for i in range(count)])
         deadline = time.monotonic() + 600
         while True:
-            with self.database.session_scope() as session:
+            with self.database.transaction() as session:
                 rows = session.execute(
                     select(Submission.created_at, Verdict.created_at).join(Verdict)
                     .where(Submission.created_at >= began)).tuples().all()

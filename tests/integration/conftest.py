@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
@@ -23,6 +22,7 @@ from app.db import Database
 from app.models import Submission, SubmissionStatus, utcnow
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
+from tests.lanes import integration_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = {"completed", "failed"}
@@ -105,16 +105,15 @@ def worker_env(database_url: str, redis_url: str, **overrides: str) -> dict[str,
 def retire_leftovers(database: Database) -> None:
     """Submissions that earlier tests left queued (they ran no worker) are not this test's: a worker gathers every
     queued row into its batches, so they would reach this test's upstream. They are marked failed, as abandoned."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(Submission)
                         .where(Submission.status.in_([SubmissionStatus.QUEUED.value,
                                                       SubmissionStatus.PROCESSING.value]))
                         .values(status=SubmissionStatus.FAILED.value, claim_token=None, completed_at=utcnow(),
                                 error_code="abandoned_by_an_earlier_test"))
-        session.commit()
 
 
-@pytest.fixture
+@integration_fixture(serial=True)
 def start_worker(database_url: str, redis_url: str, database: Database,
                  tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes with the given environment overrides; all are stopped when the test ends."""
@@ -133,7 +132,7 @@ def start_worker(database_url: str, redis_url: str, database: Database,
         worker.stop()
 
 
-@pytest.fixture
+@integration_fixture
 def fake_upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key="sk-upstream-test") as upstream:
         yield upstream

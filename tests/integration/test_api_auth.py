@@ -46,7 +46,7 @@ def call(client: FlaskClient, method: str, path: str, body: dict[str, Any] | Non
 
 
 def count_submissions(database: Database) -> int:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(Submission)) or 0)
 
 
@@ -98,14 +98,13 @@ def authorization_for(case: str, database: Database) -> str | None:
         wrong = f"vk_{id_part}_{secrets.token_urlsafe(32)}"
         assert wrong != key.plaintext
         return f"Bearer {wrong}"
-    with database.session_scope() as session:
+    with database.transaction() as session:
         if case == "revoked":
             revoke_key(session, key.key_id)
         elif case == "expired":
             row = session.get(ApiKey, key.key_id)
             assert row is not None
             row.expires_at = utcnow() - timedelta(seconds=1)
-            session.commit()
         else:
             raise AssertionError(case)
     return f"Bearer {key.plaintext}"
@@ -155,11 +154,10 @@ def test_auth_is_checked_before_the_body(client: FlaskClient, database: Database
 
 def test_key_expiring_in_the_future_still_works(client: FlaskClient, database: Database) -> None:
     key = issue_key(database, scopes=("read",))
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(ApiKey, key.key_id)
         assert row is not None
         row.expires_at = utcnow() + timedelta(hours=1)
-        session.commit()
     assert client.get("/v1/submissions", headers=key.headers).status_code == 200
 
 
@@ -388,7 +386,7 @@ def test_key_is_stored_only_as_a_digest(database: Database, tenant: TenantKey) -
     match = re.fullmatch(r"vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})", tenant.plaintext)
     assert match is not None and tenant.key_id == f"key_{match.group(1)}"
     secret_part = match.group(2)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(ApiKey, tenant.key_id)
         assert row is not None
         assert re.fullmatch(r"[0-9a-f]{64}", row.secret_hash)

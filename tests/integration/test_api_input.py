@@ -59,7 +59,7 @@ def assert_error(response: TestResponse, status: int, code: str, param: str | No
 
 def stored(database: Database, tenant: TenantKey) -> tuple[int, int]:
     """(submissions, audit events) of the tenant: a refused request must change neither."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         submissions = session.scalar(
             select(func.count()).select_from(Submission).where(Submission.tenant_id == tenant.tenant_id))
         events = session.scalar(

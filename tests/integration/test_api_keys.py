@@ -44,7 +44,7 @@ def test_create_shows_the_secret_once_and_it_works(client: FlaskClient, tenant: 
     listed = {k["id"]: k for k in listing.get_json()["data"]}
     assert set(listed) == {tenant.key_id, created["id"]}
     assert listed[created["id"]]["last_used_at"] is not None  # recorded by the use above
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(ApiKey, created["id"])
         assert row is not None and row.secret_hash != created["secret"] and created["secret"] not in str(row.scopes)
 
@@ -60,7 +60,7 @@ def test_revoke_refuses_the_key_at_once_and_is_audited(client: FlaskClient, tena
     # Revoking again changes nothing and writes no second event.
     again = client.delete(f"/v1/keys/{created['id']}", headers=tenant.headers)
     assert again.status_code == 200 and again.get_json()["revoked_at"] == response.get_json()["revoked_at"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.subject_id == created["id"])
                                  .order_by(AuditEvent.seq)).all()
         # The refused use of the revoked key is audited too.
@@ -85,11 +85,10 @@ def test_key_expires(client: FlaskClient, tenant: TenantKey, database: Database)
     created = create(client, tenant, expires_at=expires)
     assert created["expires_at"] is not None
     assert client.get("/v1/submissions", headers=bearer(created["secret"])).status_code == 200
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(ApiKey, created["id"])
         assert row is not None
         row.expires_at = utcnow() - timedelta(seconds=1)
-        session.commit()
     response = client.get("/v1/submissions", headers=bearer(created["secret"]))
     error = assert_envelope(response, 401, "authentication_error", "invalid_api_key")
     assert "expired" in error["message"]
@@ -118,7 +117,7 @@ def test_bad_create_requests_name_the_field_and_create_nothing(
     response = client.post("/v1/keys", json=body, headers=tenant.headers)
     error = assert_envelope(response, 400, "invalid_request_error", error_code(response))
     assert error["param"] == param
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert session.scalars(select(ApiKey.id).where(ApiKey.tenant_id == tenant.tenant_id)).all() == [tenant.key_id]
 
 

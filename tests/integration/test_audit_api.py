@@ -13,17 +13,17 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
+from app.audit_chain import format_timestamp, verify_export
 from app.db import Database
 from app.models import AuditEvent
-from app.use_cases.audit import format_timestamp, record_event, verify_export
+from app.use_cases.audit import record_event
 from tests.conftest import TenantKey, issue_key
 
 
 def add_event(database: Database, tenant_id: str, action: str, **fields: Any) -> AuditEvent:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         event = record_event(session, tenant_id=tenant_id, action=action, actor=fields.pop("actor", "worker"),
                              **fields)
-        session.commit()
         return event
 
 
@@ -47,7 +47,7 @@ def trail(database: Database, tenant: TenantKey) -> list[AuditEvent]:
     ]
     for action, fields in specs:
         add_event(database, tenant.tenant_id, action, **fields)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.chain_id == tenant.tenant_id)
                                     .order_by(AuditEvent.seq)))
 

@@ -12,19 +12,19 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
+from app.audit_chain import SYSTEM_CHAIN, canonical_fields, hash_fields
 from app.db import Database
 from app.models import AuditChainHead, AuditEvent, utcnow
-from app.use_cases.audit import SYSTEM_CHAIN, canonical_fields, hash_fields, record_event, verify_chain
+from app.use_cases.audit import record_event, verify_chain
 from app.use_cases.keys import revoke_key
 from tests.conftest import TenantKey, issue_key
 
 
 def append(database: Database, tenant_id: str | None, count: int, **fields: Any) -> None:
-    with database.session_scope() as session:
-        for number in range(count):
+    for number in range(count):
+        with database.transaction() as session:
             record_event(session, tenant_id=tenant_id, action="test.event", actor="tester", subject_type="thing",
                          subject_id=f"thing_{number}", details={"n": number}, **fields)
-            session.commit()
 
 
 def sql(database: Database, statement: str, **params: Any) -> None:
@@ -33,12 +33,12 @@ def sql(database: Database, statement: str, **params: Any) -> None:
 
 
 def verify(database: Database, chain_id: str, **kwargs: Any) -> Any:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return verify_chain(session, chain_id, **kwargs)
 
 
 def events_of(database: Database, chain_id: str) -> list[AuditEvent]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.chain_id == chain_id)
                                     .order_by(AuditEvent.seq)))
 
@@ -56,13 +56,14 @@ def test_events_form_a_gapless_chain_per_tenant(database: Database, tenant: Tena
     assert [e.seq for e in events_of(database, other_tenant.tenant_id)] == [1, 2, 3, 4]
     result = verify(database, tenant.tenant_id)
     assert result.ok and result.count == 5 and result.head_hash == mine[-1].hash
-    with database.session_scope() as session:
+    with database.transaction() as session:
         head = session.get(AuditChainHead, tenant.tenant_id)
         assert head is not None and (head.seq, head.hash) == (5, mine[-1].hash)
 
 
 def test_a_rolled_back_event_leaves_no_gap(database: Database, tenant: TenantKey) -> None:
-    with database.session_scope() as session:
+    with database.session() as session:
+        session.begin()
         record_event(session, tenant_id=tenant.tenant_id, action="test.rolled_back", actor="tester")
         session.rollback()
     append(database, tenant.tenant_id, 1)
@@ -81,18 +82,12 @@ def test_time_never_goes_backwards_within_a_chain(database: Database, tenant: Te
 
 
 def test_details_are_hashed_as_the_database_returns_them(database: Database, tenant: TenantKey) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         record_event(session, tenant_id=tenant.tenant_id, action="test.details", actor="tester",
                      details={"whole": 2.0, "tiny": 1e-7, "pair": (1, 2), "text": "Köln 👋"})
-        session.commit()
-        with pytest.raises(ValueError):
-            record_event(session, tenant_id=tenant.tenant_id, action="test.details", actor="tester",
-                         details={"bad": math.nan})
-        session.rollback()
-        with pytest.raises(ValueError):
-            record_event(session, tenant_id=tenant.tenant_id, action="test.details", actor="tester",
-                         details={"bad": 2**60})
-        session.rollback()
+    for bad in ({"bad": math.nan}, {"bad": 2**60}):
+        with pytest.raises(ValueError), database.transaction() as session:
+            record_event(session, tenant_id=tenant.tenant_id, action="test.details", actor="tester", details=bad)
     assert events_of(database, tenant.tenant_id)[-1].details == {"whole": 2, "tiny": 1e-7, "pair": [1, 2],
                                                                  "text": "Köln 👋"}
     assert verify(database, tenant.tenant_id).ok
@@ -208,7 +203,7 @@ def test_an_empty_chain_verifies(database: Database) -> None:
 
 
 def auth_failures(database: Database, chain_id: str) -> list[AuditEvent]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return list(session.scalars(select(AuditEvent).where(AuditEvent.chain_id == chain_id,
                                                              AuditEvent.action == "auth.failed")
                                     .order_by(AuditEvent.seq)))
@@ -236,7 +231,7 @@ def test_a_wrong_secret_for_a_real_key_is_audited_on_its_tenant_chain(client: Fl
 
 def test_a_revoked_key_is_audited_with_its_reason(client: FlaskClient, database: Database) -> None:
     revoked = issue_key(database)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         revoke_key(session, revoked.key_id)
     assert client.get("/v1/submissions", headers=revoked.headers).status_code == 401
     (event,) = auth_failures(database, revoked.tenant_id)

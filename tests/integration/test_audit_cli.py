@@ -16,6 +16,7 @@ from app.db import Database
 from app.models import AuditChainHead, Tenant
 from app.use_cases.audit import record_event
 from tests.conftest import TenantKey
+from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 _CONFIG_PREFIXES = ("DATABASE_URL", "BROKER_", "MODERATION_", "UPSTREAM_", "VAR_DIR", "CONTENT_", "MASK_")
@@ -32,25 +33,24 @@ class Verdict:
                               input=stdin)
 
 
-@pytest.fixture
+@integration_fixture
 def verdict(database_url: str, tmp_path: Path) -> Verdict:
     return Verdict(database_url, tmp_path)
 
 
 @pytest.fixture
 def chained(database: Database, tenant: TenantKey) -> TenantKey:
-    with database.session_scope() as session:
-        for number in range(6):
+    for number in range(6):
+        with database.transaction() as session:
             record_event(session, tenant_id=tenant.tenant_id, action="verdict.decided", actor="worker",
                          subject_type="submission", subject_id=f"sub_{number}", conversation_id="conv-1",
                          decision="block" if number % 2 else "allow", categories=["violence"] if number % 2 else [],
                          details={"scores": {"violence": 0.97 if number % 2 else 0.01}})
-        session.commit()
     return tenant
 
 
 def head_hash(database: Database, tenant_id: str) -> str:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         head = session.get(AuditChainHead, tenant_id)
         assert head is not None
         return head.hash
@@ -163,7 +163,7 @@ def test_tenants_configure_sets_and_audits_retention_and_masking(verdict: Verdic
     assert result.stdout.decode().splitlines()[1:] == ["retention_days: default", "mask_by_default: True",
                                                        "rate_limit_rpm: default", "rate_limit_tpm: default",
                                                        "failure_mode: review"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.scalars(select(Tenant).where(Tenant.id == tenant.tenant_id)).one()
         assert (row.retention_days, row.mask_by_default, row.failure_mode) == (None, True, "review")
     assert verdict("tenants", "configure", tenant.tenant_name, "--failure-mode", "sometimes").returncode == 2

@@ -6,12 +6,15 @@ from __future__ import annotations
 import multiprocessing
 from multiprocessing.synchronize import Event
 
+import pytest
 from sqlalchemy import func, select
 
 from app.db import Database
 from app.models import AuditEvent
 from app.use_cases.audit import record_event, verify_chain
 from tests.conftest import TenantKey
+
+pytestmark = pytest.mark.integration  # the writers are OS processes
 
 PROCESSES = 8
 EVENTS_PER_PROCESS = 50
@@ -22,11 +25,10 @@ def write_events(database_url: str, tenant_ids: list[str], writer: int, go: Even
     database = Database(database_url)
     go.wait(timeout=60)
     for number in range(EVENTS_PER_PROCESS):
-        with database.session_scope() as session:
+        with database.transaction() as session:
             record_event(session, tenant_id=tenant_ids[(writer + number) % 2], action="test.concurrent",
                          actor=f"writer-{writer}", subject_type="thing", subject_id=f"{writer}-{number}",
                          details={"writer": writer, "number": number})
-            session.commit()
     database.engine.dispose()
 
 
@@ -47,7 +49,7 @@ def test_concurrent_writers_from_many_processes_keep_both_chains_gapless_and_val
     assert [p.exitcode for p in writers] == [0] * PROCESSES
 
     per_tenant = PROCESSES * EVENTS_PER_PROCESS // 2
-    with database.session_scope() as session:
+    with database.transaction() as session:
         for tenant_id in tenant_ids:
             seqs = list(session.scalars(select(AuditEvent.seq).where(AuditEvent.chain_id == tenant_id)
                                         .order_by(AuditEvent.seq)))

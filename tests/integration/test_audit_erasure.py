@@ -15,7 +15,8 @@ from sqlalchemy import select, text
 from app.config import Settings
 from app.db import Database
 from app.models import AuditEvent, Submission, Verdict, utcnow
-from app.queue import ERASE_EXPIRED_CONTENT, celery_config
+from app.outbox import ERASE_EXPIRED_CONTENT
+from app.queue import celery_config
 from app.use_cases.audit import verify_chain
 from app.use_cases.erasure import erase_expired_content
 from app.use_cases.tenants import configure_tenant
@@ -42,7 +43,7 @@ def stored(database: Database, submission_id: str) -> dict[str, Any]:
 
 
 def events(database: Database, tenant_id: str, action: str | None = None) -> list[AuditEvent]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         query = select(AuditEvent).where(AuditEvent.chain_id == tenant_id).order_by(AuditEvent.seq)
         if action:
             query = query.where(AuditEvent.action == action)
@@ -50,7 +51,7 @@ def events(database: Database, tenant_id: str, action: str | None = None) -> lis
 
 
 def chain_ok(database: Database, tenant_id: str) -> bool:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return verify_chain(session, tenant_id).ok
 
 
@@ -147,9 +148,8 @@ def aged(client: FlaskClient, database: Database, tenant: TenantKey, days: int) 
 
 
 def sweep(database: Database, default_days: int = 30, **kwargs: Any) -> Any:
-    with database.session_scope() as session:
-        return erase_expired_content(session, default_days=default_days, time_budget=kwargs.pop("time_budget", 60),
-                                     **kwargs)
+    return erase_expired_content(database, default_days=default_days, time_budget=kwargs.pop("time_budget", 60),
+                                 **kwargs)
 
 
 def is_erased(database: Database, submission_id: str) -> bool:
@@ -160,7 +160,7 @@ def test_retention_erases_only_content_older_than_the_tenants_setting(
     client: FlaskClient, database: Database, tenant: TenantKey, other_tenant: TenantKey
 ) -> None:
     old, recent = aged(client, database, tenant, 40), aged(client, database, tenant, 10)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, other_tenant.tenant_name, retention_days=5)
     theirs_old, theirs_new = aged(client, database, other_tenant, 6), aged(client, database, other_tenant, 4)
 
@@ -180,12 +180,12 @@ def test_retention_erases_only_content_older_than_the_tenants_setting(
 
 
 def test_retention_zero_keeps_content_forever(client: FlaskClient, database: Database, tenant: TenantKey) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, retention_days=0)
     ancient = aged(client, database, tenant, 3000)
     sweep(database, default_days=30)
     assert not is_erased(database, ancient)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, retention_days=None)  # back to the deployment's default
     sweep(database, default_days=0)
     assert not is_erased(database, ancient)
@@ -197,7 +197,7 @@ def test_retention_zero_keeps_content_forever(client: FlaskClient, database: Dat
 
 def test_retention_works_in_batches_and_stops_when_out_of_time(client: FlaskClient, database: Database,
                                                                tenant: TenantKey) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, retention_days=7)
     ids = [aged(client, database, tenant, 8) for _ in range(5)]
     assert sweep(database, time_budget=0).finished is False
@@ -216,7 +216,7 @@ def test_the_retention_job_is_scheduled(settings: Settings) -> None:
 def test_the_beat_job_erases_expired_content_in_a_real_worker(
     client: FlaskClient, database: Database, tenant: TenantKey, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, retention_days=1)
     old, fresh = aged(client, database, tenant, 2), aged(client, database, tenant, 0)
     start_worker(MODERATION_PROVIDER="local", RETENTION_SWEEP_INTERVAL_SECONDS="1")
@@ -225,7 +225,7 @@ def test_the_beat_job_erases_expired_content_in_a_real_worker(
         assert time.monotonic() < deadline, "the retention job did not erase expired content"
         time.sleep(0.5)
     assert not is_erased(database, fresh)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         verdict = session.scalars(select(Verdict).where(Verdict.submission_id == old)).one()
         assert verdict.results == []
         assert session.get(Submission, old).erased_at is not None  # type: ignore[union-attr]

@@ -11,9 +11,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
+from app.audit_chain import content_digest
 from app.db import Database
 from app.models import AuditEvent, Submission
-from app.use_cases.audit import content_digest
 from app.use_cases.tenants import configure_tenant
 from tests.conftest import TenantKey
 from tests.fake_upstream import FakeUpstream
@@ -41,14 +41,14 @@ MASKED = [
 
 
 def stored(database: Database, submission_id: str) -> Submission:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         submission = session.get(Submission, submission_id)
         assert submission is not None
         return submission
 
 
 def received_event(database: Database, submission_id: str) -> AuditEvent:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return session.scalars(select(AuditEvent).where(AuditEvent.subject_id == submission_id,
                                                         AuditEvent.action == "submission.received")).one()
 
@@ -79,7 +79,7 @@ def test_masked_submission_never_reaches_the_database_or_the_provider(
     assert event.content_digest == content_digest(MASKED)
     assert event.details["mask"] is True
     assert event.details["masked"] == {"card": 1, "email": 1, "iban": 1, "ip": 2, "phone": 1, "ssn": 1}
-    with database.session_scope() as session:
+    with database.transaction() as session:
         for event in session.scalars(select(AuditEvent).where(AuditEvent.subject_id == accepted["id"])):
             assert_no_identifier([getattr(event, c.key) for c in AuditEvent.__table__.columns])
 
@@ -101,7 +101,7 @@ def test_the_tenant_default_applies_when_the_submission_does_not_say(
     client: FlaskClient, database: Database, tenant: TenantKey, tenant_default: bool | None,
     requested: bool | None, masked: bool,
 ) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, mask_by_default=tenant_default)
     body: dict[str, Any] = {"items": [{"input": TEXTS[0]} if requested is None else {"input": TEXTS[0],
                                                                                      "mask": requested}]}
@@ -113,7 +113,7 @@ def test_the_tenant_default_applies_when_the_submission_does_not_say(
 
 def test_the_openai_endpoint_masks_for_a_tenant_that_masks_by_default(client: FlaskClient, database: Database,
                                                                       tenant: TenantKey) -> None:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, tenant.tenant_name, mask_by_default=True)
     response = client.post("/v1/moderations", json={"input": TEXTS}, headers=tenant.headers)
     assert response.status_code == 200

@@ -21,6 +21,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from app.config import Settings
+from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 KEY_RE = re.compile(r"^vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")
@@ -36,7 +37,7 @@ def base_env(**values: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
+@integration_fixture
 def verdict(database_url: str, redis_url: str, tmp_path: Path) -> Run:
     """Run `verdict ARGS` against the test database; cwd is an empty directory, so no stray `.env` is read."""
 

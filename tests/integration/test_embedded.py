@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 KEY_RE = re.compile(r"^vk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}$")
@@ -131,7 +132,7 @@ def start_service(var: Path) -> Service:
     return svc
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module", serial=True)
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     svc = start_service(tmp_path_factory.mktemp("embedded"))
     try:
@@ -266,6 +267,8 @@ def test_sigterm_stops_everything_and_logs_hold_no_text_or_key(service: Service)
         assert marker not in log, f"part of a moderated text appears in the logs: {marker!r}\n{service.log_tail()}"
 
 
+@pytest.mark.integration
+@pytest.mark.serial
 def test_sigterm_to_verdict_dev_alone_stops_the_whole_tree(tmp_path: Path) -> None:
     # What `docker stop` or a plain supervisor does: only the main process is signalled; it must stop the API and
     # the worker it started.

@@ -21,7 +21,7 @@ from tests.integration.test_api_auth import assert_envelope
 
 
 def count(database: Database, model: Any, tenant: TenantKey) -> int:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(model)
                                   .where(model.tenant_id == tenant.tenant_id)) or 0)
 
@@ -132,7 +132,7 @@ def test_a_new_keys_secret_is_never_kept_for_a_replay(client: FlaskClient, datab
     error = assert_envelope(again, 409, "conflict_error", "idempotency_secret_not_replayed")
     assert first.get_json()["id"] in error["message"] and secret not in again.get_data(as_text=True)
     assert count(database, ApiKey, tenant) == 2  # the tenant's first key and the one created
-    with database.session_scope() as session:
+    with database.transaction() as session:
         record = session.get(IdempotencyRecord, (tenant.tenant_id, key))
         assert record is not None and secret not in (record.response_body or "")
 
@@ -140,17 +140,17 @@ def test_a_new_keys_secret_is_never_kept_for_a_replay(client: FlaskClient, datab
 def test_an_expired_key_runs_again_and_is_purged(client: FlaskClient, database: Database, tenant: TenantKey) -> None:
     key = str(uuid.uuid4())
     first = post(client, tenant, "/v1/submissions", {"input": "a"}, key)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         record = session.get(IdempotencyRecord, (tenant.tenant_id, key))
         assert record is not None
         record.expires_at = utcnow() - timedelta(seconds=1)
-        session.commit()
     again = post(client, tenant, "/v1/submissions", {"input": "a"}, key)
     assert again.status_code == 202 and again.get_json()["id"] != first.get_json()["id"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         record = session.get(IdempotencyRecord, (tenant.tenant_id, key))
         assert record is not None
         record.expires_at = utcnow() - timedelta(seconds=1)
-        session.commit()
+    with database.transaction() as session:
         assert purge_expired(session) >= 1
+    with database.transaction() as session:
         assert session.get(IdempotencyRecord, (tenant.tenant_id, key)) is None

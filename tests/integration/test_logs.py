@@ -82,7 +82,7 @@ def test_a_full_cycle_logs_ids_and_never_secrets_or_text(
     verdict = next(e for e in worker_events if e.get("event") == "verdict_recorded")
     assert verdict["submission_id"] == submission_id and verdict["request_id"] == request_id
     # And the audit trail: every event about the submission, the worker's included, names the same request.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.subject_id == submission_id)).all()
         assert {e.action for e in events} >= {"submission.received", "moderation.completed", "verdict.decided"}
         assert {e.request_id for e in events} == {request_id}

@@ -15,13 +15,14 @@ from werkzeug.serving import make_server
 
 from app.moderation.taxonomy import CATEGORIES
 from tests.conftest import TenantKey
+from tests.lanes import integration_fixture
 
 ALL_13 = ["harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
           "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
           "violence/graphic"]
 
 
-@pytest.fixture(scope="module")
+@integration_fixture(scope="module")
 def base_url(app: Flask) -> Iterator[str]:
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -9,9 +9,10 @@ from typing import Any
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.api.key_schemas import KeyCreateIn
 from app.api.openapi import UNDOCUMENTED_ENDPOINTS
-from app.schemas import ModerationRequest, SubmissionIn
+from app.schemas.keys import KeyCreateIn
+from app.schemas.moderations import ModerationRequest
+from app.schemas.submissions import SubmissionIn
 
 
 def document(client: FlaskClient) -> dict[str, Any]:

@@ -26,7 +26,7 @@ def limited_key(client: FlaskClient, admin: TenantKey, **limits: int) -> dict[st
 
 
 def submissions_of(database: Database, tenant: TenantKey) -> int:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(Submission)
                                   .where(Submission.tenant_id == tenant.tenant_id)) or 0)
 
@@ -83,7 +83,7 @@ def test_a_request_larger_than_the_whole_tpm_names_the_input(client: FlaskClient
 
 def test_tenant_limits_apply_to_its_keys(client: FlaskClient, database: Database) -> None:
     key = issue_key(database, scopes=("read",))
-    with database.session_scope() as session:
+    with database.transaction() as session:
         configure_tenant(session, key.tenant_name, rate_limit_rpm=2, rate_limit_tpm=99)
     response = client.get("/v1/submissions", headers=key.headers)
     assert (response.headers["X-RateLimit-Limit-RPM"], response.headers["X-RateLimit-Limit-TPM"]) == ("2", "99")

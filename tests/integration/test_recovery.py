@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
@@ -28,14 +27,9 @@ from app.models import Submission, utcnow
 from app.moderation.policy import DEFAULT_POLICY
 from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
-from app.queue import MODERATE_SUBMISSION
-from app.use_cases.moderation import (
-    claim_submission,
-    fail_submission,
-    moderate_submission,
-    record_verdict,
-    release_for_retry,
-)
+from app.outbox import MODERATE_SUBMISSION
+from app.use_cases.moderation import moderate_submission
+from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict, release_for_retry
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import FINAL, WorkerProcess, openai_worker_env, submit
@@ -47,20 +41,18 @@ from tests.integration.test_pipeline import (
     wait_all_final,
 )
 
-pytestmark = pytest.mark.integration
-
 THREAT = "I will kill you"
 RECOVERY_TIMEOUT = 90  # generous: a killed claim needs its 10 s lease to run out before the sweep sends it again
 
 
 def statuses(database: Database, ids: Sequence[str]) -> dict[str, str]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return dict(session.execute(
             select(Submission.id, Submission.status).where(Submission.id.in_(ids))).tuples().all())
 
 
 def attempts(database: Database, ids: Sequence[str]) -> dict[str, int]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return dict(session.execute(
             select(Submission.id, Submission.attempts).where(Submission.id.in_(ids))).tuples().all())
 
@@ -272,44 +264,43 @@ def test_live_claim_is_skipped_and_a_stale_holder_cannot_record(
 ) -> None:
     submission_id = submit(client, tenant, {"input": f"claims {uuid.uuid4().hex}: kill"})["id"]  # no worker runs
 
-    with database.session_scope() as session:
+    with database.transaction() as session:
         first = claim_submission(session, submission_id, lease_seconds=10)
     assert first is not None and first.attempt == 1
     # A second claim while the first one's lease is live gets nothing...
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert claim_submission(session, submission_id, lease_seconds=10) is None
     # ...and so does a whole task run: skipped, without asking the provider.
     provider = _CountingProvider()
     outcome = moderate_submission(database, provider, submission_id, app.extensions["verdict.settings"])
-    assert outcome.status == "skipped"
+    assert outcome == "skipped"
     assert provider.calls == 0
 
     # The first holder stalls past its lease; a new claim takes over with a new fencing token.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(Submission).where(Submission.id == submission_id)
                         .values(claimed_at=utcnow() - timedelta(seconds=60)))
-        session.commit()
-    with database.session_scope() as session:
+    with database.transaction() as session:
         second = claim_submission(session, submission_id, lease_seconds=10)
     assert second is not None and second.token != first.token and second.attempt == 2
 
     # The stale holder can neither record, fail nor release the submission.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert record_verdict(session, first, _result(1), DEFAULT_POLICY) is None
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert fail_submission(session, first, code="upstream_error", message="late") is False
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert release_for_retry(session, first, delay_seconds=0) is False
     # The current holder wins, once.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         verdict = record_verdict(session, second, _result(1), DEFAULT_POLICY)
         assert verdict is not None and verdict.decision == "block"
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert record_verdict(session, second, _result(1), DEFAULT_POLICY) is None
         assert claim_submission(session, submission_id, lease_seconds=10) is None
 
     assert_exactly_once(database, [submission_id])
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(Submission, submission_id)
         assert row is not None
         assert (row.status, row.claim_token, row.attempts, row.error_code) == ("completed", None, 2, None)

@@ -15,10 +15,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.orm import Session
 
-import app.auth as auth
-from app.auth import SCOPES, AuthenticationFailed, authenticate
+import app.use_cases.authentication as auth
 from app.db import Database
 from app.models import ApiKey, WebhookDelivery, WebhookEndpoint
+from app.use_cases.authentication import SCOPES, authenticate
+from app.use_cases.errors import AuthenticationFailed
 from tests.conftest import TenantKey, issue_key
 from tests.integration.test_api_auth import BAD_CREDENTIALS, assert_envelope, authorization_for
 
@@ -84,7 +85,7 @@ def owned(client: FlaskClient, database: Database, tenant: TenantKey) -> Iterato
     """Real ids of objects the `tenant` owns, one for each kind of path parameter."""
     submission_id = client.post("/v1/submissions", json={"input": "owned"}, headers=tenant.headers).get_json()["id"]
     key_id = client.post("/v1/keys", json={"scopes": ["read"]}, headers=tenant.headers).get_json()["id"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         endpoint = WebhookEndpoint(tenant_id=tenant.tenant_id, url="https://hooks.example.com/owned",
                                    events=["submission.completed"], secret="whsec_" + secrets.token_urlsafe(24))
         session.add(endpoint)
@@ -92,7 +93,7 @@ def owned(client: FlaskClient, database: Database, tenant: TenantKey) -> Iterato
         delivery = WebhookDelivery(tenant_id=tenant.tenant_id, endpoint_id=endpoint.id, event_type="webhook.test",
                                    url=endpoint.url or "", payload="{}", status="succeeded")
         session.add(delivery)
-        session.commit()
+        session.flush()
         ids = {"submission_id": submission_id, "key_id": key_id, "webhook_id": endpoint.id,
                "delivery_id": delivery.id}
     yield ids
@@ -204,12 +205,12 @@ def test_key_check_work_does_not_depend_on_how_much_matches(monkeypatch: pytest.
     guesses = [f"vk_{id_part}_{secret_part[:n]}{'A' * (43 - n) if secret_part[n:n + 1] != 'A' else 'B' * (43 - n)}"
                for n in (0, 1, 21, 42)]
     guesses.append(f"vk_{secrets.token_hex(8)}_{secret_part}")  # the right secret under an unknown id
-    with database.session_scope() as session:
+    with database.transaction() as session:
         for guess in guesses:
             assert guess != tenant.plaintext
             with pytest.raises(AuthenticationFailed):
-                authenticate(session, f"Bearer {guess}")
-        authenticate(session, f"Bearer {tenant.plaintext}")
+                authenticate(session, guess)
+        authenticate(session, tenant.plaintext)
     # One constant-time comparison per attempt, always of two SHA-256 digests: the same work whatever matched, and a
     # digest of a near-miss shares no prefix with the right one.
     assert len(spy.compared) == len(guesses) + 1

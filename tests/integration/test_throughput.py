@@ -20,15 +20,14 @@ from app.db import Database
 from app.models import AuditEvent, Submission, utcnow
 from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 from app.use_cases import moderation
-from app.use_cases.moderation import claim_submission, release_for_retry
 from app.use_cases.tenants import configure_tenant
+from app.use_cases.verdicts import claim_submission, release_for_retry
 from tests.conftest import TenantKey, issue_key
 from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
 from tests.integration.conftest import WorkerProcess, openai_worker_env
 from tests.integration.test_pipeline import submit_batch, upstream_inputs, wait_all_final
 from tests.integration.test_recovery import RECOVERY_TIMEOUT, assert_exactly_once, attempts, upstream_calls
-
-pytestmark = pytest.mark.integration
+from tests.lanes import integration_fixture
 
 API_KEY = "sk-upstream-test"
 
@@ -82,7 +81,7 @@ def test_a_result_unusable_for_one_text_retries_only_that_submission(
     assert [tries[ids[texts.index(text)]] for text in first_inputs[1:]] == [1] * (len(first_inputs) - 1)
 
 
-@pytest.fixture
+@integration_fixture
 def limited_upstream() -> Iterator[FakeUpstream]:
     # Two requests in any 3-second window: a limit a backlog runs into many times within one test.
     with FakeUpstream(api_key=API_KEY, rpm=2, window=3) as upstream:
@@ -173,7 +172,7 @@ def test_total_failure_follows_each_tenants_failure_mode(
     start_worker: Callable[..., WorkerProcess],
 ) -> None:
     tenants = {mode: issue_key(database) for mode in ("review", "block", "allow", "fail")}
-    with database.session_scope() as session:
+    with database.transaction() as session:
         for mode in ("review", "block", "allow"):
             configure_tenant(session, tenants[mode].tenant_name, failure_mode=mode)
     fake_upstream.fail_next(503, 200)  # down for the whole test, and no fallback configured
@@ -196,7 +195,7 @@ def test_total_failure_follows_each_tenants_failure_mode(
 
     decided = [i for mode, i in ids.items() if mode != "fail"]
     assert_exactly_once(database, decided)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         events = session.execute(select(AuditEvent.subject_id, AuditEvent.decision, AuditEvent.details)
                                  .where(AuditEvent.subject_id.in_(decided),
                                         AuditEvent.action == "verdict.decided")).tuples().all()
@@ -209,19 +208,18 @@ def test_a_submission_given_back_for_a_retry_waits_for_its_due_time(
 ) -> None:
     # No worker: the claims are made here, as a worker's task would make them.
     (submission_id,) = submit_batch(client, tenant, [f"due {uuid.uuid4().hex}: have a lovely day"])
-    with database.session_scope() as session:
+    with database.transaction() as session:
         first = claim_submission(session, submission_id, lease_seconds=60)
         assert first is not None
         assert release_for_retry(session, first, delay_seconds=120)
     # Its earlier message, still queued when a batch took it along, comes now: too soon, nothing is claimed.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert claim_submission(session, submission_id, lease_seconds=60) is None
         assert release_for_retry(session, first, delay_seconds=0) is False  # the old claim holds nothing any more
     # The retry's own message, due now, claims it.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(Submission).where(Submission.id == submission_id).values(enqueued_at=utcnow()))
-        session.commit()
-    with database.session_scope() as session:
+    with database.transaction() as session:
         second = claim_submission(session, submission_id, lease_seconds=60)
         assert second is not None and second.attempt == 2
 
@@ -263,14 +261,14 @@ def test_a_worker_waits_to_fill_a_batch_only_under_load(
 
     provider = _RecordingProvider()
     (alone,) = submit_for_model(1)
-    assert moderation.moderate_submission(database, provider, alone, settings).status == "completed"
+    assert moderation.moderate_submission(database, provider, alone, settings) == "completed"
     assert sleeps == []  # nothing else queued: no waiting at all
 
     ids = submit_for_model(3)
-    assert moderation.moderate_submission(database, provider, ids[0], settings).status == "completed"
+    assert moderation.moderate_submission(database, provider, ids[0], settings) == "completed"
     assert sleeps == [settings.batch_max_wait_ms / 1000]  # others were queued: one short wait for more
     assert provider.calls == [[f"{model} #0"], [f"{model} #0", f"{model} #1", f"{model} #2"]]
     # The other two were decided in that batch; their own messages find nothing left to do.
     for other in ids[1:]:
-        assert moderation.moderate_submission(database, provider, other, settings).status == "skipped"
+        assert moderation.moderate_submission(database, provider, other, settings) == "skipped"
     assert_exactly_once(database, [alone, *ids])

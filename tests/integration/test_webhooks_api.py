@@ -15,7 +15,7 @@ from werkzeug.test import TestResponse
 from app.config import Settings
 from app.db import Database
 from app.models import Submission, WebhookDelivery, WebhookEndpoint
-from app.use_cases.webhooks import MAX_ENDPOINTS_PER_TENANT
+from app.use_cases.webhook_endpoints import MAX_ENDPOINTS_PER_TENANT
 from tests.conftest import TenantKey, issue_key
 from tests.integration.webhook_support import (
     ALL_EVENTS,
@@ -48,7 +48,7 @@ def assert_error(response: TestResponse, status: int, code: str | None = None, p
 
 
 def endpoint_count(database: Database, tenant: TenantKey) -> int:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(WebhookEndpoint)
                                   .where(WebhookEndpoint.tenant_id == tenant.tenant_id)) or 0)
 
@@ -86,7 +86,7 @@ def test_delete_removes_the_endpoint_and_is_audited(client: FlaskClient, tenant:
     assert response.get_json() == {"id": endpoint_id, "object": "webhook_endpoint", "deleted": True}
     assert_error(client.get(f"/v1/webhooks/{endpoint_id}", headers=tenant.headers), 404)
     assert_error(client.delete(f"/v1/webhooks/{endpoint_id}", headers=tenant.headers), 404)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert session.scalar(select(func.count()).select_from(WebhookDelivery)
                               .where(WebhookDelivery.endpoint_id == endpoint_id)) == 0
     assert ("webhook.deleted", endpoint_id) in audit_actions(database, tenant.tenant_id)
@@ -101,7 +101,7 @@ def test_rotation_returns_a_new_secret_once_and_keeps_the_old_one_in_grace(
     rotated = response.get_json()
     assert SECRET.match(rotated["secret"]) and rotated["secret"] != first
     assert rotated["secret_rotated_at"] is not None and rotated["previous_secret_expires_at"] is not None
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(WebhookEndpoint, endpoint_id)
         assert row is not None and row.secret == rotated["secret"] and row.previous_secret == first
     shown = client.get(f"/v1/webhooks/{endpoint_id}", headers=tenant.headers).get_data(as_text=True)
@@ -254,9 +254,8 @@ def test_delivery_log_filters_and_paginates(client: FlaskClient, tenant: TenantK
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     sent = [client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
             for _ in range(5)]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == sent[0]).values(status="dead"))
-        session.commit()
     seen: list[str] = []
     cursor: str | None = None
     while True:
@@ -297,7 +296,7 @@ def test_another_tenants_webhooks_and_deliveries_are_not_found(
         assert_error(response, 404)
         assert secret not in response.get_data(as_text=True)
     assert client.get("/v1/webhooks", headers=intruder).get_json()["data"] == []
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(WebhookEndpoint, endpoint_id)
         assert row is not None and row.secret == secret
 
@@ -361,7 +360,7 @@ def test_callback_secret_is_created_once_shown_once_and_rotated(client: FlaskCli
 
 
 def submission_count(database: Database, tenant: TenantKey) -> int:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(Submission)
                                   .where(Submission.tenant_id == tenant.tenant_id)) or 0)
 
@@ -399,22 +398,20 @@ def test_redelivery_rearms_a_dead_delivery_and_refuses_one_in_flight(
 ) -> None:
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
                         .values(status="delivering", claim_token="t" * 32))
-        session.commit()
     assert_error(client.post(f"/v1/deliveries/{delivery_id}/redeliver", headers=tenant.headers), 409,
                  "delivery_in_progress")
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
                         .values(status="dead", claim_token=None, retries=6))
-        session.commit()
     assert_error(client.post(f"/v1/deliveries/{delivery_id}/redeliver", json={"now": True},
                              headers=tenant.headers), 400, "extra_forbidden", "now")
     response = client.post(f"/v1/deliveries/{delivery_id}/redeliver", headers=tenant.headers)
     assert response.status_code == 202, response.get_json()
     assert response.get_json()["status"] == "pending" and response.get_json()["id"] == delivery_id
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(WebhookDelivery, delivery_id)
         assert row is not None and row.retries == 0 and row.completed_at is None
     assert ("webhook.redelivery_requested", delivery_id) in audit_actions(database, tenant.tenant_id)

@@ -15,12 +15,13 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from app import queue
 from app.config import Settings
 from app.db import Database
 from app.models import Submission, Verdict, WebhookDelivery, WebhookDeliveryAttempt, WebhookEndpoint, utcnow
 from app.moderation.providers import ProviderError, ProviderResult
-from app.use_cases import moderation, webhooks
+from app.outbox import DELIVER_WEBHOOK, Message, send_after_commit
+from app.use_cases import moderation, verdicts
+from app.use_cases import webhook_deliveries as webhooks
 from app.webhooks.sender import AttemptResult
 from tests.conftest import TenantKey
 from tests.integration.webhook_support import (
@@ -50,9 +51,8 @@ def submit(client: FlaskClient, tenant: TenantKey, body: dict[str, Any]) -> str:
 def moderate(app: Flask, database: Database, settings: Settings, submission_id: str,
              provider: Any = None) -> str:
     """What a worker does with the submission, in this process."""
-    outcome = moderation.moderate_submission(database, provider or app.extensions["verdict.provider"],
-                                             submission_id, settings)
-    return outcome.status
+    return moderation.moderate_submission(database, provider or app.extensions["verdict.provider"], submission_id,
+                                          settings)
 
 
 def deliver_all(database: Database, settings: Settings, ids: Sequence[str]) -> list[str]:
@@ -71,7 +71,7 @@ class RefusingProvider:
 
 
 def attempts(database: Database, delivery_id: str) -> list[WebhookDeliveryAttempt]:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         rows = list(session.scalars(select(WebhookDeliveryAttempt)
                                     .where(WebhookDeliveryAttempt.delivery_id == delivery_id)
                                     .order_by(WebhookDeliveryAttempt.number)))
@@ -159,10 +159,10 @@ def test_deliveries_commit_with_the_verdict_or_not_at_all(app: Flask, client: Fl
         raise RuntimeError("the audit write failed")
 
     # The audit events are written after the deliveries, in the same transaction: failing them must undo both.
-    monkeypatch.setattr(moderation, "record_event", broken_audit)
+    monkeypatch.setattr(verdicts, "record_event", broken_audit)
     with pytest.raises(RuntimeError):
         moderate(app, database, api_settings, submission_id)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert session.scalar(select(func.count()).select_from(Verdict)
                               .where(Verdict.submission_id == submission_id)) == 0
         assert session.scalar(select(func.count()).select_from(WebhookDelivery)
@@ -292,10 +292,9 @@ def test_during_rotation_both_secrets_sign_until_the_grace_period_ends(
     Webhook(old).verify(request.body, request.headers)
     Webhook(new).verify(request.body, request.headers)
 
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)
                         .values(previous_secret_expires_at=utcnow() - timedelta(seconds=1)))
-        session.commit()
     second = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
     assert webhooks.deliver(database, second, api_settings) == "succeeded"
     request = receiver.wait_for(2)[1]
@@ -313,13 +312,16 @@ def test_one_claim_wins_and_a_stale_claim_records_nothing(client: FlaskClient, t
                                                           receiver: WebhookReceiver) -> None:
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    with database.session_scope() as one, database.session_scope() as two:
+    with database.transaction() as one:
         claim = webhooks.claim_delivery(one, delivery_id)
-        assert claim is not None and claim.attempt == 1
+    assert claim is not None and claim.attempt == 1
+    with database.transaction() as two:
         assert webhooks.claim_delivery(two, delivery_id) is None
-        stale = webhooks.DeliveryClaim(delivery_id=delivery_id, token="0" * 32, attempt=1)
-        ok = AttemptResult(status_code=200, latency_ms=1, error=None, response_excerpt=None)
+    stale = webhooks.DeliveryClaim(delivery_id=delivery_id, token="0" * 32, attempt=1)
+    ok = AttemptResult(status_code=200, latency_ms=1, error=None, response_excerpt=None)
+    with database.transaction() as two:
         assert webhooks.conclude_attempt(two, stale, ok, started_at=utcnow(), settings=api_settings) == "lost"
+    with database.transaction() as one:
         assert webhooks.conclude_attempt(one, claim, ok, started_at=utcnow(), settings=api_settings) == "succeeded"
     assert len(attempts(database, delivery_id)) == 1
     assert webhooks.deliver(database, delivery_id, api_settings) == "skipped"
@@ -328,37 +330,37 @@ def test_one_claim_wins_and_a_stale_claim_records_nothing(client: FlaskClient, t
 
 def test_the_sweep_turns_an_abandoned_claim_into_a_retry_and_resends_lost_tasks(
     client: FlaskClient, tenant: TenantKey, database: Database, api_settings: Settings, receiver: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    sent: list[str] = []
+    published: list[Message] = []
+    monkeypatch.setattr(database.outbox, "publisher", published.extend)  # no worker runs: keep what is sent
 
-    def dispatch(ids: Sequence[str]) -> None:
-        sent.extend(ids)
+    def sent() -> list[str]:
+        return [m.args[0] for m in published if m.task == DELIVER_WEBHOOK]
 
     # The API sent its task a moment ago: the sweep leaves it to that task.
-    with database.session_scope() as session:
-        webhooks.dispatch_due(session, api_settings, dispatch)
-    assert delivery_id not in sent
+    webhooks.sweep_deliveries(database, api_settings)
+    assert delivery_id not in sent()
 
     # A worker claimed it and died: the claim outlives its lease.
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert webhooks.claim_delivery(session, delivery_id) is not None
+    with database.transaction() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(
             claimed_at=utcnow() - timedelta(seconds=api_settings.webhook_lease_seconds + 1)))
-        session.commit()
-        webhooks.dispatch_due(session, api_settings, dispatch)
+    webhooks.sweep_deliveries(database, api_settings)
     row = delivery_row(database, delivery_id)
     assert row.status == "pending" and row.retries == 1 and row.claim_token is None
     [abandoned] = attempts(database, delivery_id)
     assert abandoned.error == webhooks.ABANDONED_ERROR and abandoned.number == 1
 
     make_due(database, delivery_id)
-    with database.session_scope() as session:
-        webhooks.dispatch_due(session, api_settings, dispatch)
-        webhooks.dispatch_due(session, api_settings, dispatch)
+    webhooks.sweep_deliveries(database, api_settings)
+    webhooks.sweep_deliveries(database, api_settings)
     # Sent once it was due, and not again while that task may still be queued.
-    assert sent.count(delivery_id) == 1
+    assert sent().count(delivery_id) == 1
     assert webhooks.deliver(database, delivery_id, api_settings) == "succeeded"
     assert [r.webhook_id for r in receiver.wait_for(1)] == [delivery_id]
     assert [a.number for a in attempts(database, delivery_id)] == [1, 2]
@@ -367,16 +369,14 @@ def test_the_sweep_turns_an_abandoned_claim_into_a_retry_and_resends_lost_tasks(
 # ---- erasure ---------------------------------------------------------------------------------------------------
 
 
-def test_erasing_a_submission_can_erase_its_delivery_bodies(app: Flask, client: FlaskClient, tenant: TenantKey,
+def test_erasing_a_submission_erases_its_delivery_bodies(app: Flask, client: FlaskClient, tenant: TenantKey,
                                                             database: Database, api_settings: Settings,
                                                             receiver: WebhookReceiver) -> None:
     endpoint_id, secret = create_endpoint(client, tenant, receiver.url)
     submission_id = submit(client, tenant, {"input": ABUSIVE, "metadata": {"email": "a@example.com"}})
     moderate(app, database, api_settings, submission_id)
     kept = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    with database.session_scope() as session:
-        assert webhooks.erase_delivery_payloads(session, [submission_id], utcnow()) == 2
-        session.commit()
+    assert client.delete(f"/v1/data/{submission_id}", headers=tenant.headers).status_code == 200
     for delivery in deliveries(client, tenant, endpoint_id):
         data = delivery["payload"]["data"]
         if delivery["id"] == kept:
@@ -397,19 +397,26 @@ def test_delivery_tasks_are_sent_once_committed_and_never_for_a_rollback(
     app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, api_settings: Settings,
     receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sent: list[list[str]] = []
-    monkeypatch.setattr(queue, "dispatch_webhook_deliveries", lambda ids: sent.append(list(ids)))
+    published: list[list[Message]] = []
+    monkeypatch.setattr(database.outbox, "publisher", lambda messages: published.append(list(messages)))
+
+    def sent() -> list[list[str]]:
+        return [[m.args[0] for m in batch] for batch in published
+                if batch and all(m.task == DELIVER_WEBHOOK for m in batch)]
+
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     test_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    assert sent == [[test_id]]
+    assert sent() == [[test_id]]
 
     submission_id = submit(client, tenant, {"input": ABUSIVE})
     moderate(app, database, api_settings, submission_id)
     raised = {d["id"] for d in deliveries(client, tenant, endpoint_id)} - {test_id}
-    assert len(raised) == 2 and len(sent) == 2 and set(sent[1]) == raised  # one batch, after the verdict commit
+    assert len(raised) == 2 and len(sent()) == 2 and set(sent()[1]) == raised  # one batch, after the verdict commit
 
-    with database.session_scope() as session:
-        webhooks.dispatch_after_commit(session, ["msg_rolled_back"])
+    with database.session() as session:
+        session.begin()
+        send_after_commit(session, Message(DELIVER_WEBHOOK, ("msg_rolled_back",)))
         session.rollback()
-        session.commit()
-    assert all("msg_rolled_back" not in ids for ids in sent)
+        with session.begin():
+            pass  # a later transaction of the same session commits; the rolled-back message stays unsent
+    assert all("msg_rolled_back" not in ids for ids in sent())

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from standardwebhooks import Webhook
 
 from app.config import Settings
+from tests.lanes import integration_fixture
 from tests.webhook_receiver import WebhookReceiver
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
@@ -31,7 +31,7 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
+@integration_fixture(serial=True)
 def embedded(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
     """(base URL, environment, log) of a running `verdict dev` whose files live in tmp_path."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}

@@ -18,8 +18,8 @@ from flask.testing import FlaskClient
 from standardwebhooks import Webhook
 
 from app.config import Settings
-from app.queue import DELIVER_WEBHOOK
-from app.use_cases.webhooks import ABANDONED_ERROR
+from app.outbox import DELIVER_WEBHOOK
+from app.use_cases.webhook_deliveries import ABANDONED_ERROR
 from tests.conftest import TenantKey
 from tests.integration.conftest import WorkerProcess, submit, wait_final
 from tests.integration.webhook_support import (

@@ -15,12 +15,13 @@ from app.config import Settings
 from app.db import Database
 from app.models import AuditEvent, WebhookDelivery, utcnow
 from tests.conftest import TenantKey
+from tests.lanes import integration_fixture
 from tests.webhook_receiver import WebhookReceiver
 
 ALL_EVENTS = ["submission.completed", "submission.flagged", "submission.failed"]
 
 
-@pytest.fixture
+@integration_fixture
 def receiver() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as server:
         yield server
@@ -61,7 +62,7 @@ def deliveries(client: FlaskClient, tenant: TenantKey, endpoint_id: str, **query
 
 def audit_actions(database: Database, tenant_id: str, prefix: str = "webhook.") -> list[tuple[str, str | None]]:
     """(action, subject id) of the tenant's audit events whose action starts with `prefix`, oldest first."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         rows = session.execute(
             select(AuditEvent.action, AuditEvent.subject_id)
             .where(AuditEvent.tenant_id == tenant_id, AuditEvent.action.startswith(prefix))
@@ -72,14 +73,13 @@ def audit_actions(database: Database, tenant_id: str, prefix: str = "webhook.") 
 
 def make_due(database: Database, delivery_id: str) -> None:
     """Bring a scheduled retry forward to now (instead of waiting for it)."""
-    with database.session_scope() as session:
+    with database.transaction() as session:
         session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
                         .values(next_attempt_at=utcnow()))
-        session.commit()
 
 
 def delivery_row(database: Database, delivery_id: str) -> WebhookDelivery:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(WebhookDelivery, delivery_id)
         assert row is not None
         session.expunge(row)

@@ -1,5 +1,5 @@
 """The audit chain's canonical form and the verifier, without a database: the exact bytes an event's hash covers
-(as README and app/use_cases/audit.py document them), and every way a chain can break, found and located."""
+(as docs/compliance.md and app/audit_chain.py document them), and every way a chain can break, found and located."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.use_cases.audit import (
+from app.audit_chain import (
     GENESIS_HASH,
     ChainVerifier,
     canonical_bytes,

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
+from app.queue import celery_config
 
 
 @pytest.fixture(autouse=True)
@@ -136,3 +137,72 @@ def test_capacity_wait_leaves_the_call_its_timeout_within_the_soft_limit() -> No
 def test_failure_mode_is_checked(mode: str) -> None:
     with pytest.raises(ValidationError):
         Settings(_env_file=None, moderation_failure_mode=mode)  # type: ignore[call-arg]
+
+
+# ---- one Redis for everything: REDIS_URL, with BROKER_URL and RATE_LIMIT_STORAGE_URL as overrides --------------
+
+
+def redis_roles(settings: Settings) -> tuple[str, str | None, str]:
+    """Where the broker, the workers' shared state (upstream budget, circuit, cache) and the per-key limits live."""
+    return settings.broker_url, settings.shared_redis_url, settings.rate_limit_storage
+
+
+def test_nothing_set_is_the_embedded_default(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    assert redis_roles(settings) == (f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}", None, "memory://")
+
+
+def test_redis_url_alone_is_the_broker_the_shared_state_and_the_rate_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert redis_roles(settings) == ("redis://cache:6379/0",) * 3
+    # The broker gets the Redis transport options (the visibility timeout every retry delay is kept below).
+    config = celery_config(settings)
+    assert config["broker_url"] == "redis://cache:6379/0"
+    assert config["broker_transport_options"]["visibility_timeout"] == settings.broker_visibility_timeout
+
+
+def test_a_redis_broker_url_alone_still_serves_for_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Deployments configured before REDIS_URL was enough keep working unchanged.
+    monkeypatch.setenv("BROKER_URL", "rediss://queue:6380/2")
+    assert redis_roles(Settings(_env_file=None)) == ("rediss://queue:6380/2",) * 3  # type: ignore[call-arg]
+
+
+def test_broker_url_overrides_redis_url_for_the_broker_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("BROKER_URL", "redis://queue:6379/1")
+    assert redis_roles(Settings(_env_file=None)) == (  # type: ignore[call-arg]
+        "redis://queue:6379/1", "redis://cache:6379/0", "redis://cache:6379/0")
+
+
+def test_a_broker_that_is_not_redis_leaves_redis_url_to_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("BROKER_URL", "sqla+postgresql://u@db/broker")
+    assert redis_roles(Settings(_env_file=None)) == (  # type: ignore[call-arg]
+        "sqla+postgresql://u@db/broker", "redis://cache:6379/0", "redis://cache:6379/0")
+
+
+def test_a_non_redis_broker_without_redis_url_keeps_limits_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BROKER_URL", "sqla+postgresql://u@db/broker")
+    assert redis_roles(Settings(_env_file=None)) == (  # type: ignore[call-arg]
+        "sqla+postgresql://u@db/broker", None, "memory://")
+
+
+@pytest.mark.parametrize("storage", ["redis://limits:6379/3", "memory://"])
+def test_rate_limit_storage_url_overrides_redis_url_for_the_rate_limits_only(
+    monkeypatch: pytest.MonkeyPatch, storage: str,
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("RATE_LIMIT_STORAGE_URL", storage)
+    assert redis_roles(Settings(_env_file=None)) == (  # type: ignore[call-arg]
+        "redis://cache:6379/0", "redis://cache:6379/0", storage)
+
+
+def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `.env.example` shows an unset setting as `NAME=`; uncommented as it is, it must not break the start.
+    for name in ("REDIS_URL", "BROKER_URL", "UPSTREAM_RPM", "UPSTREAM_API_KEY", "LOG_LEVEL", "MASK_BY_DEFAULT"):
+        monkeypatch.setenv(name, "")
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.broker_url.startswith("sqla+sqlite:///")
+    assert settings.upstream_rpm is None and settings.upstream_api_key is None
+    assert settings.log_level == "INFO" and settings.mask_by_default is False

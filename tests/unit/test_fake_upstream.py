@@ -25,11 +25,12 @@ from tests.fake_upstream import (
     estimate_tokens,
     score_text,
 )
+from tests.lanes import integration_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
+@integration_fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream() as server:
         yield server
@@ -256,6 +257,7 @@ def test_latency_delays_answers_and_concurrent_requests_overlap(upstream: FakeUp
 # -- authentication, validation, routing -------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_api_key_is_enforced() -> None:
     with FakeUpstream(api_key="sk-test") as upstream, httpx.Client(base_url=upstream.base_url) as http:
         missing = moderate(http, "hi")
@@ -299,6 +301,7 @@ def test_unknown_paths_get_404_and_wrong_methods_405(client: httpx.Client) -> No
     assert moderate(client, "still fine").status_code == 200
 
 
+@pytest.mark.integration
 def test_max_batch() -> None:
     with FakeUpstream(max_batch=2) as upstream, httpx.Client(base_url=upstream.base_url) as http:
         too_many = moderate(http, ["a", "b", "c"])
@@ -311,6 +314,7 @@ def test_max_batch() -> None:
 # -- rate limits -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_rpm_limit_rejects_the_third_request_in_the_window() -> None:
     with FakeUpstream(rpm=2) as upstream, httpx.Client(base_url=upstream.base_url) as http:
         first = moderate(http, "one")
@@ -335,6 +339,7 @@ def test_rpm_limit_rejects_the_third_request_in_the_window() -> None:
         assert moderate(http, "four").status_code == 200
 
 
+@pytest.mark.integration
 def test_tpm_limit_counts_estimated_tokens() -> None:
     with FakeUpstream(tpm=10) as upstream, httpx.Client(base_url=upstream.base_url) as http:
         ok = moderate(http, ["x" * 20, "y" * 9])  # 5 + 3 tokens
@@ -394,6 +399,7 @@ def test_a_request_answered_after_a_reset_is_not_counted_as_seen(upstream: FakeU
     assert upstream.texts_seen() == ["after the reset"]
 
 
+@pytest.mark.integration
 def test_base_url_needs_a_running_server_and_stop_is_clean() -> None:
     upstream = FakeUpstream()
     with pytest.raises(RuntimeError):
@@ -423,6 +429,7 @@ def test_base_url_needs_a_running_server_and_stop_is_clean() -> None:
     upstream.stop()  # idempotent
 
 
+@pytest.mark.integration
 def test_runs_standalone_until_interrupted() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(

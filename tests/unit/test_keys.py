@@ -11,11 +11,14 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
-from app.auth import authenticate, generate_key, hash_key
+from app.api.auth import bearer_token
+from app.api.errors import ApiError, api_error
 from app.db import Base, Database
-from app.errors import ApiError
 from app.models import ApiKey, AuditEvent, Tenant, utcnow
+from app.use_cases.authentication import Principal, authenticate, generate_key, hash_key
+from app.use_cases.errors import AuthenticationFailed
 from app.use_cases.keys import IssuedKey, KeyRequestError, create_key, revoke_key
 
 KEY_RE = re.compile(r"^vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -32,17 +35,23 @@ def tenant_name() -> str:
 
 def issue(database: Database, name: str | None = None, scopes: tuple[str, ...] = ("submit", "read"),
           **kwargs: object) -> IssuedKey:
-    with database.session_scope() as session:
+    with database.transaction() as session:
         return create_key(session, tenant_name=name or tenant_name(), scopes=scopes, **kwargs)  # type: ignore[arg-type]
 
 
+def authenticate_header(session: Session, authorization: str | None) -> Principal:
+    """What the API's gate does with an `Authorization` header: take the bearer key, then check it."""
+    return authenticate(session, bearer_token(authorization))
+
+
 def assert_unauthorized(database: Database, authorization: str | None) -> ApiError:
-    with database.session_scope() as session, pytest.raises(ApiError) as caught:
-        authenticate(session, authorization)
-    assert caught.value.status == 401
-    assert caught.value.code == "invalid_api_key"
-    assert "WWW-Authenticate" in caught.value.headers
-    return caught.value
+    with pytest.raises(AuthenticationFailed) as caught, database.transaction() as session:
+        authenticate_header(session, authorization)
+    answer = api_error(caught.value)  # as the API answers it
+    assert answer.status == 401
+    assert answer.code == "invalid_api_key"
+    assert "WWW-Authenticate" in answer.headers
+    return answer
 
 
 # ---- format and hashing (no database) -------------------------------------------------------------------------
@@ -75,7 +84,7 @@ def test_hash_key_is_sha256_hex() -> None:
 def test_only_the_digest_is_stored(database: Database) -> None:
     issued = issue(database)
     secret_part = secret_of(issued.plaintext)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         row = session.get(ApiKey, issued.key.id)
         assert row is not None
         assert row.secret_hash == hash_key(issued.plaintext)
@@ -98,8 +107,8 @@ def test_key_id_matches_the_plaintext(database: Database) -> None:
 
 def test_the_right_key_authenticates(database: Database) -> None:
     issued = issue(database, scopes=("read", "submit"))
-    with database.session_scope() as session:
-        principal = authenticate(session, f"Bearer {issued.plaintext}")
+    with database.transaction() as session:
+        principal = authenticate_header(session, f"Bearer {issued.plaintext}")
     assert principal.key_id == issued.key.id
     assert principal.tenant_id == issued.key.tenant_id
     assert principal.scopes == frozenset({"read", "submit"})
@@ -107,15 +116,15 @@ def test_the_right_key_authenticates(database: Database) -> None:
 
 def test_scheme_is_case_insensitive(database: Database) -> None:
     issued = issue(database)
-    with database.session_scope() as session:
-        assert authenticate(session, f"bearer {issued.plaintext}").key_id == issued.key.id
+    with database.transaction() as session:
+        assert authenticate_header(session, f"bearer {issued.plaintext}").key_id == issued.key.id
 
 
 def test_authenticating_records_last_use(database: Database) -> None:
     issued = issue(database)
-    with database.session_scope() as session:
-        authenticate(session, f"Bearer {issued.plaintext}")
-    with database.session_scope() as session:
+    with database.transaction() as session:
+        authenticate_header(session, f"Bearer {issued.plaintext}")
+    with database.transaction() as session:
         row = session.get(ApiKey, issued.key.id)
         assert row is not None and row.last_used_at is not None
 
@@ -135,7 +144,7 @@ def test_unknown_key_is_refused(database: Database) -> None:
 
 def test_revoked_key_is_refused(database: Database) -> None:
     issued = issue(database)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         revoke_key(session, issued.key.id)
     error = assert_unauthorized(database, f"Bearer {issued.plaintext}")
     assert "revoked" in error.message
@@ -149,8 +158,8 @@ def test_expired_key_is_refused(database: Database) -> None:
 
 def test_key_expiring_later_is_accepted(database: Database) -> None:
     issued = issue(database, expires_at=utcnow() + timedelta(days=1))
-    with database.session_scope() as session:
-        assert authenticate(session, f"Bearer {issued.plaintext}").key_id == issued.key.id
+    with database.transaction() as session:
+        assert authenticate_header(session, f"Bearer {issued.plaintext}").key_id == issued.key.id
 
 
 @pytest.mark.parametrize("make_header", [
@@ -178,15 +187,15 @@ def test_malformed_authorization_is_refused(database: Database, make_header: obj
 @pytest.mark.parametrize("scopes", [("root",), ("read", "write"), ("READ",), ()])
 def test_create_key_refuses_unknown_or_no_scopes(database: Database, scopes: tuple[str, ...]) -> None:
     name = tenant_name()
-    with database.session_scope() as session, pytest.raises(KeyRequestError, match="scopes"):
+    with pytest.raises(KeyRequestError, match="scopes"), database.transaction() as session:
         create_key(session, tenant_name=name, scopes=scopes)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert session.scalars(select(Tenant).where(Tenant.name == name)).first() is None
 
 
 @pytest.mark.parametrize("name", ["", "   ", "x" * 101])
 def test_create_key_refuses_bad_tenant_names(database: Database, name: str) -> None:
-    with database.session_scope() as session, pytest.raises(KeyRequestError, match="tenant name"):
+    with pytest.raises(KeyRequestError, match="tenant name"), database.transaction() as session:
         create_key(session, tenant_name=name, scopes=["read"])
 
 
@@ -203,7 +212,7 @@ def test_second_key_for_a_tenant_reuses_it(database: Database) -> None:
     assert second.tenant_created is False
     assert second.key.tenant_id == first.key.tenant_id
     assert second.key.id != first.key.id
-    with database.session_scope() as session:
+    with database.transaction() as session:
         assert len(session.scalars(select(Tenant).where(Tenant.name == name)).all()) == 1
         created = session.scalars(select(AuditEvent).where(AuditEvent.tenant_id == first.key.tenant_id,
                                                            AuditEvent.action == "tenant.created")).all()
@@ -213,7 +222,7 @@ def test_second_key_for_a_tenant_reuses_it(database: Database) -> None:
 def test_creation_writes_audit_events_without_the_plaintext(database: Database) -> None:
     issued = issue(database, scopes=("admin", "read"), name="ci key")
     tenant_id = issued.key.tenant_id
-    with database.session_scope() as session:
+    with database.transaction() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant_id)
                                  .order_by(AuditEvent.id)).all()
         assert [e.action for e in events] == ["tenant.created", "key.created"]
@@ -232,15 +241,15 @@ def test_creation_writes_audit_events_without_the_plaintext(database: Database) 
 
 def test_revocation_is_audited_once(database: Database) -> None:
     issued = issue(database)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         revoke_key(session, issued.key.id)
         revoke_key(session, issued.key.id)
-    with database.session_scope() as session:
+    with database.transaction() as session:
         revoked = session.scalars(select(AuditEvent).where(AuditEvent.subject_id == issued.key.id,
                                                            AuditEvent.action == "key.revoked")).all()
         assert len(revoked) == 1
 
 
 def test_revoking_an_unknown_key_is_refused(database: Database) -> None:
-    with database.session_scope() as session, pytest.raises(KeyRequestError):
+    with pytest.raises(KeyRequestError), database.transaction() as session:
         revoke_key(session, "key_0000000000000000")

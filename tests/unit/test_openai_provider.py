@@ -1,4 +1,4 @@
-"""`OpenAICompatibleProvider` over real HTTP against `tests.fake_upstream.FakeUpstream`, and `parse_results` on
+"""`OpenAICompatibleProvider` over real HTTP against `tests.fake_upstream.FakeUpstream`, and `parse_batch` on
 hand-built answers.
 
 What must hold: scores come back per input in order; the model and the Bearer key are sent; 429 and 5xx and timeouts
@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-from app.moderation.openai_compat import OpenAICompatibleProvider, parse_batch, parse_results
+from app.moderation.openai_compat import OpenAICompatibleProvider, parse_batch
 from app.moderation.providers import PermanentProviderError, TransientProviderError
 from app.moderation.taxonomy import CATEGORIES
 from tests.fake_upstream import MALFORMED_KINDS, ONE_BAD_RESULT, TRIGGERS, UNTRIGGERED_SCORE, FakeUpstream
+from tests.lanes import integration_fixture
 
 API_KEY = "sk-test-provider"
 MODEL = "omni-moderation-latest"
@@ -27,7 +28,7 @@ MODEL = "omni-moderation-latest"
 MakeProvider = Callable[..., OpenAICompatibleProvider]
 
 
-@pytest.fixture
+@integration_fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key=API_KEY) as server:
         yield server
@@ -202,7 +203,7 @@ def test_models_reports_every_category_and_the_batch_limit(make_provider: MakePr
     assert info.max_batch == 16
 
 
-# ---- parse_results on hand-built payloads ---------------------------------------------------------------------
+# ---- parse_batch on hand-built payloads -----------------------------------------------------------------------
 
 
 def payload(*scores: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -210,16 +211,17 @@ def payload(*scores: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def test_unknown_labels_are_ignored_and_missing_categories_not_judged() -> None:
-    results, judged = parse_results(
+    results, judged, defective = parse_batch(
         payload({"harassment": 0.4, "toxicity": 0.99, "Violence_Graphic": 0.2}, {"self_harm": 0.3}), expected=2
     )
+    assert defective == frozenset()
     assert judged == frozenset({"harassment", "violence/graphic", "self-harm"})
     assert results[0].scores == {"harassment": 0.4, "violence/graphic": 0.2}
     assert results[1].scores == {"self-harm": 0.3}
 
 
 def test_scores_key_is_accepted_and_flagged_kept() -> None:
-    results, _ = parse_results({"results": [{"scores": {"hate": 0.7}, "flagged": True}]}, expected=1)
+    results, _, _ = parse_batch({"results": [{"scores": {"hate": 0.7}, "flagged": True}]}, expected=1)
     assert results[0].scores == {"hate": 0.7}
     assert results[0].provider_flagged is True
 
@@ -227,17 +229,17 @@ def test_scores_key_is_accepted_and_flagged_kept() -> None:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", True, None, [0.1], {"v": 1}])
 def test_non_numeric_scores_are_malformed(bad: Any) -> None:
     with pytest.raises(TransientProviderError) as caught:
-        parse_results(payload({"harassment": 0.1, "violence": bad}), expected=1)
+        parse_batch(payload({"harassment": 0.1, "violence": bad}), expected=1)
     assert caught.value.code == "upstream_malformed"
 
 
 def test_non_numeric_score_of_an_unknown_label_is_ignored() -> None:
-    results, _ = parse_results(payload({"harassment": 0.1, "toxicity": "high"}), expected=1)
+    results, _, _ = parse_batch(payload({"harassment": 0.1, "toxicity": "high"}), expected=1)
     assert results[0].scores == {"harassment": 0.1}
 
 
 def test_scores_are_clamped_to_unit_interval() -> None:
-    results, _ = parse_results(payload({"harassment": 1.7, "hate": -0.3, "violence": 1, "sexual": 0}), expected=1)
+    results, _, _ = parse_batch(payload({"harassment": 1.7, "hate": -0.3, "violence": 1, "sexual": 0}), expected=1)
     assert results[0].scores == {"harassment": 1.0, "hate": 0.0, "violence": 1.0, "sexual": 0.0}
 
 
@@ -247,14 +249,14 @@ def test_scores_are_clamped_to_unit_interval() -> None:
 ])
 def test_malformed_shapes(bad: Any) -> None:
     with pytest.raises(TransientProviderError) as caught:
-        parse_results(bad, expected=1)
+        parse_batch(bad, expected=1)
     assert caught.value.code == "upstream_malformed"
 
 
 @pytest.mark.parametrize("count", [0, 1, 3])
 def test_result_count_must_match_inputs(count: int) -> None:
     with pytest.raises(TransientProviderError):
-        parse_results(payload(*[{"hate": 0.1}] * count), expected=2)
+        parse_batch(payload(*[{"hate": 0.1}] * count), expected=2)
 
 
 def test_one_unusable_result_spoils_only_its_own_text(make_provider: MakeProvider, upstream: FakeUpstream) -> None:

@@ -1,4 +1,4 @@
-"""The shared upstream rate limit (`app.moderation.rate_limit`) against the real Redis, and the OpenAI-compatible
+"""The shared upstream rate limit (`app.moderation.upstream_budget`) against the real Redis, and the OpenAI-compatible
 provider using it against the fake upstream.
 
 What must hold: limiters with the same key share one budget (and others do not); a call that does not fit waits or
@@ -17,17 +17,18 @@ import redis
 
 from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import PermanentProviderError, TransientProviderError
-from app.moderation.rate_limit import (
+from app.moderation.tokens import estimate_tokens
+from app.moderation.upstream_budget import (
     NoCapacity,
     OverTokenLimit,
     ProviderLimits,
     SharedRateLimiter,
-    estimate_tokens,
     limiter_key,
     parse_duration,
 )
 from tests.conftest import TEST_REDIS_URL
 from tests.fake_upstream import FakeUpstream
+from tests.lanes import integration_fixture
 
 WINDOW = 61.0
 
@@ -148,7 +149,7 @@ def test_header_parsing() -> None:
 # ---- the provider with the limiter, against the fake upstream --------------------------------------------------
 
 
-@pytest.fixture
+@integration_fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(rpm=2) as server:
         yield server

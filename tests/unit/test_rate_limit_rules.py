@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from app.api.rate_limits import Quota, quota_for
 from app.config import Settings
-from app.rate_limits import Quota, estimate_tokens, quota_for
+from app.moderation.tokens import estimate_tokens
 
 
 def settings(tmp_path: Path, **values: object) -> Settings:

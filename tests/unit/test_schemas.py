@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.errors import InvalidRequest
-from app.schemas import Limits, SubmissionBatchIn, SubmissionIn
-from app.use_cases.submissions import decode_cursor, encode_cursor
+from app.api.errors import api_error
+from app.schemas.common import Limits
+from app.schemas.submissions import SubmissionBatchIn, SubmissionIn
+from app.use_cases.errors import InvalidInput
+from app.use_cases.pagination import decode_cursor, encode_cursor
 
 LIMITS = Limits(max_text_chars=20, max_texts_per_submission=3, max_items_per_request=4, max_metadata_bytes=64,
                 max_metadata_depth=3)
@@ -201,8 +203,8 @@ def _raw_cursor(value: Any) -> str:
     _raw_cursor({"created_at": "2024-05-01T12:00:00+00:00", "id": "sub_a"}),
 ])
 def test_garbage_cursors_are_invalid_requests(cursor: str) -> None:
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(InvalidInput) as caught:
         decode_cursor(cursor)
-    assert caught.value.status == 400
+    assert api_error(caught.value).status == 400
     assert caught.value.param == "cursor"
     assert caught.value.code == "invalid_cursor"

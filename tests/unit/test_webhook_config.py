@@ -11,7 +11,8 @@ from celery import Celery
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.queue import DELIVER_WEBHOOK, DISPATCH_WEBHOOKS, MODERATE_SUBMISSION, celery_config
+from app.outbox import DELIVER_WEBHOOK, DISPATCH_WEBHOOKS, MODERATE_SUBMISSION
+from app.queue import celery_config
 
 
 @pytest.fixture(autouse=True)

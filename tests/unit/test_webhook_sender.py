@@ -10,13 +10,14 @@ from ipaddress import ip_network
 import pytest
 
 from app.webhooks.sender import EXCERPT_CHARS, send
+from tests.lanes import integration_fixture
 from tests.webhook_receiver import Answer, WebhookReceiver
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
 HEADERS = {"webhook-id": "msg_1", "webhook-timestamp": "1", "webhook-signature": "v1,x"}
 
 
-@pytest.fixture
+@integration_fixture
 def receiver() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as server:
         yield server

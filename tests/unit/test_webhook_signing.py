@@ -82,6 +82,7 @@ def test_signing_needs_a_secret() -> None:
         signature_header([], "msg_abc", datetime.now(UTC), BODY)
 
 
+@pytest.mark.integration
 def test_the_javascript_library_verifies_both_rotation_secrets_and_rejects_tampering() -> None:
     # An implementation that shares no code with the Python library Verdict signs with.
     new, old = generate_secret(), generate_secret()

@@ -10,7 +10,7 @@ from typing import get_args
 
 import pytest
 
-from app.api.webhook_schemas import SubscribableEvent
+from app.schemas.webhooks import SubscribableEvent
 from app.webhooks.events import SUBSCRIBABLE_EVENTS
 from app.webhooks.url_guard import UnsafeUrl, address_problem, check_url
 

@@ -1,30 +1,14 @@
-"""The upstream rate limit, shared by every worker on every host through one Redis: requests and tokens per minute.
-
-One Lua script holds the whole decision, so it is atomic across processes and uses Redis's clock, not the hosts'.
-It keeps a log of the calls admitted in the provider's window (each with its requests and tokens) and admits a call
-only when it fits the window exactly as a provider counts it; on top of that it spaces calls evenly (one request
-every window/RPM seconds, tokens likewise), because providers enforce a minute's limit over shorter periods too and a
-backlog sent as one burst would be refused. The window is the provider's minute plus a margin, so a call that took
-longer to arrive than the one before it still falls inside the provider's count.
-
-Limits come from configuration and are tightened by what the provider says in its `X-RateLimit-*` headers: a lower
-limit is adopted, usage the provider counts and we did not (another client on the same key) is entered in the log,
-and a `Retry-After` or an exhausted `remaining` pauses every worker until the provider's reset.
-
-Why a script and not the `limits` library: a call's token cost is known only after the answer (`usage`) and must be
-corrected, limits change at run time from the headers, and the provider's usage must be merged in; `limits` offers
-fixed and moving windows with a cost, but none of that.
-"""
+"""The upstream's budget: requests and tokens per minute shared by every worker through one Redis Lua script, and
+tightened by the provider's `X-RateLimit-*` headers. See docs/moderation.md (also why not the `limits` library)."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -170,11 +154,6 @@ class OverTokenLimit(Exception):
 class Permit:
     entry_id: str
     tokens: int
-
-
-def estimate_tokens(texts: Sequence[str]) -> int:
-    """Tokens a call will cost, before it is made: about four characters per token, rounded up per text."""
-    return sum(max(1, math.ceil(len(text) / 4)) for text in texts)
 
 
 def limiter_key(prefix: str, *parts: str) -> str:

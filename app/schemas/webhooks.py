@@ -1,4 +1,4 @@
-"""Request and response schemas of the webhook API (pydantic v2): endpoints, the callback secret, deliveries."""
+"""Schemas of `/v1/webhooks` and `/v1/deliveries`: endpoints, the callback secret, deliveries."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from app.schemas.common import Strict
+
 # The events an endpoint may subscribe to (app.webhooks.events.SUBSCRIBABLE_EVENTS; a unit test keeps them equal).
 SubscribableEvent = Literal["submission.completed", "submission.flagged", "submission.failed"]
 DeliveryStatusName = Literal["pending", "delivering", "succeeded", "dead"]
@@ -14,21 +16,17 @@ DeliveryStatusName = Literal["pending", "delivering", "succeeded", "dead"]
 WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class WebhookEndpointIn(_Strict):
+class WebhookEndpointIn(Strict):
     url: WebhookUrl = Field(description="An http(s) URL that resolves to public addresses only.")
     events: list[SubscribableEvent] = Field(min_length=1, max_length=10)
     description: Annotated[str, StringConstraints(max_length=500)] | None = None
 
 
-class EmptyBody(_Strict):
+class EmptyBody(Strict):
     """The POST actions (rotate, test, redeliver) take no fields; a body, if sent, must be `{}`."""
 
 
-class DeliveryListQuery(_Strict):
+class DeliveryListQuery(Strict):
     model_config = ConfigDict(extra="forbid", strict=False)
 
     status: DeliveryStatusName | None = None

@@ -1,8 +1,6 @@
-"""The one error shape of the API, `{"error": {"type", "message", "param", "code"}}`, for every failure.
-
-Every error leaves through here: our own `ApiError`s, werkzeug's HTTP errors (unknown route, wrong method, body too
-large) and anything unexpected, which is logged with its request id and answered without a stack trace.
-"""
+"""The one error shape of the API, `{"error": {"type", "message", "param", "code"}}`, for every failure: the API's
+own `ApiError`s, the use cases' domain errors (mapped to their status here and nowhere else), werkzeug's HTTP
+errors, pydantic's validation errors, and anything unexpected (logged with its request id, never a stack trace)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,15 @@ from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.schemas import ErrorDetail, ErrorResponse
+from app.schemas.errors import ErrorDetail, ErrorResponse
+from app.use_cases.errors import (
+    AuthenticationFailed,
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -31,9 +37,19 @@ _TYPE_BY_STATUS = {
     500: "api_error",
     503: "service_unavailable",
 }
+# Each kind of domain error and the status it is answered with.
+_STATUS_BY_DOMAIN_ERROR: tuple[tuple[type[DomainError], int], ...] = (
+    (InvalidInput, 400),
+    (AuthenticationFailed, 401),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unavailable, 503),
+)
 
 
 class ApiError(Exception):
+    """An answer only HTTP has: a missing scope, the wrong media type, a rate limit, an idempotency key misused."""
+
     def __init__(
         self, status: int, message: str, *, code: str, param: str | None = None,
         headers: dict[str, str] | None = None,
@@ -46,14 +62,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class InvalidRequest(ApiError):
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request") -> None:
-        super().__init__(400, message, code=code, param=param)
-
-
-class NotFound(ApiError):
-    def __init__(self, message: str = "No such object.", *, param: str | None = None) -> None:
-        super().__init__(404, message, code="not_found", param=param)
+def api_error(exc: DomainError) -> ApiError:
+    """The HTTP answer to a domain error: its status, and the headers that status calls for."""
+    status = next((s for kind, s in _STATUS_BY_DOMAIN_ERROR if isinstance(exc, kind)), 400)
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationFailed):
+        headers["WWW-Authenticate"] = 'Bearer realm="verdict"'
+    if isinstance(exc, Unavailable) and exc.retry_after:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return ApiError(status, exc.message, code=exc.code, param=exc.param, headers=headers)
 
 
 def error_response(
@@ -98,14 +115,14 @@ def _param_path(loc: tuple[int | str, ...]) -> str | None:
     return path or None
 
 
-def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
+def _api_error_response(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
 
-    @app.errorhandler(ValidationError)
-    def _validation_error(exc: ValidationError) -> Response:
-        return validation_error_response(exc)
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(ApiError, _api_error_response)
+    app.register_error_handler(DomainError, lambda exc: _api_error_response(api_error(exc)))
+    app.register_error_handler(ValidationError, validation_error_response)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

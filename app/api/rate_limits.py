@@ -1,11 +1,5 @@
-"""Per-key rate limits: requests and tokens per minute, counted in moving windows that every API process shares.
-
-The windows live in Redis through the `limits` library (its moving-window strategy), keyed by the API key's id, so
-any number of API processes enforce one limit. The limits in force for a key are its own, else its tenant's, else
-RATE_LIMIT_RPM / RATE_LIMIT_TPM. Every keyed response says where the key stands (`X-RateLimit-*`); a request over a
-limit is answered 429 with `Retry-After`. If the store cannot be reached the request is let through and the failure
-logged: an outage of the limiter must not become an outage of moderation.
-"""
+"""Per-key API rate limits (requests and tokens per minute, shared by every API process through Redis), their
+`X-RateLimit-*` headers and 429s. Not the upstream's budget (app/moderation/upstream_budget.py). See docs/api.md."""
 
 from __future__ import annotations
 
@@ -20,23 +14,17 @@ from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import MovingWindowRateLimiter
 
+from app.api.errors import ApiError
 from app.config import Settings
-from app.errors import ApiError
+from app.moderation.tokens import estimate_tokens
 
 log = structlog.get_logger(__name__)
-
-# One token per four characters (OpenAI's rule of thumb for English), at least one per text.
-CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
 class Quota:
     rpm: int
     tpm: int
-
-
-def estimate_tokens(texts: Sequence[str]) -> int:
-    return sum(max(1, math.ceil(len(text) / CHARS_PER_TOKEN)) for text in texts)
 
 
 def quota_for(rpm: int | None, tpm: int | None, settings: Settings) -> Quota:

@@ -1,28 +1,22 @@
-"""`Idempotency-Key` on any POST: the same key with the same request within IDEMPOTENCY_TTL_SECONDS gets the first
-response again (status, body, ids), without anything being created twice.
-
-A key belongs to the tenant. The request's fingerprint is a SHA-256 of method, path, query string and body bytes.
-The same key with another request is refused (422); while the first request with a key is running, a second one is
-told so (409, `Retry-After`), which is how two identical requests racing never both create. Responses of 5xx and 429
-are not kept, so a retry after them runs again. A replay carries `Idempotent-Replayed: true`.
-"""
+"""`Idempotency-Key` on any POST: the same key with the same request gets the first response again, without
+anything being created twice; the same key with another request is refused (422), and while the first is running a
+second is told so (409). The store is app/use_cases/idempotency.py; see docs/api.md."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Response, current_app, request
 
-from app.db import get_database
-from app.errors import ApiError, InvalidRequest, error_response
+from app.api.errors import ApiError, error_response
+from app.extensions import current_database, current_settings
 from app.use_cases import idempotency
+from app.use_cases.authentication import Principal
+from app.use_cases.errors import InvalidInput
 from app.use_cases.idempotency import Claimed, InProgress, Mismatch, StoredResponse
-
-if TYPE_CHECKING:
-    from app.auth import Principal
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -31,16 +25,17 @@ _KEPT_HEADERS = ("Content-Type", "Location")
 
 
 def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
+    """Claim the key, run the view, keep its answer: each in a transaction of its own, so the claim is seen by a
+    racing request at once and the kept answer outlives a view that rolled back."""
     key = request.headers.get(IDEMPOTENCY_HEADER, "")
     if not _KEY.match(key):
-        raise InvalidRequest(f"{IDEMPOTENCY_HEADER}: must be 1 to 255 printable ASCII characters without spaces.",
-                             param=IDEMPOTENCY_HEADER, code="invalid_idempotency_key")
-    settings = current_app.extensions["verdict.settings"]
+        raise InvalidInput(f"{IDEMPOTENCY_HEADER}: must be 1 to 255 printable ASCII characters without spaces.",
+                           param=IDEMPOTENCY_HEADER, code="invalid_idempotency_key")
     fingerprint = _fingerprint()
-    database = get_database()
-    with database.session_scope() as session:
+    database = current_database()
+    with database.transaction() as session:
         outcome = idempotency.claim(session, principal.tenant_id, key, fingerprint, api_key_id=principal.key_id,
-                                    ttl_seconds=settings.idempotency_ttl_seconds)
+                                    ttl_seconds=current_settings().idempotency_ttl_seconds)
     if isinstance(outcome, Mismatch):
         raise ApiError(422, f"This {IDEMPOTENCY_HEADER} was already used with a different request; use a new key "
                        "for a new request.", code="idempotency_key_reused", param=IDEMPOTENCY_HEADER)
@@ -61,10 +56,10 @@ def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
             # The app's own error handlers shape it, exactly as they would outside this wrapper.
             response = current_app.make_response(current_app.handle_user_exception(exc))
         except Exception:
-            with database.session_scope() as session:
+            with database.transaction() as session:
                 idempotency.release(session, principal.tenant_id, key)
             raise
-    with database.session_scope() as session:
+    with database.transaction() as session:
         if response.status_code >= 500 or response.status_code == 429 or response.is_streamed:
             idempotency.release(session, principal.tenant_id, key)
         else:

@@ -1,4 +1,4 @@
-"""Request and response schemas of `/v1/keys` (pydantic v2). A secret appears in one answer only: the creation."""
+"""Schemas of `/v1/keys`. A secret appears in one answer only: the creation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.schemas import IsoDatetime
+from app.schemas.common import IsoDatetime
 
 Scope = Literal["submit", "read", "audit", "admin"]
 

@@ -1,0 +1,86 @@
+"""The gate of every keyed route (`require_scope`), in this order: authenticate the bearer key (401), count the
+request against the key's rate limit (429), check the scope (403), and for a POST with an `Idempotency-Key` replay
+or claim it; only then does the view run. The key check itself is app/use_cases/authentication.py."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+from flask import g, request
+
+from app.api import rate_limits
+from app.api.errors import ApiError
+from app.api.idempotency import IDEMPOTENCY_HEADER, run_once
+from app.api.request_context import current_request_id
+from app.api.transactions import request_session
+from app.extensions import current_settings
+from app.use_cases.audit import record_failed_authentication
+from app.use_cases.authentication import SCOPES, Principal, authenticate
+from app.use_cases.errors import AuthenticationFailed
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The key an `Authorization: Bearer <key>` header presents; AuthenticationFailed if there is none."""
+    if not authorization:
+        raise AuthenticationFailed("Missing API key. Send 'Authorization: Bearer <key>'.", reason="missing")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("Malformed Authorization header. Send 'Authorization: Bearer <key>'.",
+                                   reason="malformed_header")
+    return token.strip()
+
+
+def require_scope(scope: str | None) -> Callable[[F], F]:
+    """Authenticate the request's key and require `scope` (None: any valid key); then see `current_principal()`."""
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def decorator(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            principal = _authenticated()
+            g.principal = principal
+            structlog.contextvars.bind_contextvars(tenant_id=principal.tenant_id, key_id=principal.key_id)
+            # Every keyed request counts against the key's limit, refused ones included.
+            rate_limits.check_request(principal.key_id, rate_limits.quota_for(
+                principal.rate_limit_rpm, principal.rate_limit_tpm, current_settings()))
+            if scope is not None and scope not in principal.scopes:
+                raise ApiError(403, f"This API key lacks the '{scope}' scope.", code="missing_scope")
+            if request.method == "POST" and IDEMPOTENCY_HEADER in request.headers:
+                return run_once(principal, lambda: view(*args, **kwargs))
+            return view(*args, **kwargs)
+
+        # What the OpenAPI document says of the route (app/api/openapi.py): it needs a key, and which scope.
+        wrapper.required_scope = scope  # type: ignore[attr-defined]
+        wrapper.keyed = True  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def _authenticated() -> Principal:
+    """The request's principal, in a transaction of its own (it records the key's last use); a presented key that
+    fails is audited, in another, before the 401 goes out. A request that sent no key is simply refused."""
+    session = request_session()
+    try:
+        with session.begin():
+            return authenticate(session, bearer_token(request.headers.get("Authorization")))
+    except AuthenticationFailed as exc:
+        if exc.reason != "missing":
+            with session.begin():
+                record_failed_authentication(
+                    session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
+                    request_id=current_request_id(), method=request.method,
+                    route=request.url_rule.rule if request.url_rule else None,
+                )
+        raise
+
+
+def current_principal() -> Principal:
+    principal: Principal = g.principal
+    return principal

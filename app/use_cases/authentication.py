@@ -1,0 +1,71 @@
+"""Who is calling: API keys as made (`vk_<id>_<secret>`, stored as a SHA-256 digest only) and checked against the
+database in constant time, giving the `Principal`. The HTTP gate is app/api/auth.py."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, utcnow
+from app.use_cases.errors import AuthenticationFailed
+
+SCOPES = ("submit", "read", "audit", "admin")
+_KEY_PATTERN = re.compile(r"^vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    tenant_id: str
+    scopes: frozenset[str]
+    # The key's own rate limits, else its tenant's; None: the deployment's (app/api/rate_limits.py).
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+
+
+def hash_key(plaintext: str) -> str:
+    # Keys are 256-bit random, so a fast hash is the right one (no password stretching).
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str]:
+    """A new (key id, plaintext key). The id part is not secret: it finds the row and names the actor."""
+    id_part = secrets.token_hex(8)
+    return f"key_{id_part}", f"vk_{id_part}_{secrets.token_urlsafe(32)}"
+
+
+def authenticate(session: Session, token: str) -> Principal:
+    """The principal `token` (a whole key) stands for, in the caller's transaction, which also records the key's
+    last use (to the minute); AuthenticationFailed if the key is malformed, unknown, wrong, revoked or expired."""
+    match = _KEY_PATTERN.match(token)
+    if match is None:
+        raise AuthenticationFailed("Invalid API key.", reason="malformed_key")
+    key = session.get(ApiKey, f"key_{match.group(1)}")
+    presented = hash_key(token)
+    # Compare even when the id is unknown, so a miss and a wrong secret take the same path; compare_digest takes
+    # the same time however much of a guess matches.
+    stored = key.secret_hash if key is not None else hash_key(secrets.token_hex(16))
+    if not hmac.compare_digest(presented, stored) or key is None:
+        raise _refused("Invalid API key.", "wrong_secret" if key else "unknown_key", key)
+    now = utcnow()
+    if key.revoked_at is not None:
+        raise _refused("This API key has been revoked.", "revoked", key)
+    if key.expires_at is not None and key.expires_at <= now:
+        raise _refused("This API key has expired.", "expired", key)
+    if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
+        key.last_used_at = now
+    return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes),
+                     rate_limit_rpm=key.rate_limit_rpm or key.tenant.rate_limit_rpm,
+                     rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm)
+
+
+def _refused(message: str, reason: str, key: ApiKey | None) -> AuthenticationFailed:
+    return AuthenticationFailed(message, reason=reason, key_id=key.id if key is not None else None,
+                                tenant_id=key.tenant_id if key is not None else None)

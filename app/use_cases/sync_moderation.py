@@ -1,0 +1,80 @@
+"""Synchronous moderation (the OpenAI-compatible `/v1/moderations`): the caller waits for the answer, which is
+stored, claimed and audited like an async submission's. See docs/api.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select
+
+from app.audit_chain import content_digest
+from app.config import Settings
+from app.db import Database
+from app.masking import Masker
+from app.models import Submission, Tenant, Verdict, utcnow
+from app.moderation.backoff import sync_retrying
+from app.moderation.policy import DEFAULT_POLICY
+from app.moderation.providers import ModerationProvider, ProviderError
+from app.use_cases.audit import record_event
+from app.use_cases.authentication import Principal
+from app.use_cases.errors import Unavailable
+from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict
+
+# The synchronous endpoint's own retries: a few, within a few seconds, because a client holds the connection open.
+SYNC_ATTEMPTS = 3
+SYNC_RETRY_BUDGET_SECONDS = 5.0
+UNAVAILABLE_MESSAGE = "The moderation provider is unavailable; try again later."
+
+
+def moderate_now(
+    database: Database, provider: ModerationProvider, principal: Principal, texts: Sequence[str],
+    *, model: str | None, request_id: str | None, settings: Settings,
+) -> tuple[Submission, Verdict]:
+    """Moderate `texts` while the caller waits; Unavailable if the provider cannot answer (the submission is then
+    stored as failed). OpenAI's request has no `mask`; a tenant (or deployment) that masks by default is masked here.
+
+    A command in three steps: store and claim the submission (one transaction), ask the provider with no
+    transaction open (retrying briefly), then record the verdict or the failure.
+    """
+    with database.session() as session:
+        with session.begin():
+            now = utcnow()
+            masker = Masker.from_settings(settings)
+            mask = masker.applies(None, session.scalar(
+                select(Tenant.mask_by_default).where(Tenant.id == principal.tenant_id)))
+            details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
+            if mask:
+                texts, details["masked"] = masker.mask_all(texts)
+            digest = content_digest(texts)
+            submission = Submission(
+                tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
+                content=list(texts), content_digest=digest, text_count=len(texts), policy_name=DEFAULT_POLICY.name,
+                model=model, mask=mask, request_id=request_id, created_at=now, enqueued_at=now,
+            )
+            session.add(submission)
+            session.flush()
+            record_event(session, tenant_id=principal.tenant_id, action="submission.received",
+                         actor=principal.key_id, subject_type="submission", subject_id=submission.id,
+                         request_id=request_id, content_digest=digest, details=details)
+            # Claimed in the transaction that creates it, so no worker's batch can take it along first.
+            claim = claim_submission(session, submission.id, lease_seconds=settings.processing_lease_seconds)
+            if claim is None:  # pragma: no cover - the row is this transaction's own
+                raise RuntimeError("could not claim a fresh submission")
+
+        try:
+            # The caller waits for this answer, so transient failures are retried here, briefly, not through the
+            # queue.
+            retrying = sync_retrying(attempts=SYNC_ATTEMPTS, budget_seconds=SYNC_RETRY_BUDGET_SECONDS,
+                                     cap=SYNC_RETRY_BUDGET_SECONDS)
+            outcome = retrying(provider.moderate, texts, model)
+        except ProviderError as exc:
+            with session.begin():
+                fail_submission(session, claim, code=exc.code, message=exc.message)
+            raise Unavailable(UNAVAILABLE_MESSAGE, code=exc.code, retry_after=exc.retry_after) from exc
+
+        with session.begin():
+            verdict = record_verdict(session, claim, outcome, DEFAULT_POLICY, submission=submission)
+            if verdict is None:  # pragma: no cover - only if the lease ran out mid-request
+                raise Unavailable(UNAVAILABLE_MESSAGE, code="claim_lost")
+            session.refresh(submission)
+    return submission, verdict

@@ -1,0 +1,201 @@
+"""Claiming a submission and settling it exactly once (verdict, failure, or back to the queue), each fenced by the
+claim's token, in the caller's transaction. See docs/architecture.md ("Claims and fencing tokens")."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import ColumnElement, and_, or_, update
+from sqlalchemy.orm import Session, lazyload
+
+from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
+from app.moderation.policy import Assessment, Policy, assess
+from app.moderation.providers import ProviderResult
+from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.use_cases import webhook_deliveries
+from app.use_cases.audit import record_event
+
+log = structlog.get_logger(__name__)
+
+WORKER_ACTOR = "worker"
+# A retry's message may come a little before its row's due time when the hosts' clocks differ.
+CLOCK_TOLERANCE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    submission_id: str
+    token: str
+    attempt: int
+
+
+def claim_submission(session: Session, submission_id: str, *, lease_seconds: int) -> Claim | None:
+    """Claim the submission for one attempt, in the caller's transaction: a conditional UPDATE that sets a fresh
+    fencing token. None if it is not due, already done, or held by a live claim."""
+    now = utcnow()
+    token = secrets.token_hex(16)
+    result = session.execute(
+        update(Submission)
+        .where(
+            Submission.id == submission_id,
+            or_(
+                # Queued and due: a submission given back for a retry waits for its due time, even when a message
+                # (its own earlier one, still queued after a batch took it along) comes sooner.
+                and_(Submission.status == SubmissionStatus.QUEUED.value,
+                     or_(Submission.enqueued_at.is_(None),
+                         Submission.enqueued_at <= now + timedelta(seconds=CLOCK_TOLERANCE_SECONDS))),
+                and_(Submission.status == SubmissionStatus.PROCESSING.value,
+                     Submission.claimed_at < now - timedelta(seconds=lease_seconds)),
+            ),
+        )
+        .values(status=SubmissionStatus.PROCESSING.value, claim_token=token, claimed_at=now,
+                attempts=Submission.attempts + 1, updated_at=now)
+        .returning(Submission.attempts)
+    )
+    attempt = result.scalar_one_or_none()
+    if attempt is None:
+        return None
+    return Claim(submission_id=submission_id, token=token, attempt=attempt)
+
+
+def _held_by(claim: Claim) -> ColumnElement[bool]:
+    """The fence of every UPDATE that settles a submission: it is still processing under this claim's token."""
+    return and_(Submission.id == claim.submission_id, Submission.claim_token == claim.token,
+                Submission.status == SubmissionStatus.PROCESSING.value)
+
+
+def record_verdict(
+    session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
+    cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
+    submission: Submission | None = None,
+) -> Verdict | None:
+    """Store the verdict, its webhook deliveries and audit events in the caller's transaction, if `claim` still
+    holds the submission; None (and nothing written: the fenced UPDATE matched no row) if another worker took it.
+
+    `decision` overrides the policy's (a fail-open or fail-closed verdict, which has no scores to assess)."""
+    # The verdict relationship is not loaded: this is the verdict being made.
+    if submission is None:
+        submission = session.get(Submission, claim.submission_id, options=[lazyload(Submission.verdict)])
+    if submission is None:
+        return None
+    assessment = assess(policy, outcome)
+    if decision is not None:
+        flagged = decision is not Decision.ALLOW
+        assessment = dataclasses.replace(assessment, decision=decision, flagged=flagged, results=[
+            {**r, "decision": decision.value, "flagged": flagged} for r in assessment.results])
+    degraded = degraded or outcome.degraded
+    now = utcnow()
+    won = session.execute(
+        update(Submission)
+        .where(_held_by(claim))
+        .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
+                error_code=None, error_message=None)
+        .returning(Submission.erased_at)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if won is None:
+        log.warning("verdict_discarded_claim_lost", submission_id=claim.submission_id)
+        return None
+    verdict = _verdict_row(submission, outcome, policy, assessment, degraded=degraded, cached=cached, now=now)
+    if won.erased_at is not None:
+        verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
+    session.add(verdict)
+    webhook_deliveries.raise_submission_events(session, submission.id, verdict)
+    links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
+    record_event(
+        session, tenant_id=submission.tenant_id, action="moderation.completed", actor=WORKER_ACTOR,
+        subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
+        content_digest=submission.content_digest, **links,
+        details={"provider": outcome.provider, "model": outcome.model, "latency_ms": outcome.latency_ms,
+                 "attempt": claim.attempt, "cached": cached, "degraded": degraded,
+                 **({"degraded_reason": degraded_reason} if degraded_reason else {})},
+    )
+    # The decision with what it takes to re-derive it: the scores and the thresholds they were held against (for
+    # the judged categories; the others had no score to hold against a threshold).
+    scores = {c: score for c, score in assessment.category_scores.items() if score is not None}
+    thresholds = policy.thresholds_json()
+    record_event(
+        session, tenant_id=submission.tenant_id, action="verdict.decided", actor=WORKER_ACTOR,
+        subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
+        content_digest=submission.content_digest, **links, decision=assessment.decision.value,
+        categories=[c for c, hit in assessment.categories.items() if hit],
+        details={"flagged": assessment.flagged, "policy": policy.name, "policy_version": policy.version,
+                 "scores": scores, "thresholds": {c: thresholds[c] for c in scores},
+                 "not_judged": assessment.not_judged, "degraded": degraded},
+    )
+    return verdict
+
+
+def _verdict_row(
+    submission: Submission, outcome: ProviderResult, policy: Policy, assessment: Assessment, *,
+    degraded: bool, cached: bool, now: datetime,
+) -> Verdict:
+    return Verdict(
+        submission_id=submission.id,
+        tenant_id=submission.tenant_id,
+        decision=assessment.decision.value,
+        flagged=assessment.flagged,
+        categories=assessment.categories,
+        category_scores=assessment.category_scores,
+        results=assessment.results,
+        not_judged=assessment.not_judged,
+        provider=outcome.provider,
+        model=outcome.model,
+        policy_name=policy.name,
+        policy_version=policy.version,
+        thresholds=policy.thresholds_json(),
+        cached=cached,
+        degraded=degraded,
+        latency_ms=outcome.latency_ms,
+        created_at=now,
+    )
+
+
+def fail_submission(session: Session, claim: Claim, *, code: str, message: str) -> bool:
+    """Mark the submission failed (with its deliveries and audit event) if `claim` still holds it."""
+    now = utcnow()
+    won = session.execute(
+        update(Submission)
+        .where(_held_by(claim))
+        .values(status=SubmissionStatus.FAILED.value, completed_at=now, claim_token=None, updated_at=now,
+                error_code=code, error_message=message[:500])
+        .returning(Submission.tenant_id, Submission.request_id, Submission.content_digest, Submission.conversation_id,
+                   Submission.turn_id)
+    ).one_or_none()
+    if won is None:
+        return False
+    tenant_id, request_id, digest, conversation_id, turn_id = won
+    webhook_deliveries.raise_submission_events(session, claim.submission_id)
+    record_event(session, tenant_id=tenant_id, action="moderation.failed", actor=WORKER_ACTOR,
+                 subject_type="submission", subject_id=claim.submission_id, request_id=request_id,
+                 content_digest=digest, conversation_id=conversation_id, turn_id=turn_id,
+                 details={"code": code, "attempt": claim.attempt})
+    return True
+
+
+def release_for_retry(session: Session, claim: Claim, *, delay_seconds: float, refund_attempt: bool = False) -> bool:
+    """Give the submission back to the queue, due in `delay_seconds` (which the caller keeps below the broker's
+    visibility timeout), with its message sent once the transaction commits; the requeue sweep leaves the row alone
+    until the retry is due. False if `claim` no longer holds the submission.
+
+    `refund_attempt`: the try never reached the provider (it waited for rate-limit capacity), so it does not count
+    against the submission's retries."""
+    now = utcnow()
+    won = session.execute(
+        update(Submission)
+        .where(Submission.id == claim.submission_id, Submission.claim_token == claim.token)
+        .values(status=SubmissionStatus.QUEUED.value, claim_token=None, updated_at=now,
+                enqueued_at=now + timedelta(seconds=delay_seconds),
+                attempts=Submission.attempts - (1 if refund_attempt else 0))
+        .returning(Submission.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if won is None:
+        return False
+    # The submission's earlier messages, still queued, meet a row that is not due yet and are skipped.
+    send_after_commit(session, Message(MODERATE_SUBMISSION, (claim.submission_id,), countdown=delay_seconds))
+    return True

@@ -1,0 +1,446 @@
+"""Webhook deliveries: raising them (a finished submission's events, a test event), delivering one attempt at a
+time under a fenced claim, the sweep that recovers abandoned attempts and re-sends lost messages, redelivery by
+hand, and the delivery log. Endpoints are app/use_cases/webhook_endpoints.py; the design is in docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Database
+from app.models import (
+    DeliveryStatus,
+    Submission,
+    Verdict,
+    WebhookDelivery,
+    WebhookDeliveryAttempt,
+    WebhookEndpoint,
+    WebhookEndpointKind,
+    WebhookEndpointStatus,
+    new_id,
+    utcnow,
+)
+from app.outbox import DELIVER_WEBHOOK, Message, send_after_commit
+from app.use_cases.audit import record_event
+from app.use_cases.authentication import Principal
+from app.use_cases.errors import Conflict, NotFound
+from app.use_cases.pagination import decode_cursor, encode_cursor
+from app.use_cases.webhook_endpoints import get_endpoint, signing_secrets
+from app.webhooks import events
+from app.webhooks.sender import AttemptResult, send
+from app.webhooks.signing import signed_headers
+from app.webhooks.url_guard import Resolver, system_resolver
+
+log = structlog.get_logger(__name__)
+
+WORKER_ACTOR = "worker"
+ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over its time limit)"
+
+
+# ---- raising deliveries ----------------------------------------------------------------------------------------
+
+
+def raise_submission_events(session: Session, submission_id: str, verdict: Verdict | None = None) -> list[str]:
+    """Write the deliveries a finished submission raises, in the caller's transaction (which commits them with the
+    verdict or the failure); their messages are sent once that transaction commits. Returns the delivery ids.
+
+    Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
+    """
+    submission = session.execute(
+        select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if submission is None or submission.source != "async":
+        return []
+    event_types = events.submission_event_types(submission, verdict)
+    if not event_types:
+        return []
+    endpoints = list(session.scalars(
+        select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == submission.tenant_id,
+                                      WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
+        .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+    ))
+    targets: list[tuple[WebhookEndpoint, str, str]] = []
+    for event_type in event_types:
+        for endpoint in endpoints:
+            if endpoint.kind == WebhookEndpointKind.ENDPOINT.value and event_type in endpoint.events and endpoint.url:
+                targets.append((endpoint, endpoint.url, event_type))
+            elif endpoint.kind == WebhookEndpointKind.CALLBACK.value and submission.callback_url:
+                targets.append((endpoint, submission.callback_url, event_type))
+    if submission.callback_url and not any(e.kind == WebhookEndpointKind.CALLBACK.value for e in endpoints):
+        # Submissions are refused without a signer, so only one stored before webhooks existed gets here.
+        log.warning("callback_skipped_no_secret", submission_id=submission.id)
+    if not targets:
+        return []
+    now = utcnow()
+    data = events.submission_data(submission, verdict)
+    deliveries = [
+        _new_delivery(endpoint, url, event_type, events.envelope(event_type, data, now), now,
+                      submission_id=submission.id)
+        for endpoint, url, event_type in targets
+    ]
+    session.add_all(deliveries)
+    ids = [d.id for d in deliveries]
+    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    return ids
+
+
+def _new_delivery(endpoint: WebhookEndpoint, url: str, event_type: str, payload: str, now: datetime, *,
+                  submission_id: str | None) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=new_id("msg"), tenant_id=endpoint.tenant_id, endpoint_id=endpoint.id, event_type=event_type,
+        submission_id=submission_id, url=url, payload=payload, status=DeliveryStatus.PENDING.value,
+        attempt_count=0, retries=0, next_attempt_at=now, dispatched_at=now, created_at=now, updated_at=now,
+    )
+
+
+def send_test_event(
+    session: Session, principal: Principal, endpoint_id: str, *, request_id: str | None,
+) -> WebhookDelivery:
+    """A `webhook.test` delivery to the endpoint, through the same durable, signed path as every event."""
+    endpoint = get_endpoint(session, principal.tenant_id, endpoint_id)
+    if endpoint.status != WebhookEndpointStatus.ENABLED.value or endpoint.url is None:
+        raise Conflict("This webhook endpoint is disabled.", code="webhook_disabled")
+    now = utcnow()
+    delivery = _new_delivery(endpoint, endpoint.url, events.WEBHOOK_TEST,
+                             events.envelope(events.WEBHOOK_TEST, events.webhook_test_data(endpoint.id), now), now,
+                             submission_id=None)
+    session.add(delivery)
+    session.flush()
+    record_event(session, tenant_id=principal.tenant_id, action="webhook.test_requested", actor=principal.key_id,
+                 subject_type="webhook_delivery", subject_id=delivery.id, request_id=request_id,
+                 details={"endpoint_id": endpoint.id})
+    send_after_commit(session, Message(DELIVER_WEBHOOK, (delivery.id,)))
+    return delivery
+
+
+# ---- delivering ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    delivery_id: str
+    token: str
+    attempt: int
+
+
+def claim_delivery(session: Session, delivery_id: str) -> DeliveryClaim | None:
+    """Take a due delivery for one attempt, in the caller's transaction; None if it is not due, done, or another
+    worker holds it."""
+    now = utcnow()
+    row = session.execute(
+        select(WebhookDelivery.status, WebhookDelivery.attempt_count, WebhookDelivery.next_attempt_at)
+        .where(WebhookDelivery.id == delivery_id)
+    ).one_or_none()
+    if (row is None or row.status != DeliveryStatus.PENDING.value
+            or (row.next_attempt_at is not None and row.next_attempt_at > now)):
+        return None
+    token = secrets.token_hex(16)
+    # Still pending and still the version read above: of two workers racing here, exactly one matches.
+    attempt = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING.value,
+               WebhookDelivery.attempt_count == row.attempt_count)
+        .values(status=DeliveryStatus.DELIVERING.value, claim_token=token, claimed_at=now, dispatched_at=None,
+                attempt_count=WebhookDelivery.attempt_count + 1, updated_at=now)
+        .returning(WebhookDelivery.attempt_count)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if attempt is None:
+        return None
+    return DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
+
+
+def deliver(database: Database, delivery_id: str, settings: Settings, *,
+            resolve: Resolver = system_resolver) -> str:
+    """One attempt of a delivery, if it is due: `skipped`, `succeeded`, `retry`, `dead` (or `lost`, if its claim
+    ran out meanwhile).
+
+    A command in three steps: claim it and sign the body (one transaction), send it with no transaction open, then
+    conclude the attempt (another).
+    """
+    with database.session() as session:
+        with session.begin():
+            claim = claim_delivery(session, delivery_id)
+            if claim is None:
+                # A duplicate or early message, one for a finished delivery, or another worker holds it.
+                log.info("webhook_delivery_skipped", delivery_id=delivery_id)
+                return "skipped"
+            delivery = session.get(WebhookDelivery, delivery_id)
+            endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery is not None else None
+            if delivery is None or endpoint is None:
+                return "skipped"  # deleted with its endpoint meanwhile
+            started_at = utcnow()
+            if endpoint.status != WebhookEndpointStatus.ENABLED.value:
+                result = AttemptResult(status_code=None, latency_ms=0, error="not sent: the endpoint is disabled",
+                                       response_excerpt=None)
+                return conclude_attempt(session, claim, result, started_at=started_at, settings=settings, final=True)
+            url, body = delivery.url, delivery.payload
+            headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at, body)
+
+        result = send(url, body.encode(), headers, allowed=settings.webhook_networks,
+                      timeout=settings.webhook_timeout_seconds, resolve=resolve)
+
+        with session.begin():
+            outcome = conclude_attempt(session, claim, result, started_at=started_at, settings=settings)
+    log.info("webhook_attempt", delivery_id=delivery_id, attempt=claim.attempt, outcome=outcome,
+             status_code=result.status_code, latency_ms=result.latency_ms, error=result.error)
+    return outcome
+
+
+def conclude_attempt(
+    session: Session, claim: DeliveryClaim, result: AttemptResult, *, started_at: datetime, settings: Settings,
+    final: bool = False,
+) -> str:
+    """Log the attempt and move the delivery on (succeeded, retry on schedule, or dead), in the caller's
+    transaction, if the claim still holds: the attempt row, the delivery's new state, a 410's disabled endpoint and
+    their audit events. `lost` (and nothing written) if it does not. `final` kills the delivery whatever the
+    schedule says.
+    """
+    now = utcnow()
+    delivery = session.execute(
+        select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if delivery is None or delivery.claim_token != claim.token:
+        log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
+        return "lost"
+    values: dict[str, Any] = {"claim_token": None, "updated_at": now, "last_status_code": result.status_code,
+                              "last_error": result.error}
+    delays = settings.webhook_retry_delays
+    if result.succeeded:
+        outcome = "succeeded"
+        values.update(status=DeliveryStatus.SUCCEEDED.value, completed_at=now, next_attempt_at=None)
+    elif final or result.gone or delivery.retries >= len(delays):
+        outcome = "dead"
+        values.update(status=DeliveryStatus.DEAD.value, completed_at=now, next_attempt_at=None)
+    else:
+        outcome = "retry"
+        values.update(status=DeliveryStatus.PENDING.value, retries=delivery.retries + 1,
+                      next_attempt_at=now + timedelta(seconds=delays[delivery.retries]))
+    # The fenced UPDATE first: a claim lost since the read above writes nothing at all.
+    won = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.claim_token == claim.token,
+               WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
+        .values(**values)
+        .returning(WebhookDelivery.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if won is None:
+        return "lost"
+    session.add(WebhookDeliveryAttempt(
+        delivery_id=delivery.id, number=claim.attempt, started_at=started_at, status_code=result.status_code,
+        latency_ms=result.latency_ms, error=result.error, response_excerpt=result.response_excerpt,
+    ))
+    disabled = result.gone and _disable_endpoint(session, delivery.endpoint_id, now)
+    details = {"endpoint_id": delivery.endpoint_id, "event_type": delivery.event_type,
+               "submission_id": delivery.submission_id, "attempts": claim.attempt,
+               "status_code": result.status_code}
+    if disabled:
+        record_event(session, tenant_id=delivery.tenant_id, action="webhook.disabled", actor=WORKER_ACTOR,
+                     subject_type="webhook_endpoint", subject_id=delivery.endpoint_id,
+                     details={"reason": "the receiver answered 410 Gone", "delivery_id": delivery.id})
+    if outcome == "succeeded":
+        record_event(session, tenant_id=delivery.tenant_id, action="webhook.delivered", actor=WORKER_ACTOR,
+                     subject_type="webhook_delivery", subject_id=delivery.id, details=details)
+    elif outcome == "dead":
+        record_event(session, tenant_id=delivery.tenant_id, action="webhook.dead", actor=WORKER_ACTOR,
+                     subject_type="webhook_delivery", subject_id=delivery.id,
+                     details={**details, "error": result.error})
+    return outcome
+
+
+def _disable_endpoint(session: Session, endpoint_id: str, now: datetime) -> bool:
+    """Disable an endpoint after a 410 (callback signers stay: a 410 only ends that one callback)."""
+    disabled = session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.kind == WebhookEndpointKind.ENDPOINT.value,
+               WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
+        .values(status=WebhookEndpointStatus.DISABLED.value, disabled_reason="the receiver answered 410 Gone",
+                updated_at=now)
+        .returning(WebhookEndpoint.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    return disabled is not None
+
+
+# ---- the sweep -------------------------------------------------------------------------------------------------
+
+
+def sweep_deliveries(database: Database, settings: Settings, *, batch_size: int = 500) -> int:
+    """The beat sweep: turn abandoned claims into failed attempts, then send again the messages of due deliveries
+    whose message was not sent, or was sent longer than a lease ago and seems lost. Returns how many were sent.
+
+    A command: each abandoned attempt is concluded in a transaction of its own (each appends to its tenant's audit
+    chain), then one transaction picks the due deliveries and sends their messages once it commits.
+    """
+    cutoff = utcnow() - timedelta(seconds=settings.webhook_lease_seconds)
+    with database.session() as session:
+        with session.begin():
+            abandoned = session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.claim_token, WebhookDelivery.attempt_count,
+                       WebhookDelivery.claimed_at)
+                .where(WebhookDelivery.status == DeliveryStatus.DELIVERING.value, WebhookDelivery.claimed_at < cutoff)
+                .limit(batch_size)
+            ).all()
+        recovered = 0
+        for row in abandoned:
+            if row.claim_token is None or row.claimed_at is None:
+                continue
+            claim = DeliveryClaim(delivery_id=row.id, token=row.claim_token, attempt=row.attempt_count)
+            result = AttemptResult(status_code=None, latency_ms=0, error=ABANDONED_ERROR, response_excerpt=None)
+            with session.begin():
+                if conclude_attempt(session, claim, result, started_at=row.claimed_at, settings=settings) != "lost":
+                    recovered += 1
+        if recovered:
+            log.warning("webhook_attempts_abandoned", count=recovered)
+
+        with session.begin():
+            return _dispatch_due(session, settings, batch_size=batch_size)
+
+
+def _dispatch_due(session: Session, settings: Settings, *, batch_size: int = 500) -> int:
+    """Mark the due deliveries whose message seems lost as dispatched, in the caller's transaction, and send their
+    messages once it commits. Returns how many."""
+    now = utcnow()
+    lease = timedelta(seconds=settings.webhook_lease_seconds)
+    # SKIP LOCKED (PostgreSQL; SQLite has one writer anyway): a second sweep running at the same moment takes
+    # other rows instead of waiting for these and sending them twice.
+    ids = list(session.scalars(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == DeliveryStatus.PENDING.value, WebhookDelivery.next_attempt_at <= now,
+               or_(WebhookDelivery.dispatched_at.is_(None), WebhookDelivery.dispatched_at < now - lease))
+        .order_by(WebhookDelivery.next_attempt_at).limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ))
+    if not ids:
+        return 0
+    session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).values(dispatched_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    log.info("webhook_deliveries_dispatched", count=len(ids))
+    return len(ids)
+
+
+def redeliver(session: Session, principal: Principal, delivery_id: str, *, request_id: str | None) -> WebhookDelivery:
+    """Send a delivery again now, with the same `webhook-id` and body and a fresh retry schedule."""
+    delivery = get_delivery(session, principal.tenant_id, delivery_id)
+    endpoint = session.get(WebhookEndpoint, delivery.endpoint_id)
+    if endpoint is None or endpoint.status != WebhookEndpointStatus.ENABLED.value:
+        raise Conflict("This delivery's webhook endpoint is disabled.", code="webhook_disabled")
+    now = utcnow()
+    won = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.status != DeliveryStatus.DELIVERING.value)
+        .values(status=DeliveryStatus.PENDING.value, retries=0, next_attempt_at=now, dispatched_at=now,
+                completed_at=None, claim_token=None, updated_at=now)
+        .returning(WebhookDelivery.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if won is None:
+        raise Conflict("This delivery is being attempted right now; try again once the attempt ends.",
+                       code="delivery_in_progress")
+    record_event(session, tenant_id=principal.tenant_id, action="webhook.redelivery_requested",
+                 actor=principal.key_id, subject_type="webhook_delivery", subject_id=delivery.id,
+                 request_id=request_id, details={"endpoint_id": delivery.endpoint_id,
+                                                 "event_type": delivery.event_type})
+    send_after_commit(session, Message(DELIVER_WEBHOOK, (delivery.id,)))
+    session.refresh(delivery)
+    return delivery
+
+
+# ---- erasure ---------------------------------------------------------------------------------------------------
+
+
+def erase_delivery_payloads(session: Session, submission_ids: Sequence[str], erased_at: datetime) -> int:
+    """Erase what a submission's erasure erases (its `metadata` and the verdict's per-text results) from the bodies
+    of its deliveries too, in the caller's transaction; later attempts and redeliveries send the erased form, with
+    `erased_at` set. For the erasure use case to call beside its own updates. Returns how many bodies changed."""
+    rows = session.execute(
+        select(WebhookDelivery.id, WebhookDelivery.payload).where(WebhookDelivery.submission_id.in_(submission_ids))
+    ).all()
+    stamp = erased_at.isoformat().replace("+00:00", "Z")
+    for delivery_id, payload in rows:
+        body = json.loads(payload)
+        data = body.get("data")
+        if not isinstance(data, dict):
+            continue
+        data["metadata"] = None
+        data["erased_at"] = stamp
+        if isinstance(data.get("verdict"), dict):
+            data["verdict"]["results"] = []
+        session.execute(
+            update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+            .values(payload=json.dumps(body, separators=(",", ":")))
+            .execution_options(synchronize_session=False)
+        )
+    return len(rows)
+
+
+# ---- reading the delivery log ----------------------------------------------------------------------------------
+
+
+def get_delivery(session: Session, tenant_id: str, delivery_id: str) -> WebhookDelivery:
+    delivery = None if "\x00" in delivery_id else session.get(WebhookDelivery, delivery_id)
+    if delivery is None or delivery.tenant_id != tenant_id:
+        raise NotFound("No such delivery.", param="id")
+    return delivery
+
+
+@dataclass(frozen=True)
+class DeliveryPage:
+    deliveries: list[WebhookDelivery]
+    attempts: dict[str, list[WebhookDeliveryAttempt]]
+    next_cursor: str | None
+
+
+def list_deliveries(
+    session: Session, tenant_id: str, endpoint_id: str, *, status: str | None, limit: int, cursor: str | None,
+) -> DeliveryPage:
+    """An endpoint's deliveries (the callback signer's too), newest first, with their attempts; keyset-paginated."""
+    endpoint = get_endpoint(session, tenant_id, endpoint_id, any_kind=True)
+    query = select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
+    if status:
+        query = query.where(WebhookDelivery.status == status)
+    if cursor:
+        created_at, last_id = decode_cursor(cursor)
+        query = query.where(or_(WebhookDelivery.created_at < created_at,
+                                (WebhookDelivery.created_at == created_at) & (WebhookDelivery.id < last_id)))
+    rows = list(session.scalars(
+        query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1)
+    ))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    attempts: dict[str, list[WebhookDeliveryAttempt]] = {d.id: [] for d in rows}
+    if rows:
+        for attempt in session.scalars(
+            select(WebhookDeliveryAttempt).where(WebhookDeliveryAttempt.delivery_id.in_(list(attempts)))
+            .order_by(WebhookDeliveryAttempt.number, WebhookDeliveryAttempt.id)
+        ):
+            attempts[attempt.delivery_id].append(attempt)
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more and rows else None
+    return DeliveryPage(deliveries=rows, attempts=attempts, next_cursor=next_cursor)
+
+
+def attempts_of(session: Session, delivery_id: str) -> list[WebhookDeliveryAttempt]:
+    return list(session.scalars(
+        select(WebhookDeliveryAttempt).where(WebhookDeliveryAttempt.delivery_id == delivery_id)
+        .order_by(WebhookDeliveryAttempt.number, WebhookDeliveryAttempt.id)
+    ))
+
+
+def payload_of(delivery: WebhookDelivery) -> dict[str, Any]:
+    payload: dict[str, Any] = json.loads(delivery.payload)
+    return payload
