@@ -43,7 +43,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test test-fast lint typecheck migrations-check ci bench clean
+.PHONY: help install interop dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -118,6 +118,15 @@ bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/b
 settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py
 	$(BIN)/verdict settings --format env > .env.example.new && mv .env.example.new .env.example
 	$(BIN)/verdict settings --format markdown > docs/configuration.md.new && mv docs/configuration.md.new docs/configuration.md
+
+# Not part of `make test` or CI either: training and evaluating take minutes (ops/engine/README.md).
+DATA ?= ../shared/data/moderation
+EVAL_ARGS ?=
+train-engine: install ## Train the embedded engine on DATA (default ../shared/data/moderation); writes the shipped artifact
+	$(BIN)/python ops/engine/train.py $(DATA)
+
+eval: install ## Evaluate the shipped engine (quality by cross-validation, cascade share, speed, memory); ends with a RESULT line
+	$(BIN)/python ops/engine/evaluate.py $(DATA) $(EVAL_ARGS)
 
 clean: ## Remove var/ (the embedded default's data) and caches; keeps .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

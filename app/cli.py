@@ -52,8 +52,12 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         from app import create_app
+        from app.extensions import PROVIDER
 
-        return create_app()
+        app = create_app()
+        # Each API process loads the moderation model as it starts, not on its first /v1/moderations request.
+        app.extensions[PROVIDER].warm_up()
+        return app
 
 
 def _serve_api(bind: str, workers: int, threads: int) -> None:

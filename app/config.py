@@ -102,13 +102,27 @@ class Settings(BaseSettings):
     )
 
     # ---- moderation provider
-    moderation_provider: Literal["local", "openai"] = Field(
+    moderation_provider: Literal["local", "openai", "cascade"] = Field(
         default="local", json_schema_extra=_in(PROVIDER),
         description=(
-            "`local`: the engine shipped inside Verdict, no network (it judges abusive language only, reported as "
-            "`harassment`). `openai`: any OpenAI-compatible moderation endpoint, configured by the UPSTREAM_* "
-            "settings."
+            "`local`: the engine shipped inside Verdict, no network (the categories it judges and does not judge: "
+            "docs/engine.md). `openai`: any OpenAI-compatible moderation endpoint, configured by the UPSTREAM_* "
+            "settings. `cascade`: the local engine answers the texts it is sure of and only the uncertain ones go "
+            "upstream (CASCADE_BAND_LOW/HIGH)."
         ),
+    )
+    cascade_band_low: float = Field(
+        default=0.1, ge=0.0, le=1.0, json_schema_extra=_in(PROVIDER),
+        description=(
+            "With MODERATION_PROVIDER=cascade: a text whose highest local score is at least this and below "
+            "CASCADE_BAND_HIGH is sent upstream; below it the local engine's answer stands (`make eval` reports the "
+            "share sent upstream and the harmful texts let through for a band)."
+        ),
+    )
+    cascade_band_high: float = Field(
+        default=0.9, ge=0.0, le=1.0, json_schema_extra=_in(PROVIDER),
+        description="With MODERATION_PROVIDER=cascade: at or above this highest local score the local engine's answer "
+                    "stands (it flags the text); between the two bands the upstream decides.",
     )
     upstream_base_url: str = Field(
         default="https://api.openai.com/v1", json_schema_extra=_in(PROVIDER, accepts="a URL"),
@@ -411,6 +425,12 @@ class Settings(BaseSettings):
     def _check_schedule(cls, value: str) -> str:
         _parse_delays(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_cascade_band(self) -> Settings:
+        if self.cascade_band_low > self.cascade_band_high:
+            raise ValueError("CASCADE_BAND_LOW must not be above CASCADE_BAND_HIGH")
+        return self
 
     @model_validator(mode="after")
     def _check_webhook_lease(self) -> Settings:

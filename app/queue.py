@@ -103,11 +103,10 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     @worker_init.connect(weak=False)
     def _warm_up_provider(**_kwargs: Any) -> None:
         # In the worker's main process, before the pool forks: what the provider loads (the local engine's model)
-        # is loaded once, shared by the pool processes, and never counted against a task's time limit. Not on the
-        # embedded default: there the worker creates the broker's SQLite file, and `verdict dev` is ready only
-        # once it has, so it must start at once; its first task loads the model well within the default lease.
-        if not settings.is_embedded:
-            app.extensions[PROVIDER].warm_up()
+        # is loaded once, shared by the pool processes, and never counted against a task's time limit. The engine
+        # loads in well under a second, so the embedded default (whose worker must create the broker's SQLite file
+        # before `verdict dev` is ready) warms up too.
+        app.extensions[PROVIDER].warm_up()
 
     return celery_app
 

@@ -61,7 +61,8 @@ class VerdictCache:
                 return None
             entry = json.loads(value)
             found.append(CachedScores(provider=entry["provider"], model=entry["model"],
-                                      scores=TextScores(scores=entry["scores"], provider_flagged=entry["flagged"])))
+                                      scores=TextScores(scores=entry["scores"], provider_flagged=entry["flagged"],
+                                                        decided_by=entry.get("decided_by"))))
         return found
 
     def put(self, scope: CacheScope, provider: str, model: str, answers: Sequence[tuple[str, TextScores]]) -> None:
@@ -69,7 +70,7 @@ class VerdictCache:
             with self._client.pipeline(transaction=False) as pipe:
                 for text, scores in answers:
                     entry = {"provider": provider, "model": model, "scores": scores.scores,
-                             "flagged": scores.provider_flagged}
+                             "flagged": scores.provider_flagged, "decided_by": scores.decided_by}
                     pipe.set(self._key(scope, text), json.dumps(entry), ex=self._ttl)
                 pipe.execute()
         except redis.RedisError as exc:

@@ -1,56 +1,63 @@
-"""The local engine: moderation inside Verdict with no network (`alt-profanity-check`'s shipped model, reported as
-`harassment`; every other category not judged). See docs/moderation.md."""
+"""The local engine: moderation inside Verdict with no network, a multi-label model over the taxonomy shipped as package
+data (app/moderation/engine/), loaded once per process. Model card: docs/engine.md."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from app.moderation.engine.model import EngineModel
 from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
-
-LOCAL_MODEL = "verdict-local-profanity-1"
-JUDGED = ("harassment",)
 
 
 class LocalEngine:
     name = "local"
-    # One prediction over many texts costs little more than over one: batches are as large as the API allows.
+    # Scoring is vectorised over a batch: batches are as large as the API allows.
     max_batch = 100
 
     def __init__(self) -> None:
-        self._predict: Callable[[list[str]], Sequence[float]] | None = None
+        self._model: EngineModel | None = None
         self._lock = threading.Lock()
 
-    def _predictor(self) -> Callable[[list[str]], Sequence[float]]:
-        # Loading the model costs ~100 ms and some memory; do it on first use, once per process.
+    def engine(self) -> EngineModel:
         with self._lock:
-            if self._predict is None:
-                from profanity_check import predict_prob
-
-                self._predict = predict_prob
-            return self._predict
+            if self._model is None:
+                self._model = EngineModel.load()
+            return self._model
 
     def warm_up(self) -> None:
-        self._predictor()
+        self.engine()
+
+    @property
+    def model_id(self) -> str:
+        return str(self.engine().artifact.metadata["model"])
+
+    @property
+    def judged(self) -> tuple[str, ...]:
+        return self.engine().heads
 
     def models(self) -> list[ModelInfo]:
+        judged = self.judged
         return [ModelInfo(
-            id=LOCAL_MODEL,
+            id=self.model_id,
             provider=self.name,
-            judged_categories=list(JUDGED),
-            not_judged_categories=[c for c in CATEGORIES if c not in JUDGED],
+            judged_categories=[c for c in CATEGORIES if c in judged],
+            not_judged_categories=[c for c in CATEGORIES if c not in judged],
+            max_batch=self.max_batch,
         )]
 
     def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
         started = time.monotonic()
-        probabilities = self._predictor()(list(texts))
-        results = [TextScores(scores={"harassment": round(float(p), 6)}) for p in probabilities]
+        engine = self.engine()
+        probabilities = engine.probabilities(list(texts))
+        results = [TextScores(scores={head: round(float(p), 6) for head, p in zip(engine.heads, row, strict=True)})
+                   for row in probabilities]
         return ProviderResult(
             provider=self.name,
-            model=LOCAL_MODEL,
+            model=self.model_id,
             results=results,
-            judged=frozenset(JUDGED),
+            judged=frozenset(engine.heads),
             latency_ms=int((time.monotonic() - started) * 1000),
         )

@@ -88,6 +88,8 @@ def assess(policy: Policy, outcome: ProviderResult) -> Assessment:
         if _SEVERITY[text_decision] > _SEVERITY[decision]:
             decision = text_decision
         per_text.append({
+            # Which provider's answer decided this text (they differ within one verdict under the cascade).
+            "provider": text.decided_by or outcome.provider,
             "decision": text_decision.value,
             "flagged": text_decision is not Decision.ALLOW,
             "categories": text_categories,

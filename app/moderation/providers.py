@@ -13,6 +13,8 @@ class TextScores:
 
     scores: dict[str, float]
     provider_flagged: bool | None = None
+    # Which provider's answer these scores are, when a provider combines several (the cascade); else the result's.
+    decided_by: str | None = None
 
 
 @dataclass(frozen=True)

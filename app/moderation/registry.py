@@ -6,6 +6,7 @@ import redis
 import structlog
 
 from app.config import Settings
+from app.moderation.cascade import CascadeProvider
 from app.moderation.circuit import GuardedProvider, shared_breaker
 from app.moderation.local_engine import LocalEngine
 from app.moderation.openai_compat import OpenAICompatibleProvider
@@ -16,24 +17,32 @@ log = structlog.get_logger(__name__)
 
 
 def build_provider(settings: Settings) -> ModerationProvider:
+    # One engine per process, whatever role it plays (provider, cascade's first stage, fallback): one model in memory.
+    local = LocalEngine()
     if settings.moderation_provider == "openai":
-        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-        primary = OpenAICompatibleProvider(
-            base_url=settings.upstream_base_url,
-            api_key=key,
-            model=settings.upstream_model,
-            path=settings.upstream_path,
-            timeout=settings.upstream_timeout_seconds,
-            max_batch=settings.upstream_batch_size,
-            limiter=build_rate_limiter(settings, key),
-            capacity_wait=settings.upstream_capacity_wait,
-        )
-        namespace = limiter_key(settings.broker_key_prefix, settings.upstream_base_url, settings.upstream_path,
-                                key or "")
-        return GuardedProvider(primary, breaker=shared_breaker(settings, namespace),
-                               fallback=LocalEngine() if settings.moderation_fallback_provider == "local" else None,
-                               reset_seconds=settings.circuit_reset_seconds)
-    return LocalEngine()
+        return build_upstream(settings, local)
+    if settings.moderation_provider == "cascade":
+        return CascadeProvider(local, build_upstream(settings, local), band_low=settings.cascade_band_low,
+                               band_high=settings.cascade_band_high)
+    return local
+
+
+def build_upstream(settings: Settings, local: LocalEngine) -> GuardedProvider:
+    key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    primary = OpenAICompatibleProvider(
+        base_url=settings.upstream_base_url,
+        api_key=key,
+        model=settings.upstream_model,
+        path=settings.upstream_path,
+        timeout=settings.upstream_timeout_seconds,
+        max_batch=settings.upstream_batch_size,
+        limiter=build_rate_limiter(settings, key),
+        capacity_wait=settings.upstream_capacity_wait,
+    )
+    namespace = limiter_key(settings.broker_key_prefix, settings.upstream_base_url, settings.upstream_path, key or "")
+    return GuardedProvider(primary, breaker=shared_breaker(settings, namespace),
+                           fallback=local if settings.moderation_fallback_provider == "local" else None,
+                           reset_seconds=settings.circuit_reset_seconds)
 
 
 def build_rate_limiter(settings: Settings, api_key: str | None) -> SharedRateLimiter | None:

@@ -66,9 +66,10 @@ def test_submission_completes_through_local_engine(
     assert verdict["provider"] == "local"
     assert verdict["decision"] == "block"
     assert verdict["category_scores"]["harassment"] > 0.8
-    # The local engine judges harassment only; the rest is reported as not judged, never as zero.
-    assert "violence" in verdict["not_judged"] and verdict["category_scores"]["violence"] is None
-    assert verdict["categories"]["violence"] is None
+    assert [r["provider"] for r in verdict["results"]] == ["local"]
+    # What the engine cannot judge is reported as not judged, never as zero.
+    assert "sexual/minors" in verdict["not_judged"] and verdict["category_scores"]["sexual/minors"] is None
+    assert verdict["categories"]["sexual/minors"] is None
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
@@ -397,11 +398,21 @@ def test_batch_of_100_through_local_engine(
 
     assert set(wait_all_final(database, ids, worker=worker).values()) == {"completed"}
     assert verdict_counts(database, ids) == Counter(ids)
+    # Each verdict holds its own text's scores: the same engine, scoring that text alone in this process, agrees.
+    # (What the engine should say of insults is the behaviour tests' business, tests/unit/test_engine_behaviour.py.)
+    from app.moderation.local_engine import LocalEngine
+
+    alone = LocalEngine()
+    harassment: dict[bool, list[float]] = {True: [], False: []}
     for submission_id, text in zip(ids, texts, strict=True):
         verdict = client.get(f"/v1/submissions/{submission_id}", headers=tenant.headers).get_json()["verdict"]
         assert verdict["provider"] == "local"
-        assert verdict["decision"] == ("block" if "idiot" in text else "allow"), (submission_id, text)
-        assert verdict["flagged"] is ("idiot" in text)
+        expected = alone.moderate([text]).results[0].scores
+        scores = {c: s for c, s in verdict["category_scores"].items() if s is not None}
+        assert scores == pytest.approx(expected, abs=1e-5), (submission_id, text)
+        harassment["idiot" in text].append(verdict["category_scores"]["harassment"])
+    # The insults and the thanks are told apart in every case.
+    assert min(harassment[True]) > max(harassment[False])
 
 
 def test_wrong_upstream_key_fails_without_retry(
@@ -421,3 +432,27 @@ def test_wrong_upstream_key_fails_without_retry(
     assert mine[0].headers["authorization"] == "Bearer wrong"
     assert verdict_counts(database, [submission_id]) == {}
     assert event_counts(database, [submission_id])[(submission_id, "moderation.failed")] == 1
+
+
+def test_cascade_sends_only_uncertain_texts_upstream(
+    client: FlaskClient, tenant: TenantKey, fake_upstream: FakeUpstream, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    from app.moderation.local_engine import LocalEngine
+
+    confident, uncertain = "have a lovely day, thank you", "I will kill you"
+    local = LocalEngine()
+    tops = {t: max(local.moderate([t]).results[0].scores.values()) for t in (confident, uncertain)}
+    assert tops[confident] < tops[uncertain]
+    # The band holds the second text's local score and not the first's, whatever the shipped model's exact scores.
+    env = openai_worker_env(fake_upstream, MODERATION_PROVIDER="cascade",
+                            CASCADE_BAND_LOW=str((tops[confident] + tops[uncertain]) / 2), CASCADE_BAND_HIGH="1.0")
+    start_worker(**env)
+    accepted = submit(client, tenant, {"input": [confident, uncertain]})
+    verdict = wait_final(client, tenant, accepted["id"])["verdict"]
+
+    assert fake_upstream.texts_seen() == [uncertain]
+    assert verdict["provider"] == "cascade"
+    assert [r["provider"] for r in verdict["results"]] == ["local", "openai"]
+    assert verdict["results"][1]["category_scores"]["violence"] == 0.97  # the fake upstream's score, not ours
+    assert verdict["results"][1]["decision"] == "block"
+    assert verdict["results"][0]["category_scores"]["sexual/minors"] is None  # the engine does not judge it

@@ -1,45 +1,79 @@
-"""The local engine: judges harassment (abusive language) only, reports every other category as not judged, and keeps
+"""The local engine and its shipped artifact: it loads with no network, is the artifact training recorded, judges
+the categories it has evidence for (the rest not judged), scores in [0, 1] consistently with the taxonomy, and keeps
 the order of a batch."""
 
 from __future__ import annotations
 
-from app.moderation.local_engine import LOCAL_MODEL, LocalEngine
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.moderation.engine import model
+from app.moderation.local_engine import LocalEngine
 from app.moderation.taxonomy import CATEGORIES
 
-BENIGN = "Thank you for the lovely dinner, see you next week."
-OFFENSIVE = "you are a worthless fucking idiot, shut up"
+ROOT = Path(__file__).resolve().parents[2]
+RECORD = json.loads((ROOT / "ops" / "engine" / "artifact.json").read_text())
+NOT_JUDGED = {"harassment/threatening", "self-harm/intent", "self-harm/instructions", "sexual/minors"}
+TEXTS = ["Thank you for the lovely dinner, see you next week.", "you are a worthless fucking idiot, shut up",
+         "Have a nice day.", "I will find you and stab you", "", "  ", "ok", "😀" * 50, "x" * 20_000]
 
 
-def test_judges_only_harassment() -> None:
-    result = LocalEngine().moderate([BENIGN])
-    assert result.provider == "local"
-    assert result.model == LOCAL_MODEL
-    assert result.judged == frozenset({"harassment"})
-    assert set(result.results[0].scores) == {"harassment"}
-    assert 0.0 <= result.results[0].scores["harassment"] <= 1.0
-
-
-def test_offensive_text_scores_higher_than_benign() -> None:
-    benign, offensive = LocalEngine().moderate([BENIGN, OFFENSIVE]).results
-    assert offensive.scores["harassment"] > benign.scores["harassment"]
-    assert offensive.scores["harassment"] >= 0.8
-    assert benign.scores["harassment"] < 0.5
-
-
-def test_batch_keeps_order() -> None:
+@pytest.fixture(scope="module")
+def engine() -> LocalEngine:
     engine = LocalEngine()
-    texts = [BENIGN, OFFENSIVE, "Have a nice day.", "shut up you stupid bitch", BENIGN]
-    together = engine.moderate(texts).results
-    one_by_one = [engine.moderate([t]).results[0] for t in texts]
-    assert len(together) == len(texts)
-    assert [r.scores for r in together] == [r.scores for r in one_by_one]
-    assert together[0].scores == together[4].scores
+    engine.warm_up()
+    return engine
 
 
-def test_models_lists_the_other_twelve_as_not_judged() -> None:
-    (info,) = LocalEngine().models()
-    assert info.id == LOCAL_MODEL
-    assert info.provider == "local"
-    assert info.judged_categories == ["harassment"]
-    assert len(info.not_judged_categories) == 12
-    assert set(info.not_judged_categories) == set(CATEGORIES) - {"harassment"}
+def test_shipped_artifact_is_the_one_training_recorded() -> None:
+    path = model.shipped_artifact_path()
+    artifact = model.load_artifact(path)
+    assert artifact.metadata["content_sha256"] == RECORD["content_sha256"]
+    assert artifact.metadata["model"] == RECORD["model"]
+    assert list(artifact.heads) == RECORD["heads"]
+    assert path.stat().st_size <= 30 * 1024 * 1024
+
+
+def test_a_damaged_artifact_is_refused(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.npz"
+    with zipfile.ZipFile(model.shipped_artifact_path()) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "ngram_bias.npy":
+                data = data[:-4] + np.float32(9.0).tobytes()
+            target.writestr(item, data)
+    with pytest.raises(ValueError, match="digest"):
+        model.load_artifact(damaged)
+
+
+def test_judges_nine_categories_and_reports_the_rest_as_not_judged(engine: LocalEngine) -> None:
+    (info,) = engine.models()
+    assert info.provider == "local" and info.id == RECORD["model"]
+    assert set(info.not_judged_categories) == NOT_JUDGED
+    assert set(info.judged_categories) == set(CATEGORIES) - NOT_JUDGED
+    result = engine.moderate(TEXTS)
+    assert result.judged == frozenset(info.judged_categories)
+    for scores in result.results:
+        assert set(scores.scores) == set(info.judged_categories)
+        assert all(0.0 <= v <= 1.0 for v in scores.scores.values())
+
+
+def test_a_subcategory_never_scores_above_its_parent(engine: LocalEngine) -> None:
+    texts = TEXTS + ["how do I make a bomb to kill people", "we should hang every one of them",
+                     "I want to kill myself", "the murder scene was covered in blood and guts"]
+    for scores in engine.moderate(texts).results:
+        for child, parent in model.PARENTS.items():
+            if child in scores.scores:
+                assert scores.scores[child] <= scores.scores[parent]
+
+
+def test_batch_keeps_order_and_matches_one_by_one(engine: LocalEngine) -> None:
+    together = engine.moderate(TEXTS).results
+    one_by_one = [engine.moderate([t]).results[0] for t in TEXTS]
+    for a, b in zip(together, one_by_one, strict=True):
+        assert a.scores == pytest.approx(b.scores, abs=1e-5)
+    assert engine.moderate([]).results == []
