@@ -136,9 +136,10 @@ def test_completed_submission_shows_its_verdict(client: FlaskClient, tenant: Ten
     assert verdict["decision"] == "block" and verdict["flagged"] is True
     assert verdict["provider"] == "local" and verdict["policy"] == "default"
     assert verdict["category_scores"]["harassment"] >= 0.8
-    # Not judged by the local engine: reported as such, never as zero.
-    assert set(verdict["not_judged"]) == set(CATEGORIES) - {"harassment"}
-    assert verdict["category_scores"]["violence"] is None
+    # Not judged by the local engine (docs/engine.md): reported as such, never as zero.
+    assert set(verdict["not_judged"]) == {"harassment/threatening", "self-harm/intent", "self-harm/instructions",
+                                          "sexual/minors"}
+    assert verdict["category_scores"]["sexual/minors"] is None
     assert BLOCK_TEXT not in json.dumps(body)
 
 
@@ -320,9 +321,10 @@ def test_models_lists_the_local_engine(client: FlaskClient, tenant: TenantKey) -
     assert len(local) == 1
     model = local[0]
     assert model["object"] == "model" and model["id"]
-    assert model["judged_categories"] == ["harassment"]
-    assert sorted(model["not_judged_categories"]) == sorted(c for c in CATEGORIES if c != "harassment")
-    assert len(model["not_judged_categories"]) == 12
+    not_judged = {"harassment/threatening", "self-harm/intent", "self-harm/instructions", "sexual/minors"}
+    # In taxonomy order, and between them the whole taxonomy, each category once.
+    assert model["judged_categories"] == [c for c in CATEGORIES if c not in not_judged]
+    assert model["not_judged_categories"] == [c for c in CATEGORIES if c in not_judged]
 
 
 # ---- routes, methods, unexpected failures -----------------------------------------------------------------------

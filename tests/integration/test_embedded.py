@@ -209,9 +209,10 @@ def test_readyz(service: Service) -> None:
 
 
 def test_submission_is_judged_by_the_local_engine(service: Service) -> None:
-    text = f"you are a worthless idiot, shut up {uuid.uuid4().hex}"
+    text = "you are a worthless idiot, shut up"
     with service.client() as client:
-        accepted = submit(service, client, {"input": text, "role": "output", "metadata": {"user": "u-7"}})
+        accepted = submit(service, client, {"input": text, "role": "output", "metadata": {"user": "u-7"},
+                                            "conversation_id": f"c-{uuid.uuid4().hex}"})
         body = wait_completed(service, client, accepted["id"])
     verdict = body["verdict"]
     assert verdict["provider"] == "local"
@@ -230,9 +231,9 @@ def test_submission_is_judged_by_the_local_engine(service: Service) -> None:
 
 
 def test_batch_of_three_all_complete(service: Service) -> None:
-    items = [{"input": f"good morning, lovely weather {uuid.uuid4().hex}"},
-             {"input": [f"first of two {uuid.uuid4().hex}", f"shut up you stupid idiot {uuid.uuid4().hex}"]},
-             {"input": f"thanks for your help {uuid.uuid4().hex}", "role": "output"}]
+    items = [{"input": "good morning, lovely weather"},
+             {"input": ["first of two", "shut up you stupid idiot"]},
+             {"input": "thanks for your help", "role": "output"}]
     with service.client() as client:
         accepted = submit(service, client, {"items": items})
         assert len(accepted["data"]) == 3
@@ -264,7 +265,8 @@ def test_sigterm_stops_everything_and_logs_hold_no_text_or_key(service: Service)
     for submitted in service.texts:
         assert submitted not in log, f"moderated text appears in the logs: {submitted!r}\n{service.log_tail()}"
         marker = submitted.rsplit(" ", 1)[-1]
-        assert marker not in log, f"part of a moderated text appears in the logs: {marker!r}\n{service.log_tail()}"
+        if len(marker) >= 32:  # a text's unique marker (this test's own text has one): not even a part may appear
+            assert marker not in log, f"part of a moderated text appears in the logs: {marker!r}\n{service.log_tail()}"
 
 
 @pytest.mark.integration

@@ -70,3 +70,12 @@ def test_known_failure(engine: LocalEngine, text: str, why: str) -> None:
     if decide(engine, text)[1] is not Decision.ALLOW:
         pytest.xfail(why)
     pytest.fail(f"{text!r} is now allowed: move it to BENIGN")
+
+
+@pytest.mark.xfail(strict=True, reason="known failure (docs/engine.md): a long id-like token appended to a text "
+                   "dilutes its n-grams and drags every score down; an evasion to fix in the engine")
+def test_an_appended_id_does_not_hide_abuse(engine: LocalEngine) -> None:
+    clean, padded = (r.scores for r in engine.moderate(
+        ["you are a worthless idiot, shut up", "you are a worthless idiot, shut up 3f9a1c0e7b2d4e6f8a0b1c2d3e4f5a6b"]
+    ).results)
+    assert padded["harassment"] >= 0.8 * clean["harassment"]
