@@ -68,6 +68,19 @@ def _serve_api(bind: str, workers: int, threads: int) -> None:
                "accesslog": None, "timeout": 60, "graceful_timeout": 20, "control_socket_disable": True}).run()
 
 
+def _die_with_parent() -> None:
+    """In a child between fork and exec (Linux): SIGTERM this child when the process that started it dies, even by
+    SIGKILL, so a killed `verdict dev` never leaves an orphaned worker."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415 - only in the child, only on Linux
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the prctl took hold
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _celery_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.entry", *args]
 
@@ -87,11 +100,15 @@ def dev(host: str, port: int) -> None:
     click.echo(f"verdict: database {settings.database_url}", err=True)
     click.echo(f"verdict: broker   {settings.broker_url}", err=True)
     click.echo(f"verdict: provider {settings.moderation_provider}", err=True)
+    # Declared here, once, before the API and the worker both declare them at start (a race on SQLite).
+    from app.queue import declare_queues  # noqa: PLC0415 - Celery is imported only by the commands that use it
+
+    declare_queues(settings)
     schedule = settings.var_dir.resolve() / "celerybeat-schedule"
     worker = subprocess.Popen(_celery_argv(  # noqa: S603 - our own interpreter and arguments
         "worker", "--beat", "--schedule", str(schedule), "--loglevel", settings.log_level,
         "--concurrency", str(min(settings.worker_concurrency, 2)), "--without-gossip", "--without-mingle",
-    ))
+    ), preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl must run in the child; the parent has no threads yet
     click.echo(f"verdict: API on http://{host}:{port} (Ctrl-C stops both)", err=True)
     try:
         _serve_api(f"{host}:{port}", workers=1, threads=8)
@@ -112,14 +129,19 @@ def api(bind: str, workers: int, threads: int) -> None:
     _serve_api(bind, workers=workers, threads=threads)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+# Commands that wrap one of Celery's: every argument, `--help` included, goes to Celery's own command unparsed, so any
+# option it takes works through `verdict` (`verdict beat --schedule PATH`, `verdict worker --help`).
+_CELERY_COMMAND: dict[str, Any] = {"context_settings": {"ignore_unknown_options": True}, "add_help_option": False}
+
+
+@main.command(**_CELERY_COMMAND)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker (extra arguments go to `celery worker`)."""
     os.execv(sys.executable, _celery_argv("worker", "--loglevel", Settings().log_level, *celery_args))  # noqa: S606
 
 
-@main.command()
+@main.command(**_CELERY_COMMAND)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def beat(celery_args: tuple[str, ...]) -> None:
     """Run the scheduler (exactly one per deployment): it re-sends work the queue lost."""

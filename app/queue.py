@@ -111,6 +111,18 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     return celery_app
 
 
+def declare_queues(settings: Settings) -> None:
+    """Declare the broker's queues (and, on kombu's SQLAlchemy transport, create its tables) from this one process.
+    `verdict dev` does it before it starts its API and worker: on SQLite, two processes declaring a queue at once
+    race on `kombu_queue.name` (one of them dies with an IntegrityError); a queue that exists is left as it is."""
+    celery_app = Celery("verdict-declare", set_as_current=False)
+    celery_app.config_from_object(celery_config(settings))
+    with celery_app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in celery_app.conf.task_queues:
+            queue.bind(channel).declare()
+
+
 def celery_publisher(celery_app: Celery) -> Publisher:
     """Send messages as Celery tasks, over one broker connection. A failure propagates to the outbox, which logs it
     (publishing retries briefly first: `task_publish_retry_policy`, so a dead broker never hangs a request)."""

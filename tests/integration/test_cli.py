@@ -12,6 +12,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import closing
@@ -197,3 +198,43 @@ def test_tenant_rate_limits_are_configured(verdict: Run, client: FlaskClient) ->
     back = verdict("tenants", "configure", tenant, "--rate-limit-rpm", "default")
     assert back.returncode == 0 and "rate_limit_rpm: default" in back.stdout
     assert verdict("tenants", "configure", tenant, "--rate-limit-tpm", "0").returncode != 0
+
+
+@pytest.mark.serial  # the guard sees `verdict worker` (here it only prints Celery's help)
+@pytest.mark.parametrize(("command", "option"), [("beat", "--max-interval"), ("worker", "--concurrency")])
+def test_celery_commands_pass_every_option_to_celery(verdict: Run, tmp_path: Path, command: str,
+                                                     option: str) -> None:
+    # `--help` after a Celery option reaches Celery's own command, which knows the option and lists its own.
+    result = verdict(command, "--schedule" if command == "beat" else "--hostname",
+                     str(tmp_path / "x"), "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"celery {command}" in result.stdout + result.stderr, result.stdout
+    assert option in result.stdout, result.stdout
+    assert "No such option" not in result.stderr
+
+
+@pytest.mark.integration
+def test_beat_schedule_option_reaches_celery(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    # A real beat run with `--schedule PATH`: Celery writes its schedule there (the default would be in the cwd).
+    schedule = tmp_path / "elsewhere" / "beat-schedule"
+    schedule.parent.mkdir()
+    env = base_env(DATABASE_URL=database_url, BROKER_URL=redis_url, VAR_DIR=str(tmp_path / "var"),
+                   BROKER_KEY_PREFIX=f"beat-{uuid.uuid4().hex}:")
+    log_path = tmp_path / "beat.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([VERDICT, "beat", "--schedule", str(schedule), "--max-interval", "1"],  # noqa: S603
+                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(schedule.parent.glob("beat-schedule*")) and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text(errors="replace")
+            time.sleep(0.2)
+        assert list(schedule.parent.glob("beat-schedule*")), log_path.read_text(errors="replace")
+        assert not list(tmp_path.glob("celerybeat-schedule*"))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -282,3 +282,43 @@ def test_sigterm_to_verdict_dev_alone_stops_the_whole_tree(tmp_path: Path) -> No
         clean = svc.stop(leader_only=True)
     assert clean, f"verdict dev left processes behind after SIGTERM\n{svc.log_tail()}"
     assert svc.process.returncode == 0, svc.log_tail()
+
+
+@pytest.mark.integration
+@pytest.mark.serial
+def test_sigkill_to_verdict_dev_leaves_no_orphan(tmp_path: Path) -> None:
+    # A killed `verdict dev` gets no chance to stop its children: the worker dies with it (PR_SET_PDEATHSIG), the
+    # gunicorn workers see their arbiter gone, and nothing of the tree keeps running or holding the broker.
+    svc = start_service(tmp_path)
+    pgid = svc.process.pid
+    try:
+        _wait_ready(svc)
+        members = _group_members(pgid)
+        assert len(members) >= 3, f"expected verdict dev, a gunicorn worker and a celery worker: {members}"
+        svc.process.kill()
+        svc.process.wait(timeout=10)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _group_members(pgid)
+        assert not left, f"orphans left after SIGKILL of verdict dev: {left}\n{svc.log_tail()}"
+    finally:
+        svc.stopped = None if svc.process.poll() is None else svc.stopped
+        svc.stop()
+
+
+def _group_members(pgid: int) -> list[str]:
+    """(pid, command line) of every live process in process group `pgid`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            state, group = fields[0], int(fields[2])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if group == pgid and state != "Z":
+            found.append(f"{entry.name} {cmdline[:80]}")
+    return found
