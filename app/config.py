@@ -278,6 +278,14 @@ class Settings(BaseSettings):
             "Seconds a response to a POST sent with an `Idempotency-Key` is kept and replayed to retries (24 h)."
         ),
     )
+    # issue 11 (rel): a claim that no live request holds stops blocking retries after this long.
+    idempotency_claim_lease_seconds: int = Field(
+        default=60, gt=0, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Seconds a request holds its `Idempotency-Key` while it runs: if the API process dies mid-request, a "
+            "retry with the key gets 409 for at most this long, then runs. Keep it above the slowest keyed POST."
+        ),
+    )
 
     # ---- processing, retries and recovery
     processing_lease_seconds: int = Field(

@@ -33,9 +33,11 @@ def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
                            param=IDEMPOTENCY_HEADER, code="invalid_idempotency_key")
     fingerprint = _fingerprint()
     database = current_database()
+    settings = current_settings()
     with database.transaction() as session:
         outcome = idempotency.claim(session, principal.tenant_id, key, fingerprint, api_key_id=principal.key_id,
-                                    ttl_seconds=current_settings().idempotency_ttl_seconds)
+                                    ttl_seconds=settings.idempotency_ttl_seconds,
+                                    lease_seconds=settings.idempotency_claim_lease_seconds)
     if isinstance(outcome, Mismatch):
         raise ApiError(422, f"This {IDEMPOTENCY_HEADER} was already used with a different request; use a new key "
                        "for a new request.", code="idempotency_key_reused", param=IDEMPOTENCY_HEADER)

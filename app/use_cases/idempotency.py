@@ -39,12 +39,26 @@ ClaimResult = Claimed | InProgress | Mismatch | StoredResponse
 
 
 def claim(session: Session, tenant_id: str, key: str, fingerprint: str, *, api_key_id: str,
-          ttl_seconds: int) -> ClaimResult:
-    """Claim the key for this request, or say what became of the request that claimed it first."""
+          ttl_seconds: int, lease_seconds: int) -> ClaimResult:
+    """Claim the key for this request, or say what became of the request that claimed it first. A claim with no
+    stored answer is held for `lease_seconds` from when it was taken (`created_at`): after that no live request holds
+    it (its process died mid-request), and the same request takes it over."""
     now = utcnow()
     # Expired: forget it, then claim afresh.
     session.execute(delete(IdempotencyRecord).where(
         IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key, IdempotencyRecord.expires_at <= now))
+    # Abandoned: take it over. Of two retries racing here, the second's WHERE no longer matches once the first's
+    # update is committed (PostgreSQL re-checks it after the row lock; SQLite runs one writer at a time).
+    taken_over = session.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.key == key,
+               IdempotencyRecord.fingerprint == fingerprint, IdempotencyRecord.status_code.is_(None),
+               IdempotencyRecord.created_at <= now - timedelta(seconds=lease_seconds))
+        .values(created_at=now, api_key_id=api_key_id, expires_at=now + timedelta(seconds=ttl_seconds))
+        .returning(IdempotencyRecord.key)
+    ).scalar_one_or_none()
+    if taken_over is not None:
+        return Claimed()
     # Of two requests racing here, the second waits for the first's row and then inserts nothing.
     claimed = session.execute(
         insert_for(session)(IdempotencyRecord)
