@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
 from app.config import Settings
@@ -135,11 +135,15 @@ def _claim_more(session: Session, first: Work, *, room: int, settings: Settings)
         return [], False
     now = utcnow()
     same_model = Submission.model.is_(None) if first.model is None else Submission.model == first.model
+    # issue 11 item 2: rows whose claim expired (their worker died) are taken ahead of the queued backlog, so they
+    # are worked again about a lease after the death, however long the queue.
+    expired_claim = and_(Submission.status == SubmissionStatus.PROCESSING.value,
+                         Submission.claimed_at < now - timedelta(seconds=settings.processing_lease_seconds))
+    due = and_(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= now)
     candidates = session.execute(
         select(Submission.id, Submission.text_count)
-        .where(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= now, same_model,
-               Submission.text_count <= room)
-        .order_by(Submission.enqueued_at).limit(room)
+        .where(or_(expired_claim, due), same_model, Submission.text_count <= room)
+        .order_by(case((expired_claim, 0), else_=1), Submission.enqueued_at).limit(room)
         .with_for_update(skip_locked=True)
     ).tuples().all()
     claimed: list[Claim] = []
