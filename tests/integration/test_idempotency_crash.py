@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,17 +20,11 @@ import httpx
 from tests.conftest import TenantKey
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import openai_worker_env, worker_env
+from tests.integration.processes import free_port, wait_healthy
 from tests.lanes import integration_fixture
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 LEASE_SECONDS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ApiProcess:
@@ -42,16 +35,7 @@ class ApiProcess:
             self.process = subprocess.Popen(  # noqa: S603
                 [VERDICT, "api", "--bind", f"127.0.0.1:{self.port}", "--workers", "1"], env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-            time.sleep(0.25)
+        wait_healthy(self.process, self.base_url, log_path)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

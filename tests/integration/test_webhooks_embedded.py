@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,12 @@ import httpx
 from standardwebhooks import Webhook
 
 from app.config import Settings
+from tests.integration.processes import free_port, wait_healthy
 from tests.lanes import integration_fixture
 from tests.webhook_receiver import WebhookReceiver
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @integration_fixture(serial=True)
@@ -44,16 +37,7 @@ def embedded(tmp_path: Path) -> Iterator[tuple[str, dict[str, str], Path]]:
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-            time.sleep(0.3)
+        wait_healthy(process, base_url, log_path)
         yield base_url, env, log_path
     finally:
         os.killpg(process.pid, signal.SIGTERM)
