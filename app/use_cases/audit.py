@@ -209,6 +209,9 @@ def query_events(
     return AuditPage(events=rows, next_cursor=encode_cursor(rows[-1].seq) if has_more and rows else None)
 
 
+MAX_SEQ = 2**63 - 1  # PostgreSQL's bigint: no seq that reaches SQL may exceed it
+
+
 def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": seq}).encode()).decode().rstrip("=")
 
@@ -217,7 +220,9 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         after = raw["after"]
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        # The next page starts at after + 1, which must still fit PostgreSQL's bigint (an integer beyond it would
+        # fail in the driver: a 500, issue 17 item 6).
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < MAX_SEQ:
             raise ValueError("bad cursor")
     except (ValueError, TypeError, KeyError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInput("Invalid cursor.", param="cursor", code="invalid_cursor") from exc
@@ -263,6 +268,11 @@ def verify_chain(
         select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.chain_id == chain_id)
     ).one_or_none()
     head_seq, head_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+    if first > 1 and first > head_seq:
+        # A range that starts past the head holds no event yet: nothing to verify, and nothing missing. Calling it
+        # "deleted from the end" would be a false tamper alarm (issue 17 item 6); the full chain's check is unchanged.
+        return Verification(chain=chain_id, count=0, first_seq=None, last_seq=None, head_hash=None, broken=None,
+                            notes=[f"start_seq {first} is past the chain's head (seq {head_seq}): no events to verify"])
     anchor = None
     if first > 1:
         anchor = session.scalar(

@@ -4,6 +4,7 @@ envelope for every kind of bad input."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -164,6 +165,11 @@ def test_the_audit_scope_is_required(client: FlaskClient, database: Database, me
     assert response.get_json()["error"]["type"] == "authentication_error"
 
 
+def audit_cursor(after: object) -> str:
+    """A cursor as the server encodes one, around any value (`app.use_cases.audit.encode_cursor`'s shape)."""
+    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode().rstrip("=")
+
+
 BAD_QUERIES = [
     pytest.param("/v1/audit", {"start": "yesterday"}, "start", id="start-malformed"),
     pytest.param("/v1/audit", {"start": "2026-01-01T00:00:00"}, "start", id="start-without-zone"),
@@ -196,6 +202,10 @@ BAD_QUERIES = [
     pytest.param("/v1/audit/verify", {"end_seq": str(2**63)}, "end_seq", id="verify-end-beyond-bigint"),
     pytest.param("/v1/audit/verify", {"start_seq": "1994303291088396260321787904"}, "start_seq",
                  id="verify-start-beyond-bigint"),
+    # Issue 17 item 6: a cursor's seq at and beyond 64-bit bounds was a 500 (OverflowError) before SQL.
+    *[pytest.param("/v1/audit", {"cursor": audit_cursor(after)}, "cursor", id=f"cursor-after-{name}")
+      for name, after in [("bigint-max", 2**63 - 1), ("2^63", 2**63), ("2^64", 2**64), ("huge", 10**40),
+                          ("minus-2^63", -(2**63)), ("float", 1.5), ("true", True)]],
 ]
 
 
@@ -285,3 +295,25 @@ def test_verify_names_the_first_broken_event(client: FlaskClient, database: Data
     assert get(client, tenant, "/v1/audit/verify", end_seq=5).get_json()["ok"] is True
     # Another tenant's chain is not affected, and not visible.
     assert get(client, other_tenant, "/v1/audit/verify").get_json()["ok"] is True
+
+
+def test_a_verify_range_past_the_head_is_an_empty_ok_not_a_tamper_alarm(client: FlaskClient, tenant: TenantKey,
+                                                                        trail: list[AuditEvent]) -> None:
+    # Issue 17 item 6: this said "events 1..9 are missing (deleted from the end)" on an intact chain.
+    head = trail[-1].seq
+    for start_seq in (head + 1, head + 2, 100_000, 2**63 - 1):
+        body = get(client, tenant, "/v1/audit/verify", start_seq=start_seq).get_json()
+        assert body["ok"] is True and body["broken"] is None, (start_seq, body)
+        assert body["count"] == 0 and body["first_seq"] is None
+        assert "past the chain's head" in body["notes"][0]
+    body = get(client, tenant, "/v1/audit/verify", start_seq=head + 1, end_seq=2**63 - 1).get_json()
+    assert body["ok"] is True and body["count"] == 0
+    # The last real event is still verified, and the whole chain still is.
+    assert get(client, tenant, "/v1/audit/verify", start_seq=head).get_json()["count"] == 1
+    assert get(client, tenant, "/v1/audit/verify").get_json()["ok"] is True
+
+
+def test_pages_of_the_audit_trail_near_the_bigint_bound_answer(client: FlaskClient, tenant: TenantKey,
+                                                               trail: list[AuditEvent]) -> None:
+    body = get(client, tenant, "/v1/audit", cursor=audit_cursor(2**63 - 2)).get_json()
+    assert body["data"] == [] and body["next_cursor"] is None

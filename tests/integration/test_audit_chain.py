@@ -194,6 +194,19 @@ def test_a_range_is_verified_from_its_anchor(database: Database, tenant: TenantK
     assert (result.broken.seq, result.broken.code) == (5, "missing")
 
 
+def test_a_range_past_the_head_is_empty_and_ok(database: Database, tenant: TenantKey) -> None:
+    append(database, tenant.tenant_id, 5)
+    head = events_of(database, tenant.tenant_id)[-1].seq
+    for start_seq in (head + 1, 100_000, 2**63 - 1):
+        result = verify(database, tenant.tenant_id, start_seq=start_seq)
+        assert result.ok and result.count == 0, (start_seq, result.broken)
+    assert verify(database, "ten_nobody", start_seq=3).ok
+    # Past the head stays quiet, but events cut off the end are still found by the ranges that reach them.
+    sql(database, "DELETE FROM audit_events WHERE chain_id = :c AND seq >= :s", c=tenant.tenant_id, s=head - 1)
+    assert (verify(database, tenant.tenant_id, start_seq=head - 1).broken.code) == "missing"
+    assert verify(database, tenant.tenant_id).broken.code == "missing"
+
+
 def test_an_empty_chain_verifies(database: Database) -> None:
     result = verify(database, "ten_nobody")
     assert result.ok and result.count == 0 and result.head_hash is None

@@ -8,13 +8,16 @@ Bounded (FUZZ_MAX_EXAMPLES per operation, default 50) so it stays a few minutes 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from typing import Any
 
 import pytest
 import schemathesis
 from flask import Flask
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as hypothesis_strategies
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -75,3 +78,79 @@ def test_the_fuzzer_reaches_every_operation() -> None:
     # The guard against a fuzzer that silently tests nothing: every operation of the document is generated for.
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == sum(len(methods) for methods in DOCUMENT["paths"].values()) >= 28
+
+
+# ---- integers at and beyond 64-bit bounds (issue 17 item 6) ----------------------------------------------------
+# The generator above keeps a cursor an opaque string and rarely reaches the bounds of an integer; these properties
+# put such integers where they reach SQL: inside cursors of both shapes, and in every integer query parameter.
+
+BOUNDS = [0, -1, 2**31, 2**53 + 1, 2**63 - 2, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**40]
+# Hypothesis draws from both: every bound in turn, and any integer around them.
+BOUNDARY_INTEGERS = hypothesis_strategies.one_of(
+    hypothesis_strategies.sampled_from(BOUNDS),
+    hypothesis_strategies.integers(min_value=2**62, max_value=2**65),
+    hypothesis_strategies.integers(),
+)
+# The two cursor shapes the server encodes (audit: {"after": seq}; keyset: [created_at, id]), and wrong ones.
+CURSOR_SHAPES = {
+    "audit": lambda n: {"after": n},
+    "keyset-id": lambda n: ["2026-01-01T00:00:00+00:00", n],
+    "keyset-time": lambda n: [n, "sub_x"],
+    "bare": lambda n: n,
+    "audit-string": lambda n: {"after": str(n)},
+}
+
+
+def _get_parameters(kind: str | None) -> list[tuple[str, str]]:
+    """(path, name) of every query parameter of the untemplated GET routes: `cursor`, or those of type integer."""
+    found = []
+    for path, methods in DOCUMENT["paths"].items():
+        for parameter in methods.get("get", {}).get("parameters", []):
+            if "{" in path or parameter.get("in") != "query":
+                continue
+            types = {parameter.get("schema", {}).get("type")} | {
+                option.get("type") for option in parameter.get("schema", {}).get("anyOf", [])}
+            if (kind is None and parameter["name"] == "cursor") or (kind is not None and kind in types):
+                found.append((path, parameter["name"]))
+    return found
+
+
+def _encode(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def _assert_answered(fuzz_app: Flask, fuzz_key: TenantKey, path: str, params: dict[str, str]) -> None:
+    response = fuzz_app.test_client().get(path, query_string=params, headers=fuzz_key.headers)
+    assert response.status_code < 500, (path, params, response.get_data(as_text=True)[:300])
+    if response.status_code >= 400:
+        assert set(response.get_json()["error"]) >= {"type", "message", "code"}
+
+
+def test_the_bound_properties_reach_cursors_and_integers() -> None:
+    assert ("/v1/audit", "cursor") in _get_parameters(None) and ("/v1/submissions", "cursor") in _get_parameters(None)
+    assert ("/v1/audit/verify", "start_seq") in _get_parameters("integer")
+
+
+@pytest.mark.parametrize("shape", list(CURSOR_SHAPES))
+@pytest.mark.parametrize(("path", "name"), _get_parameters(None))
+@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(number=BOUNDARY_INTEGERS)
+def test_cursors_carrying_64_bit_bounds_never_fail(path: str, name: str, shape: str, number: int, fuzz_app: Flask,
+                                                   fuzz_key: TenantKey) -> None:
+    _assert_answered(fuzz_app, fuzz_key, path, {name: _encode(CURSOR_SHAPES[shape](number))})
+
+
+@pytest.mark.parametrize(("path", "name"), _get_parameters("integer"))
+@settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(number=BOUNDARY_INTEGERS)
+def test_integer_parameters_at_64_bit_bounds_never_fail(path: str, name: str, number: int, fuzz_app: Flask,
+                                                        fuzz_key: TenantKey) -> None:
+    _assert_answered(fuzz_app, fuzz_key, path, {name: str(number)})
+
+
+@pytest.mark.parametrize(("path", "name"), _get_parameters(None))
+def test_cursors_at_every_bound_never_fail(path: str, name: str, fuzz_app: Flask, fuzz_key: TenantKey) -> None:
+    # The bounds themselves, every one, whatever hypothesis happens to draw.
+    for shape in CURSOR_SHAPES.values():
+        for number in BOUNDS:
+            _assert_answered(fuzz_app, fuzz_key, path, {name: _encode(shape(number))})
