@@ -38,12 +38,12 @@ def create() -> tuple[Response, int, dict[str, str]]:
     try:
         issued = create_tenant_key(
             session, principal.tenant_id, scopes=body.scopes, name=body.name, expires_at=body.expires_at,
-            limits=KeyLimits(rpm=body.rate_limit_rpm, tpm=body.rate_limit_tpm), actor=principal.key_id,
+            limits=KeyLimits(rpm=body.rate_limit_rpm, tpm=body.rate_limit_tpm), creator_key_id=principal.key_id,
             request_id=current_request_id(),
         )
     except KeyRequestError as exc:
         raise InvalidInput(f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param,
-                           code="invalid_key_request") from exc
+                           code=exc.code) from exc
     out = KeyWithSecret(**key_out(issued.key).model_dump(), secret=issued.plaintext)
     return jsonify(out.model_dump(mode="json")), 201, {"Location": out.links["self"]}
 

@@ -21,9 +21,10 @@ from app.use_cases.errors import NotFound
 class KeyRequestError(Exception):
     """A key request that cannot be carried out; the message is for the operator (or the API client)."""
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_key_request") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,42 @@ def create_tenant_key(
     name: str | None,
     expires_at: datetime | None,
     limits: KeyLimits,
-    actor: str,
+    creator_key_id: str,
     request_id: str | None,
 ) -> IssuedKey:
-    """The API's door: a key in the caller's own tenant."""
+    """The API's door: a key in the caller's own tenant, never stronger than the key creating it. The creator's own
+    expiry and rate limits are the new key's ceiling, and its default where the request names none, so a short-lived,
+    throttled admin key cannot mint a permanent, unthrottled one (docs/api.md#keys)."""
     if expires_at is not None and expires_at <= utcnow():
         raise KeyRequestError("must be in the future", param="expires_at")
     tenant = session.get(Tenant, tenant_id)
-    if tenant is None:  # pragma: no cover - the caller's key belongs to it
+    creator = session.get(ApiKey, creator_key_id)
+    if tenant is None or creator is None:  # pragma: no cover - the caller's key belongs to it
         raise NotFound("No such tenant.")
+    expires_at, limits = _within_creator(creator, expires_at, limits)
     return _issue(session, tenant, _checked_scopes(scopes), name=name, expires_at=expires_at, limits=limits,
-                  actor=actor, request_id=request_id)
+                  actor=creator.id, request_id=request_id, creator=creator)
+
+
+def _within_creator(
+    creator: ApiKey, expires_at: datetime | None, limits: KeyLimits,
+) -> tuple[datetime | None, KeyLimits]:
+    """The request's expiry and limits, capped by (and defaulting to) the creating key's own."""
+    if creator.expires_at is not None:
+        if expires_at is None:
+            expires_at = creator.expires_at
+        elif expires_at > creator.expires_at:
+            raise KeyRequestError(
+                f"may be no later than the creating key's own expiry, {creator.expires_at.isoformat()}",
+                param="expires_at", code="above_creator_limit")
+    capped: dict[str, int | None] = {}
+    for param, asked, own in (("rate_limit_rpm", limits.rpm, creator.rate_limit_rpm),
+                              ("rate_limit_tpm", limits.tpm, creator.rate_limit_tpm)):
+        if own is not None and asked is not None and asked > own:
+            raise KeyRequestError(f"may be at most the creating key's own limit, {own}", param=param,
+                                  code="above_creator_limit")
+        capped[param] = asked if asked is not None else own
+    return expires_at, KeyLimits(rpm=capped["rate_limit_rpm"], tpm=capped["rate_limit_tpm"])
 
 
 def _checked_scopes(scopes: Iterable[str]) -> list[str]:
@@ -101,7 +127,7 @@ def _checked_scopes(scopes: Iterable[str]) -> list[str]:
 
 def _issue(
     session: Session, tenant: Tenant, scopes: list[str], *, name: str | None, expires_at: datetime | None,
-    limits: KeyLimits, actor: str, request_id: str | None,
+    limits: KeyLimits, actor: str, request_id: str | None, creator: ApiKey | None = None,
 ) -> IssuedKey:
     for param, value in (("rate_limit_rpm", limits.rpm), ("rate_limit_tpm", limits.tpm)):
         if value is not None and value < 1:
@@ -115,6 +141,10 @@ def _issue(
         details["expires_at"] = expires_at.isoformat()
     if limits != KeyLimits():
         details["rate_limits"] = {"rpm": limits.rpm, "tpm": limits.tpm}
+    if creator is not None:  # what the new key was capped by (issue 17: a key never mints a stronger one)
+        details["creator"] = {"key_id": creator.id,
+                              "expires_at": creator.expires_at.isoformat() if creator.expires_at else None,
+                              "rate_limits": {"rpm": creator.rate_limit_rpm, "tpm": creator.rate_limit_tpm}}
     record_event(session, tenant_id=tenant.id, action="key.created", actor=actor, subject_type="api_key",
                  subject_id=key_id, request_id=request_id, details=details)
     return IssuedKey(key=key, plaintext=plaintext, tenant_created=False)

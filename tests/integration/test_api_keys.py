@@ -154,3 +154,39 @@ def test_a_key_may_narrow_its_rate_limits(client: FlaskClient, tenant: TenantKey
     response = client.get("/v1/submissions", headers=bearer(created["secret"]))
     assert response.headers["X-RateLimit-Limit-RPM"] == "7"
     assert response.headers["X-RateLimit-Limit-TPM"] == "500"
+
+
+def test_a_key_cannot_mint_a_stronger_key(client: FlaskClient, tenant: TenantKey, database: Database) -> None:
+    """Issue 17 item 3: an admin key that expires in an hour and may make 20 requests a minute used to create a key
+    with no expiry and the tenant's full limits. Its own expiry and limits are now the new key's ceiling and default."""
+    limited = create(client, tenant, scopes=["admin"], rate_limit_rpm=20, rate_limit_tpm=5000,
+                     expires_at=(utcnow() + timedelta(hours=1)).isoformat())
+    headers = bearer(limited["secret"])
+
+    inherited = client.post("/v1/keys", json={"scopes": ["read"]}, headers=headers)
+    assert inherited.status_code == 201, inherited.get_json()
+    minted = inherited.get_json()
+    assert minted["expires_at"] == limited["expires_at"]
+    assert (minted["rate_limit_rpm"], minted["rate_limit_tpm"]) == (20, 5000)
+
+    later = (utcnow() + timedelta(days=365)).isoformat()
+    for body, param in (({"expires_at": later}, "expires_at"), ({"rate_limit_rpm": 21}, "rate_limit_rpm"),
+                        ({"rate_limit_tpm": 5001}, "rate_limit_tpm")):
+        refused = client.post("/v1/keys", json={"scopes": ["read"], **body}, headers=headers)
+        error = assert_envelope(refused, 400, "invalid_request_error", "above_creator_limit")
+        assert error["param"] == param
+
+    narrower = client.post("/v1/keys", json={"scopes": ["read"], "rate_limit_rpm": 5}, headers=headers)
+    assert narrower.status_code == 201 and narrower.get_json()["rate_limit_rpm"] == 5
+
+    with database.transaction() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "key.created",
+                                                         AuditEvent.subject_id == minted["id"])).one()
+    assert event.details["creator"] == {"key_id": limited["id"], "expires_at": event.details["expires_at"],
+                                        "rate_limits": {"rpm": 20, "tpm": 5000}}
+    assert event.details["rate_limits"] == {"rpm": 20, "tpm": 5000}
+
+
+def test_a_key_that_never_expires_mints_keys_that_never_expire(client: FlaskClient, tenant: TenantKey) -> None:
+    minted = create(client, tenant)
+    assert minted["expires_at"] is None
