@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from app import api, db, extensions
-from app.api import errors, rate_limits, request_context, transactions
+from app.api import errors, long_polls, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
 from app.moderation.cache import build_cache
@@ -14,7 +14,8 @@ from app.moderation.registry import build_provider
 from app.queue import celery_init_app
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, server_threads: int | None = None) -> Flask:
+    """The app; `server_threads` is the request threads of the server that runs it, when it says (`verdict api`)."""
     settings = settings or Settings()
     configure_logging(settings)
     settings.ensure_var_dir()
@@ -34,5 +35,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     request_context.init_app(app)
     transactions.init_app(app)
     rate_limits.init_app(app, settings)
+    long_polls.init_app(app, settings, server_threads=server_threads)
     api.init_app(app)
     return app

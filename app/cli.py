@@ -54,13 +54,18 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         from app import create_app
         from app.extensions import PROVIDER
 
-        app = create_app()
+        # The app bounds its open long-polls below the threads it is given (app/api/long_polls.py).
+        app = create_app(server_threads=self.options["threads"])
         # Each API process loads the moderation model as it starts, not on its first /v1/moderations request.
         app.extensions[PROVIDER].warm_up()
         return app
 
 
 def _serve_api(bind: str, workers: int, threads: int) -> None:
+    bound = Settings().long_poll_max_per_process
+    if bound is not None and bound >= threads:
+        # Long-polls on every thread would leave none for /healthz or any other request.
+        raise click.UsageError(f"LONG_POLL_MAX_PER_PROCESS ({bound}) must be below --threads ({threads}).")
     # gthread workers: long-polls (`?wait=`) park a thread, not a whole process.
     # No control socket (gunicorn 25+): its default path is one per user, so a second server on the machine (a test
     # run, `verdict dev` beside `verdict api`) would take it over; Verdict is managed by signals and its CLI.

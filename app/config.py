@@ -246,6 +246,28 @@ class Settings(BaseSettings):
             "Largest `metadata` object, in bytes of compact JSON (it may also be nested at most 5 levels deep)."
         ),
     )
+    # issue 17 (sec): a long-poll holds a request thread, so open ones are bounded; past a bound the current state is
+    # answered at once, with `Verdict-Wait: refused` (docs/api.md, "Long-polling").
+    long_poll_max_per_process: int | None = Field(
+        default=None, ge=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description=(
+            "Most `GET /v1/submissions/{id}?wait=` requests one API process holds open at once. Empty: half its "
+            "threads (`verdict api --threads`, 8 by default: 4), so the other half always serves everything else, "
+            "`/healthz` included; 4 under a server that does not say its threads. `verdict api` refuses a value that "
+            "is not below `--threads`. 0: no request waits."
+        ),
+    )
+    long_poll_max_per_key: int = Field(
+        default=2, ge=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description=(
+            "Most long-polls one API key holds open at once, across every API process when Redis is configured "
+            "(REDIS_URL or RATE_LIMIT_STORAGE_URL), else in each process."
+        ),
+    )
+    long_poll_max_per_tenant: int = Field(
+        default=4, ge=0, json_schema_extra=_in(REQUEST_LIMITS),
+        description="Most long-polls all of one tenant's keys hold open at once, counted as LONG_POLL_MAX_PER_KEY is.",
+    )
 
     # ---- per-key rate limits and idempotency
     rate_limit_rpm: int = Field(

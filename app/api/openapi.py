@@ -61,6 +61,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Headers a success may carry (beyond those every response of its kind carries).
+    success_headers: tuple[str, ...] = ()
 
 
 _SUBMIT = "Submissions"
@@ -81,7 +83,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {202: (SubmissionAccepted, SubmissionBatchAccepted)}, body=(SubmissionIn, SubmissionBatchIn)),
     ("GET", "/v1/submissions/<submission_id>"): Operation(
         "A submission's status and, once completed, its verdict (`?wait=` long-polls)", _SUBMIT,
-        {200: SubmissionOut}, query=SubmissionGetQuery),
+        {200: SubmissionOut}, query=SubmissionGetQuery, success_headers=("Verdict-Wait",)),
     ("GET", "/v1/submissions"): Operation("The tenant's submissions, newest first, filtered and paginated", _SUBMIT,
                                           {200: SubmissionPage}, query=SubmissionListQuery),
     ("POST", "/v1/moderations"): Operation(
@@ -157,6 +159,9 @@ _HEADER_DEFINITIONS = {
     "X-RateLimit-Remaining-TPM": ("Tokens left in the current minute.", {"type": "string", "pattern": "^[0-9]+$"}),
     "Retry-After": ("Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}),
     "WWW-Authenticate": ("`Bearer realm=\"verdict\"`.", {"type": "string"}),
+    "Verdict-Wait": ("`refused`: the long-poll was not allowed to wait (too many open for this key, tenant or "
+                     "process); the current state is answered at once. Absent when it waited, or had no need to.",
+                     {"type": "string", "enum": ["refused"]}),
 }
 _ALWAYS = ("X-Request-ID", "X-Processing-Time-Ms")
 # Present on every response to a request with a valid key (not on a 401, which had none).
@@ -303,7 +308,8 @@ def _operation(
         out["security"] = [{"bearer": []}]
     responses: dict[str, Any] = {}
     for status, content in operation.responses.items():
-        responses[str(status)] = {"description": "Success.", "headers": _headers(keyed),
+        headers = _headers(keyed) | {name: _header_ref(name, required=False) for name in operation.success_headers}
+        responses[str(status)] = {"description": "Success.", "headers": headers,
                                   "content": _content(content, schemas)}
     for status in _errors(operation, method, keyed, bool(arguments)):
         responses[str(status)] = {"$ref": f"#/components/responses/{_error_name(status, keyed)}"}

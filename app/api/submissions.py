@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from app.api.auth import current_principal, require_scope
 from app.api.body import current_limits, read_json_object
+from app.api.long_polls import current_long_polls
 from app.api.rate_limits import charge_tokens
 from app.api.request_context import current_request_id
 from app.api.transactions import request_session, transaction
@@ -23,7 +26,13 @@ from app.schemas.submissions import (
     SubmissionPage,
     submission_out,
 )
-from app.use_cases.submissions import SubmissionFilter, await_submission, list_submissions, submit_content
+from app.use_cases.submissions import (
+    SubmissionFilter,
+    await_submission,
+    list_submissions,
+    submission_is_final,
+    submit_content,
+)
 from app.use_cases.webhook_endpoints import check_callback_urls
 
 bp = Blueprint("submissions", __name__)
@@ -54,10 +63,17 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
 @require_scope("read")
 def get_submission(submission_id: str) -> Response:
     query = SubmissionGetQuery.model_validate(request.args.to_dict())
-    # A command with a short transaction per look, so a long-poll holds no connection while it waits.
-    submission = await_submission(current_database(), current_principal().tenant_id, submission_id,
-                                  wait_seconds=query.wait)
-    return jsonify(submission_view(submission).model_dump(mode="json"))
+    principal = current_principal()
+    # A long-poll holds this request's thread: past the bounds on open ones it answers the current state at once.
+    slot = current_long_polls().slot(principal.key_id, principal.tenant_id, query.wait) if query.wait else nullcontext()
+    with slot as refused:
+        # A command with a short transaction per look, so a long-poll holds no connection while it waits.
+        submission = await_submission(current_database(), principal.tenant_id, submission_id,
+                                      wait_seconds=query.wait if refused is None else 0)
+    response = jsonify(submission_view(submission).model_dump(mode="json"))
+    if refused is not None and not submission_is_final(submission):
+        response.headers["Verdict-Wait"] = "refused"
+    return response
 
 
 @bp.get("/v1/submissions")

@@ -105,6 +105,10 @@ def get_submission(session: Session, tenant_id: str, submission_id: str) -> Subm
 _FINAL = {SubmissionStatus.COMPLETED.value, SubmissionStatus.FAILED.value}
 
 
+def submission_is_final(submission: Submission) -> bool:
+    return submission.status in _FINAL
+
+
 def await_submission(
     database: Database, tenant_id: str, submission_id: str, *, wait_seconds: float, poll_interval: float = 0.2
 ) -> Submission:

@@ -1,13 +1,20 @@
-"""Helpers for tests that run `verdict` server processes of their own: a free port, and waiting for /healthz."""
+"""Helpers for tests that run `verdict` server processes of their own: a free port, waiting for /healthz, and a real
+`verdict api` (gunicorn) process."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+
+VERDICT = str(Path(sys.executable).parent / "verdict")
 
 
 def free_port() -> int:
@@ -29,3 +36,22 @@ def wait_healthy(process: subprocess.Popen[bytes], base_url: str, log_path: Path
             pass
         assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
         time.sleep(0.3)
+
+
+class ApiProcess:
+    """`verdict api` bound to a free port on 127.0.0.1 (one gunicorn worker unless `args` say otherwise), in its own
+    process group, healthy before the constructor returns."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        argv = [VERDICT, "api", "--bind", f"127.0.0.1:{self.port}", *(args or ("--workers", "1"))]
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=log,  # noqa: S603 - our own command
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_healthy(self.process, self.base_url, log_path)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)

@@ -4,11 +4,6 @@ is SIGKILLed while a keyed request is in flight (held by a slow upstream); a ret
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,27 +15,10 @@ import httpx
 from tests.conftest import TenantKey
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import openai_worker_env, worker_env
-from tests.integration.processes import free_port, wait_healthy
+from tests.integration.processes import ApiProcess
 from tests.lanes import integration_fixture
 
-VERDICT = str(Path(sys.executable).parent / "verdict")
 LEASE_SECONDS = 4
-
-
-class ApiProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        with log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603
-                [VERDICT, "api", "--bind", f"127.0.0.1:{self.port}", "--workers", "1"], env=env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        wait_healthy(self.process, self.base_url, log_path)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
 
 
 @integration_fixture
