@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from app import api, db, extensions
-from app.api import errors, long_polls, rate_limits, request_context, transactions
+from app.api import body, errors, long_polls, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
 from app.moderation.cache import build_cache
@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[extensions.SETTINGS] = settings
+    body.init_app(app)
 
     database = db.Database(settings.database_url)
     app.extensions[extensions.DATABASE] = database

@@ -66,11 +66,14 @@ def _serve_api(bind: str, workers: int, threads: int) -> None:
     if bound is not None and bound >= threads:
         # Long-polls on every thread would leave none for /healthz or any other request.
         raise click.UsageError(f"LONG_POLL_MAX_PER_PROCESS ({bound}) must be below --threads ({threads}).")
-    # gthread workers: long-polls (`?wait=`) park a thread, not a whole process.
+    # gthread workers: long-polls (`?wait=`) park a thread, not a whole process, and at most half the threads wait.
     # No control socket (gunicorn 25+): its default path is one per user, so a second server on the machine (a test
     # run, `verdict dev` beside `verdict api`) would take it over; Verdict is managed by signals and its CLI.
-    _Gunicorn({"bind": bind, "workers": workers, "worker_class": "gthread", "threads": threads,
-               "accesslog": None, "timeout": 60, "graceful_timeout": 20, "control_socket_disable": True}).run()
+    # The worker is gunicorn's gthread one, answering its own errors in the JSON envelope (app/http_server.py). The
+    # longest request line it reads is gunicorn's maximum, so any path a client may send reaches the API's routing.
+    _Gunicorn({"bind": bind, "workers": workers, "worker_class": "app.http_server.JsonErrorsWorker",
+               "threads": threads, "limit_request_line": 8190, "accesslog": None, "timeout": 60,
+               "graceful_timeout": 20, "control_socket_disable": True}).run()
 
 
 def _die_with_parent() -> None:

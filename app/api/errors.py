@@ -31,10 +31,14 @@ _TYPE_BY_STATUS = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
+    414: "invalid_request_error",
     415: "invalid_request_error",
+    417: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     500: "api_error",
+    501: "invalid_request_error",
     503: "service_unavailable",
 }
 # Each kind of domain error and the status it is answered with.
@@ -73,12 +77,17 @@ def api_error(exc: DomainError) -> ApiError:
     return ApiError(status, exc.message, code=exc.code, param=exc.param, headers=headers)
 
 
+def error_body(status: int, message: str, *, code: str, param: str | None = None) -> dict[str, Any]:
+    """The envelope itself, for an answer made outside Flask too (the HTTP server's own, app/http_server.py)."""
+    body = ErrorResponse(error=ErrorDetail(type=_TYPE_BY_STATUS.get(status, "api_error"), message=message,
+                                           param=param, code=code))
+    return body.model_dump(mode="json")
+
+
 def error_response(
     status: int, message: str, *, code: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> Response:
-    body = ErrorResponse(error=ErrorDetail(type=_TYPE_BY_STATUS.get(status, "api_error"), message=message,
-                                           param=param, code=code))
-    response = jsonify(body.model_dump(mode="json"))
+    response = jsonify(error_body(status, message, code=code, param=param))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -9,12 +9,14 @@ Runs in-process against real PostgreSQL and Redis; no worker is needed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
-from werkzeug.test import TestResponse
+from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
+from werkzeug.wrappers import Request
 
 from app.config import Settings
 from app.db import Database
@@ -241,6 +243,50 @@ def test_body_over_max_request_bytes_is_413(
     response = post_raw(client, tenant, path, data)
     assert_error(response, 413, "request_too_large", None)
     assert stored(database, tenant) == before
+
+
+CHUNKED_BODIES = {
+    # The first MiB is a whole valid object: cut there, it was accepted and the rest dropped (issue 17, item 4).
+    "valid-first-mib-then-more": lambda limit: _padded(limit) + b"x" * (4 * limit),
+    # Cut at the limit, it was a JSON error "at column 1048577" instead of 413.
+    "one-long-text": lambda limit: b'{"input": "' + b"a" * (limit + 300_000) + b'"}',
+    "one-byte-over": lambda limit: _padded(limit + 1),
+}
+
+
+def _padded(size: int) -> bytes:
+    head = b'{"input": "no stated length"}'
+    return head + b" " * (size - len(head))
+
+
+def _post_chunked(client: FlaskClient, tenant: TenantKey, path: str, data: bytes) -> TestResponse:
+    # No Content-Length, and the input terminated by the server: how gunicorn presents a chunked body. (The test
+    # client would count the bytes and set the length, so the environment is made by hand.)
+    environ = EnvironBuilder(path=path, method="POST", headers=tenant.headers, content_type="application/json",
+                             data=data).get_environ()
+    del environ["CONTENT_LENGTH"]
+    environ["wsgi.input_terminated"] = True
+    app_iter, status, headers = run_wsgi_app(client.application, environ, buffered=True)
+    return TestResponse(app_iter, status, headers, request=Request(environ))
+
+
+@pytest.mark.parametrize("body", CHUNKED_BODIES.values(), ids=CHUNKED_BODIES.keys())
+@pytest.mark.parametrize("path", WRITE_ENDPOINTS)
+def test_a_body_of_no_stated_length_over_max_request_bytes_is_413_never_cut(
+    client: FlaskClient, database: Database, tenant: TenantKey, settings: Settings, path: str,
+    body: Callable[[int], bytes],
+) -> None:
+    before = stored(database, tenant)
+    response = _post_chunked(client, tenant, path, body(settings.max_request_bytes))
+    assert_error(response, 413, "request_too_large", None)
+    assert stored(database, tenant) == before
+
+
+def test_a_body_of_no_stated_length_of_exactly_max_request_bytes_is_read_whole(
+    client: FlaskClient, tenant: TenantKey, settings: Settings
+) -> None:
+    response = _post_chunked(client, tenant, "/v1/submissions", _padded(settings.max_request_bytes))
+    assert response.status_code == 202, response.get_json()
 
 
 def test_text_of_exactly_max_chars_is_accepted_and_one_more_refused(
