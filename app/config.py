@@ -309,6 +309,25 @@ class Settings(BaseSettings):
         ),
     )
 
+    # issue 11 item 5 / issue 17 item 2 (rel): failed authentication is throttled and summarised.
+    auth_failures_per_minute: int = Field(
+        default=30, gt=0, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Failed authentications allowed per minute from one client address, and for one key id, in a moving "
+            "window; past it a failing request gets 429 with Retry-After instead of 401. A valid key is never "
+            "refused for others' failures. The client address is the connection's (behind a reverse proxy, that "
+            "proxy's)."
+        ),
+    )
+    auth_failure_window_seconds: int = Field(
+        default=60, ge=10, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "Repeated failed authentications are audited as one `auth.failed` event per window of this many seconds "
+            "and key id (or client address, when the key id names no key): the window's first failure at once, and "
+            "when more followed, one summary with their count and first and last time after the window closes."
+        ),
+    )
+
     # ---- processing, retries and recovery
     processing_lease_seconds: int = Field(
         default=120, gt=0, json_schema_extra=_in(PROCESSING),

@@ -286,6 +286,24 @@ class AuditChainHead(Base):
     occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class AuthFailureWindow(Base):
+    """Failed authentications of one window for one subject (a key id, or a client address when the presented id
+    names no key), counted here instead of one audit event each; app/use_cases/audit.py turns a closed window into
+    one summary event and deletes the row."""
+
+    __tablename__ = "auth_failure_windows"
+    __table_args__ = (sa.Index("ix_auth_failure_windows_window_start", "window_start"),)
+
+    chain_id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    subject_type: Mapped[str] = mapped_column(sa.String(16), primary_key=True)  # "api_key" or "client_address"
+    subject_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(40))
+    count: Mapped[int] = mapped_column(sa.Integer)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 # ---- webhooks ----
 
 

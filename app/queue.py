@@ -22,6 +22,7 @@ from app.outbox import (
     ERASE_EXPIRED_CONTENT,
     PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
+    SUMMARIZE_AUTH_FAILURES,
     Message,
     Publisher,
 )
@@ -77,6 +78,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                        "schedule": settings.retention_sweep_interval_seconds},
             "dispatch-webhook-deliveries": {"task": DISPATCH_WEBHOOKS,
                                             "schedule": settings.webhook_sweep_interval_seconds},
+            "summarize-auth-failures": {"task": SUMMARIZE_AUTH_FAILURES,
+                                        "schedule": settings.auth_failure_window_seconds},
         },
         "timezone": "UTC",
     }

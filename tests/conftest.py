@@ -105,7 +105,11 @@ def app(settings: Settings) -> Flask:
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+    test_client = app.test_client()
+    # Each test is its own client address (documentation prefix, RFC 3849): failed authentications are throttled
+    # per address (AUTH_FAILURES_PER_MINUTE), and one test's bad keys must not throttle the next test's.
+    test_client.environ_base["REMOTE_ADDR"] = f"2001:db8:ffff::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+    return test_client
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ from app.outbox import (
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
+    SUMMARIZE_AUTH_FAILURES,
 )
-from app.use_cases import erasure, idempotency, moderation, webhook_deliveries
+from app.use_cases import audit, erasure, idempotency, moderation, webhook_deliveries
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
@@ -59,3 +60,9 @@ def erase_expired_content(self: Any) -> int:
 def purge_idempotency_keys() -> int:
     with current_database().transaction() as session:
         return idempotency.purge_expired(session)
+
+
+@shared_task(name=SUMMARIZE_AUTH_FAILURES, acks_late=False)
+def summarize_auth_failures() -> int:
+    with current_database().transaction() as session:
+        return audit.summarize_auth_failures(session, window_seconds=current_settings().auth_failure_window_seconds)

@@ -18,7 +18,7 @@ from app.api.request_context import current_request_id
 from app.api.transactions import request_session
 from app.extensions import current_settings
 from app.use_cases.audit import record_failed_authentication
-from app.use_cases.authentication import SCOPES, Principal, authenticate
+from app.use_cases.authentication import SCOPES, Principal, authenticate, presented_key_id
 from app.use_cases.errors import AuthenticationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,19 +65,36 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
 
 def _authenticated() -> Principal:
     """The request's principal, in a transaction of its own (it records the key's last use); a presented key that
-    fails is audited, in another, before the 401 goes out. A request that sent no key is simply refused."""
+    fails is counted against its client address and key id (429 past AUTH_FAILURES_PER_MINUTE, else 401) and
+    audited, in another, before the answer goes out. A request that sent no key is simply refused."""
     session = request_session()
+    token: str | None = None
     try:
+        token = bearer_token(request.headers.get("Authorization"))
         with session.begin():
-            return authenticate(session, bearer_token(request.headers.get("Authorization")))
+            return authenticate(session, token)
     except AuthenticationFailed as exc:
-        if exc.reason != "missing":
-            with session.begin():
-                record_failed_authentication(
-                    session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
-                    request_id=current_request_id(), method=request.method,
-                    route=request.url_rule.rule if request.url_rule else None,
-                )
+        if exc.reason == "missing":
+            raise
+        settings = current_settings()
+        # Throttled or not, the failure is counted and audited alike (summarised per window: app/use_cases/audit.py),
+        # so a flood of bad keys is answered 429 and writes a bounded number of events.
+        throttled: ApiError | None = None
+        try:
+            rate_limits.check_failed_authentication(request.remote_addr,
+                                                    presented_key_id(token) if token else None,
+                                                    settings.auth_failures_per_minute)
+        except ApiError as refusal:
+            throttled = refusal
+        with session.begin():
+            record_failed_authentication(
+                session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
+                client_address=request.remote_addr, request_id=current_request_id(), method=request.method,
+                route=request.url_rule.rule if request.url_rule else None,
+                window_seconds=settings.auth_failure_window_seconds,
+            )
+        if throttled is not None:
+            raise throttled from exc
         raise
 
 

@@ -146,7 +146,8 @@ _ERROR_DESCRIPTIONS = {
     413: "The request body is larger than MAX_REQUEST_BYTES.",
     415: "The body is not `application/json`.",
     422: "This Idempotency-Key was used with a different request.",
-    429: "Over the key's requests or tokens per minute; retry after `Retry-After` seconds.",
+    429: ("Over the key's requests or tokens per minute, or too many failed authentications from this client "
+          "address or for this key id; retry after `Retry-After` seconds."),
     500: "Internal error; quote the X-Request-ID.",
     503: "A dependency (database, broker or moderation provider) is unavailable.",
 }
@@ -322,9 +323,12 @@ def _error_name(status: int, keyed: bool) -> str:
 
 
 def _error_response(status: int, keyed: bool, schemas: _Schemas) -> dict[str, Any]:
-    headers = _headers(keyed and status != 401)
+    # A 429 for failed authentications (app/api/auth.py) had no valid key, so no key's window to report.
+    headers = _headers(keyed and status not in (401, 429))
     if status == 429:
         headers["Retry-After"] = _header_ref("Retry-After", required=True)
+        if keyed:
+            headers.update({name: _header_ref(name, required=False) for name in _RATE_LIMITS})
     if status == 401:
         headers["WWW-Authenticate"] = _header_ref("WWW-Authenticate", required=True)
     return {"description": _ERROR_DESCRIPTIONS[status], "headers": headers,

@@ -95,6 +95,25 @@ def check_request(key_id: str, quota: Quota) -> None:
                         code="rate_limit_requests")
 
 
+def check_failed_authentication(client_address: str | None, key_id: str | None, limit: int) -> None:
+    """Count one failed authentication against the client address and against the key id it presented (known or
+    not, so the answer says nothing of which ids exist); 429 if either is past `limit` in the last minute. Both are
+    counted every time, so a throttled request takes the same path as any other failure."""
+    waits: list[float] = []
+    try:
+        for window, subject in (("auth-failures-address", client_address), ("auth-failures-key", key_id)):
+            if subject:
+                allowed, _remaining, retry_in = _limiter().hit(subject, window, limit, 1)
+                if not allowed:
+                    waits.append(retry_in)
+    except Exception as exc:  # noqa: BLE001 - as in check_request: the 401 still goes out
+        log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
+        return
+    if waits:
+        raise _too_many(f"Too many failed authentications: at most {limit} per minute from one client address or "
+                        "for one key id.", max(waits), code="rate_limit_auth_failures")
+
+
 def charge_tokens(texts: Sequence[str]) -> None:
     """Count the request's texts against the key's TPM; 429 if over (nothing is stored or moderated then)."""
     quota: Quota | None = g.get("rate_limit_quota")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Generator, Iterable
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, select, update
@@ -22,12 +22,13 @@ from app.audit_chain import (
     Verification,
     canonical_fields,
     chain_of,
+    format_timestamp,
     hash_fields,
     plain_json,
     span,
 )
 from app.db import insert_for
-from app.models import AuditChainHead, AuditEvent, AuditEventCategory, utcnow
+from app.models import AuditChainHead, AuditEvent, AuditEventCategory, AuthFailureWindow, utcnow
 from app.use_cases.errors import InvalidInput
 
 SYSTEM_ACTOR = "system"
@@ -102,16 +103,73 @@ def record_event(
 
 
 def record_failed_authentication(
-    session: Session, *, reason: str, key_id: str | None, tenant_id: str | None, request_id: str | None,
-    method: str, route: str | None,
+    session: Session, *, reason: str, key_id: str | None, tenant_id: str | None, client_address: str | None,
+    request_id: str | None, method: str, route: str | None, window_seconds: int,
 ) -> None:
-    """`auth.failed`, in a transaction of its own (the request's gate opens it): on the key's tenant chain if the
-    key exists, else the system chain. Never the presented key; its id only when that id names a real key."""
+    """Count a failed authentication in its window, in a transaction of its own (the request's gate opens it): the
+    window of the key (on its tenant's chain) when the id names a real key, else of the client address (on the system
+    chain). The window's first failure is written at once as `auth.failed`; the others are only counted, and
+    `summarize_auth_failures` writes them as one summary event when the window has closed. So a flood of bad keys
+    writes two events per window and subject, and takes the chain's head lock no more often. Never the presented
+    key; its id only when that id names a real key."""
+    now = utcnow()
+    subject_type, subject_id = ("api_key", key_id) if key_id else ("client_address", client_address or "unknown")
+    insert = insert_for(session)(AuthFailureWindow).values(
+        chain_id=chain_of(tenant_id), subject_type=subject_type, subject_id=subject_id,
+        window_start=window_start(now, window_seconds), tenant_id=tenant_id, count=1, first_at=now, last_at=now,
+    )
+    count = session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["chain_id", "subject_type", "subject_id", "window_start"],
+            set_={"count": AuthFailureWindow.count + 1, "last_at": insert.excluded.last_at},
+        ).returning(AuthFailureWindow.count)
+    ).scalar_one()
+    if count > 1:
+        return
     record_event(
         session, tenant_id=tenant_id, action="auth.failed", actor=ANONYMOUS_ACTOR,
         subject_type="api_key" if key_id else None, subject_id=key_id, request_id=request_id,
-        details={"reason": reason, "method": method, "route": route},
+        details={"reason": reason, "method": method, "route": route, "client_address": client_address},
     )
+
+
+def window_start(moment: datetime, window_seconds: int) -> datetime:
+    """The start of the failed-authentication window `moment` falls in (windows are aligned to the epoch)."""
+    epoch = int(moment.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % window_seconds, UTC)
+
+
+_SUMMARY_BATCH = 200
+
+
+def summarize_auth_failures(session: Session, *, window_seconds: int, now: datetime | None = None) -> int:
+    """Close the failed-authentication windows that have ended (a few seconds' grace for the API processes'
+    clocks), in the caller's transaction: each window that counted more than its first failure becomes one
+    `auth.failed` event with `summary: true`, the window's whole `count` (its first failure included, which has its
+    own event) and its `first_at` and `last_at`; every closed window's row is deleted. Returns the events written."""
+    now = now or utcnow()
+    closed_before = now - timedelta(seconds=window_seconds + _CLOCK_GRACE_SECONDS)
+    windows = list(session.scalars(
+        select(AuthFailureWindow).where(AuthFailureWindow.window_start <= closed_before)
+        .order_by(AuthFailureWindow.window_start).limit(_SUMMARY_BATCH).with_for_update(skip_locked=True)
+    ))
+    written = 0
+    # One chain at a time, in one order: two sweeps lock chain heads in the same order and cannot deadlock.
+    for window in sorted(windows, key=lambda w: (w.chain_id, w.window_start, w.subject_type, w.subject_id)):
+        if window.count > 1:
+            record_event(
+                session, tenant_id=window.tenant_id, action="auth.failed", actor=ANONYMOUS_ACTOR,
+                subject_type=window.subject_type, subject_id=window.subject_id,
+                details={"summary": True, "count": window.count, "first_at": format_timestamp(window.first_at),
+                         "last_at": format_timestamp(window.last_at),
+                         "window_start": format_timestamp(window.window_start), "window_seconds": window_seconds},
+            )
+            written += 1
+        session.delete(window)
+    return written
+
+
+_CLOCK_GRACE_SECONDS = 5
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ def generate_key() -> tuple[str, str]:
     return f"key_{id_part}", f"vk_{id_part}_{secrets.token_urlsafe(32)}"
 
 
+def presented_key_id(token: str) -> str | None:
+    """The key id a well-formed key names (`key_<16 hex>`), whether or not such a key exists; else None."""
+    match = _KEY_PATTERN.match(token)
+    return f"key_{match.group(1)}" if match is not None else None
+
+
 def authenticate(session: Session, token: str) -> Principal:
     """The principal `token` (a whole key) stands for, in the caller's transaction, which also records the key's
     last use (to the minute); AuthenticationFailed if the key is malformed, unknown, wrong, revoked or expired."""

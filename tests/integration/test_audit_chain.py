@@ -14,7 +14,7 @@ from sqlalchemy import select, text
 
 from app.audit_chain import SYSTEM_CHAIN, canonical_fields, hash_fields
 from app.db import Database
-from app.models import AuditChainHead, AuditEvent, utcnow
+from app.models import AuditChainHead, AuditEvent, AuthFailureWindow, utcnow
 from app.use_cases.audit import record_event, verify_chain
 from app.use_cases.keys import revoke_key
 from tests.conftest import TenantKey, issue_key
@@ -237,7 +237,8 @@ def test_a_wrong_secret_for_a_real_key_is_audited_on_its_tenant_chain(client: Fl
     (event,) = auth_failures(database, tenant.tenant_id)
     assert (event.actor, event.subject_type, event.subject_id) == ("anonymous", "api_key", tenant.key_id)
     assert event.request_id == "req-auth-fail-1"
-    assert event.details == {"reason": "wrong_secret", "method": "GET", "route": "/v1/submissions"}
+    assert event.details == {"reason": "wrong_secret", "method": "GET", "route": "/v1/submissions",
+                             "client_address": client.environ_base["REMOTE_ADDR"]}
     assert_no_secret([event], forged)
     assert verify(database, tenant.tenant_id).ok
 
@@ -258,8 +259,12 @@ def test_an_unknown_key_is_audited_on_the_system_chain(client: FlaskClient, data
     assert client.get("/v1/submissions", headers={"Authorization": f"Bearer {unknown}"}).status_code == 401
     assert client.get("/v1/submissions", headers={"Authorization": "Bearer not-a-key"}).status_code == 401
     events = auth_failures(database, SYSTEM_CHAIN)[before:]
-    assert [(e.tenant_id, e.subject_id, e.details["reason"]) for e in events] == [
-        (None, None, "unknown_key"), (None, None, "malformed_key")]
+    # The address's second failure in the window is counted, not written: its summary follows when the window
+    # closes (tests/integration/test_auth_throttling.py).
+    assert [(e.tenant_id, e.subject_id, e.details["reason"]) for e in events] == [(None, None, "unknown_key")]
+    with database.transaction() as session:
+        assert session.scalar(select(AuthFailureWindow.count).where(
+            AuthFailureWindow.subject_id == client.environ_base["REMOTE_ADDR"])) == 2
     assert_no_secret(events, unknown)
     assert_no_secret(events, "not-a-key")
     assert verify(database, SYSTEM_CHAIN).ok

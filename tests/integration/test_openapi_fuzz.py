@@ -39,8 +39,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def fuzz_app(database_url: str, redis_url: str) -> Flask:
-    # Limits high enough that the fuzzer's own volume is never what it tests.
-    app = create_app(make_settings(database_url, redis_url, rate_limit_rpm=10**7, rate_limit_tpm=10**10))
+    # Limits high enough that the fuzzer's own volume is never what it tests: its invalid-auth probes all come from
+    # one address, and their throttling (tests/integration/test_auth_throttling.py) would turn its 401s into 429s.
+    app = create_app(make_settings(database_url, redis_url, rate_limit_rpm=10**7, rate_limit_tpm=10**10,
+                                   auth_failures_per_minute=10**7))
     app.config["TESTING"] = True
     return app
 
