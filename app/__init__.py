@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import api, db, extensions
+from app import api, db, extensions, metrics
 from app.api import body, errors, long_polls, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
@@ -19,6 +19,7 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     settings = settings or Settings()
     configure_logging(settings)
     settings.ensure_var_dir()
+    metrics.configure(tenant_labels=settings.metrics_tenant_labels)
 
     app = Flask(__name__, static_folder=None)  # Verdict serves no static files (the docs page has its own)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes

@@ -1,10 +1,11 @@
 """The `verdict` command: run the API, a worker, beat, or everything embedded; migrate; manage keys and tenant
-settings; verify and export the audit trail."""
+settings; verify and export the audit trail; see the deployment at a glance (`verdict status`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,24 @@ if TYPE_CHECKING:
     from app.audit_chain import Verification
 
 _ROOT = Path(__file__).resolve().parent.parent
+# prometheus-client's own variable: where its multiprocess files are kept.
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _keep_metrics(settings: Settings, kind: str) -> Path:
+    """Keep the metrics of this process and of the processes it starts in METRICS_DIR/`kind` (multiprocess files,
+    so /metrics counts every gunicorn and pool process), emptied first: an earlier run's counters are not this
+    run's. Runs before anything is counted."""
+    directory = settings.metrics_directory / kind
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[_MULTIPROC_ENV] = str(directory)
+    # prometheus-client chose its value class when `app` imported it, before this variable was set; no value exists
+    # yet (every metric in app/metrics.py has labels), so choosing again now makes every value a multiprocess one.
+    from prometheus_client import values  # noqa: PLC0415
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return directory
 
 
 def _alembic_config(settings: Settings) -> AlembicConfig:
@@ -104,6 +123,8 @@ def main() -> None:
 def dev(host: str, port: int) -> None:
     """Run the API and a worker (with its scheduler) together on this machine, creating the schema first."""
     settings = Settings()
+    worker_env = {**os.environ, _MULTIPROC_ENV: str(_keep_metrics(settings, "worker"))}
+    _keep_metrics(settings, "api")
     migrate_database(settings)
     click.echo(f"verdict: database {settings.database_url}", err=True)
     click.echo(f"verdict: broker   {settings.broker_url}", err=True)
@@ -116,7 +137,7 @@ def dev(host: str, port: int) -> None:
     worker = subprocess.Popen(_celery_argv(  # noqa: S603 - our own interpreter and arguments
         "worker", "--beat", "--schedule", str(schedule), "--loglevel", settings.log_level,
         "--concurrency", str(min(settings.worker_concurrency, 2)), "--without-gossip", "--without-mingle",
-    ), preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl must run in the child; the parent has no threads yet
+    ), env=worker_env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl must run in the child; the parent has no threads yet
     click.echo(f"verdict: API on http://{host}:{port} (Ctrl-C stops both)", err=True)
     try:
         _serve_api(f"{host}:{port}", workers=1, threads=8)
@@ -134,6 +155,7 @@ def dev(host: str, port: int) -> None:
 @click.option("--threads", default=8, show_default=True, type=int)
 def api(bind: str, workers: int, threads: int) -> None:
     """Serve the HTTP API with gunicorn."""
+    _keep_metrics(Settings(), "api")
     _serve_api(bind, workers=workers, threads=threads)
 
 
@@ -143,10 +165,22 @@ _CELERY_COMMAND: dict[str, Any] = {"context_settings": {"ignore_unknown_options"
 
 
 @main.command(**_CELERY_COMMAND)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve this worker's metrics on this port (WORKER_METRICS_PORT).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker (extra arguments go to `celery worker`)."""
-    os.execv(sys.executable, _celery_argv("worker", "--loglevel", Settings().log_level, *celery_args))  # noqa: S606
+def worker(metrics_port: int | None, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker: `verdict worker [--metrics-port PORT] [CELERY ARGS...]` (the rest goes to `celery
+    worker`)."""
+    if "--help" in celery_args or "-h" in celery_args:
+        click.echo("Usage: verdict worker [--metrics-port PORT] [CELERY WORKER OPTIONS...]\n\n"
+                   "  --metrics-port PORT  serve this worker's metrics on PORT (WORKER_METRICS_PORT)\n\n"
+                   "Every other option is `celery worker`'s:\n")
+        sys.stdout.flush()  # before exec replaces this process and its buffers
+    if metrics_port is not None:
+        os.environ["WORKER_METRICS_PORT"] = str(metrics_port)
+    settings = Settings()
+    _keep_metrics(settings, "worker")
+    os.execv(sys.executable, _celery_argv("worker", "--loglevel", settings.log_level, *celery_args))  # noqa: S606
 
 
 @main.command(**_CELERY_COMMAND)
@@ -406,6 +440,91 @@ def audit_export(tenant: str | None, system_chain: bool, export_format: str, sta
             for event in events:
                 out.write(export_line(event))
     out.flush()
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object, for scripts.")
+@click.option("--timeout", type=click.FloatRange(0.1, 30), default=2.0, show_default=True,
+              help="Seconds to wait for the workers to answer Celery's ping.")
+def status(as_json: bool, timeout: float) -> None:
+    """The deployment at a glance: queue, workers, upstream, webhooks, reviews and audit chains."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db import Database
+    from app.moderation.registry import build_provider
+    from app.queue import alive_workers
+    from app.use_cases.status import deployment_status
+
+    settings = Settings()
+    database = Database(settings.database_url)
+    try:
+        with database.transaction() as session:
+            snapshot = deployment_status(session, build_provider(settings),
+                                         shared=settings.shared_redis_url is not None)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"the database did not answer ({type(exc).__name__}): is DATABASE_URL right, and "
+                                   "the schema up to date (`verdict migrate`)?") from exc
+    workers = alive_workers(settings, timeout=timeout)
+    where = {"database": make_url(settings.database_url).render_as_string(hide_password=True),
+             "broker": make_url(settings.broker_url).render_as_string(hide_password=True)}
+    report = _status_report(snapshot, workers, where)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for line in _status_lines(report):
+        click.echo(line)
+
+
+def _status_report(snapshot: Any, workers: list[str] | None, where: dict[str, str]) -> dict[str, Any]:
+    queue, hooks, upstream = snapshot.queue, snapshot.webhooks, snapshot.upstream
+    budget = upstream.budget
+    return {
+        **where,
+        "queue": {"queued": queue.queued, "processing": queue.processing,
+                  "oldest_queued_age_seconds": queue.oldest_queued_age_seconds},
+        # None: the broker offers no remote control (the embedded default's SQLite broker), so nobody can tell.
+        "workers": None if workers is None else {"alive": len(workers), "names": workers},
+        "upstream": {"provider": upstream.provider, "circuit": upstream.circuit, "note": upstream.note,
+                     "budget": None if budget is None else {
+                         "requests_limit": budget.requests_limit, "requests_left": budget.requests_left,
+                         "tokens_limit": budget.tokens_limit, "tokens_left": budget.tokens_left}},
+        "webhooks": {"pending": hooks.pending, "delivering": hooks.delivering, "dead": hooks.dead},
+        # Human review (SPEC section 6) is not built yet: there is nothing to count.
+        "reviews": {"pending": None, "note": "human review is not built yet"},
+        "audit": [{"tenant": head.tenant_name, "chain": head.chain_id, "last_seq": head.seq}
+                  for head in snapshot.audit_heads],
+    }
+
+
+def _status_lines(report: dict[str, Any]) -> list[str]:
+    queue, upstream, hooks = report["queue"], report["upstream"], report["webhooks"]
+    age = queue["oldest_queued_age_seconds"]
+    lines = [f"database: {report['database']}", f"broker:   {report['broker']}",
+             f"queue:    {queue['queued']} queued, {queue['processing']} processing, oldest queued "
+             + ("none" if age is None else f"{age:.1f} s ago")]
+    workers = report["workers"]
+    if workers is None:
+        lines.append("workers:  unknown (the broker offers no remote control, or did not answer)")
+    else:
+        names = f" ({', '.join(workers['names'])})" if workers["names"] else ""
+        lines.append(f"workers:  {workers['alive']} alive{names}")
+    text = f"upstream: {upstream['provider']}"
+    if upstream["circuit"] is not None:
+        text += f", circuit {upstream['circuit']}"
+    budget = upstream["budget"]
+    if budget is not None:
+        parts = [f"{budget[kind + '_left']}/{budget[kind + '_limit']} {kind}" for kind in ("requests", "tokens")
+                 if budget[kind + "_limit"] is not None]
+        text += f", budget left this minute: {', '.join(parts) if parts else 'no limit'}"
+    if upstream["note"]:
+        text += f" ({upstream['note']})"
+    lines.append(text)
+    lines.append(f"webhooks: {hooks['pending']} pending, {hooks['delivering']} delivering, {hooks['dead']} dead")
+    lines.append(f"reviews:  {report['reviews']['note']}")
+    chains = [f"{entry['tenant'] or '(system)'} {entry['last_seq']}" for entry in report["audit"]]
+    lines.append(f"audit:    last seq per chain: {', '.join(chains) if chains else 'no events'}")
+    return lines
 
 
 @main.command("settings")

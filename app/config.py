@@ -25,6 +25,7 @@ KEY_LIMITS = "Per-key rate limits and idempotency"
 PROCESSING = "Processing, retries and recovery"
 WEBHOOKS = "Webhooks"
 COMPLIANCE = "Compliance: retention and masking"
+METRICS = "Metrics"
 RUNTIME = "Workers and logging"
 SECTIONS: dict[str, str] = {
     STORAGE: (
@@ -47,6 +48,11 @@ SECTIONS: dict[str, str] = {
     ),
     WEBHOOKS: "Delivery, retries, signing and the SSRF guard: docs/webhooks.md.",
     COMPLIANCE: "Retention, erasure and masking: docs/compliance.md.",
+    METRICS: (
+        "`GET /metrics` in the Prometheus text format: every API process's and (on the same host) every worker's "
+        "counters, and the deployment's gauges read at scrape time; the metrics, dashboard and alerts: "
+        "docs/operations.md."
+    ),
     RUNTIME: "",
 }
 
@@ -432,6 +438,41 @@ class Settings(BaseSettings):
         ),
     )
 
+    # ---- metrics
+    metrics_token: SecretStr | None = Field(
+        default=None, json_schema_extra=_in(METRICS),
+        description=(
+            "When set, `GET /metrics` answers only a request with `Authorization: Bearer <this token>` (401 "
+            "otherwise); Prometheus sends it with `authorization: {credentials: ...}`. Empty: /metrics is open, like "
+            "/healthz: keep it off the public network then."
+        ),
+    )
+    metrics_dir: Path | None = Field(
+        default=None, json_schema_extra=_in(METRICS),
+        description=(
+            "Where the processes of `verdict api`, `verdict worker` and `verdict dev` keep their counters "
+            "(prometheus-client's multiprocess files, in `api/` and `worker/` beneath it; each is emptied when its "
+            "process kind starts). /metrics adds up every process kind found here, so a worker on the same host is "
+            "counted by the API's scrape. Empty: $VAR_DIR/metrics. Two `verdict worker` on one host need a directory "
+            "each."
+        ),
+    )
+    metrics_tenant_labels: bool = Field(
+        default=False, json_schema_extra=_in(METRICS),
+        description=(
+            "Label submissions, verdicts and audit events with the tenant's id (and show each chain's last audit "
+            "sequence). Off: the `tenant` label is empty, so a deployment with many tenants keeps few series."
+        ),
+    )
+    worker_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, json_schema_extra=_in(METRICS),
+        description=(
+            "Port on which `verdict worker` serves its own processes' counters (`/metrics`, no token) for Prometheus "
+            "to scrape a worker on another host or container (`verdict worker --metrics-port N` sets it). Empty: "
+            "none; a worker on the API's host is counted by the API's /metrics through METRICS_DIR."
+        ),
+    )
+
     # ---- workers and logging
     worker_concurrency: int = Field(
         default=2, gt=0, json_schema_extra=_in(RUNTIME),
@@ -516,6 +557,10 @@ class Settings(BaseSettings):
     def rate_limit_storage(self) -> str:
         """Where the per-key rate-limit windows live: RATE_LIMIT_STORAGE_URL, else the shared Redis, else memory."""
         return self.rate_limit_storage_url or self.shared_redis_url or "memory://"
+
+    @property
+    def metrics_directory(self) -> Path:
+        return (self.metrics_dir or self.var_dir / "metrics").resolve()
 
     @property
     def is_embedded(self) -> bool:

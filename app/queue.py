@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init
 from flask import Flask
@@ -26,6 +27,8 @@ from app.outbox import (
     Message,
     Publisher,
 )
+
+log = structlog.get_logger(__name__)
 
 MODERATION_QUEUE = "moderation"
 # Webhook deliveries wait on other people's servers; their own queue lets an operator give them their own workers
@@ -104,6 +107,14 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
         database.dispose_after_fork()
 
     @worker_init.connect(weak=False)
+    def _serve_metrics(**_kwargs: Any) -> None:
+        # In the worker's main process: its pool processes count into the multiprocess files this serves.
+        if settings.worker_metrics_port is not None:
+            from app.metrics import serve_worker_metrics  # noqa: PLC0415 - only a worker that serves them
+
+            serve_worker_metrics(settings.worker_metrics_port)
+
+    @worker_init.connect(weak=False)
     def _warm_up_provider(**_kwargs: Any) -> None:
         # In the worker's main process, before the pool forks: what the provider loads (the local engine's model)
         # is loaded once, shared by the pool processes, and never counted against a task's time limit. The engine
@@ -124,6 +135,23 @@ def declare_queues(settings: Settings) -> None:
         channel = connection.default_channel
         for queue in celery_app.conf.task_queues:
             queue.bind(channel).declare()
+
+
+def alive_workers(settings: Settings, *, timeout: float) -> list[str] | None:
+    """The names of the workers that answer Celery's ping within `timeout` seconds; None when the broker offers no
+    remote control (kombu's SQLAlchemy transport, the embedded default's) or cannot be reached."""
+    if settings.broker_url.startswith("sqla+"):
+        return None
+    celery_app = Celery("verdict-status", set_as_current=False)
+    celery_app.config_from_object(celery_config(settings))
+    try:
+        replies = celery_app.control.ping(timeout=timeout) or []
+    except Exception as exc:  # noqa: BLE001 - an unreachable broker means "cannot tell"
+        log.warning("worker_ping_failed", error_type=type(exc).__name__)
+        return None
+    finally:
+        celery_app.close()
+    return sorted(name for reply in replies for name in reply)
 
 
 def celery_publisher(celery_app: Celery) -> Publisher:

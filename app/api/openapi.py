@@ -45,7 +45,7 @@ from app.schemas.webhooks import (
 
 bp = Blueprint("openapi", __name__)
 
-Content = type[BaseModel] | Literal["ndjson-or-csv", "html", "openapi"]
+Content = type[BaseModel] | Literal["ndjson-or-csv", "html", "openapi", "prometheus"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/healthz"): Operation("Liveness: the process answers", _OPS, {200: HealthOut}),
     ("GET", "/readyz"): Operation("Readiness: the database and the broker answer", _OPS, {200: ReadinessOut},
                                   errors=(503,)),
+    ("GET", "/metrics"): Operation(
+        "Prometheus metrics: every process's counters and the deployment's gauges", _OPS, {200: "prometheus"},
+        errors=(401,), description="With METRICS_TOKEN set, only `Authorization: Bearer <METRICS_TOKEN>` is "
+        "answered; the metrics are listed in docs/operations.md."),
     ("GET", "/openapi.json"): Operation("This OpenAPI 3.1 document", _OPS, {200: "openapi"}),
     ("GET", "/docs"): Operation("This document, for people (Swagger UI)", _OPS, {200: "html"}),
     ("POST", "/v1/submissions"): Operation(
@@ -372,6 +376,8 @@ def _content(content: Content | tuple[type[BaseModel], ...], schemas: _Schemas) 
         return {"application/x-ndjson": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}}}
     if content == "html":
         return {"text/html": {"schema": {"type": "string"}}}
+    if content == "prometheus":
+        return {"text/plain": {"schema": {"type": "string"}}}
     if content == "openapi":
         return {"application/json": {"schema": {"type": "object"}}}
     if isinstance(content, tuple):

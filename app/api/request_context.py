@@ -10,10 +10,16 @@ import uuid
 import structlog
 from flask import Flask, Response, g, request
 
+from app import metrics
+
 log = structlog.get_logger("verdict.request")
 
 # Anything else (CR/LF, spaces, unicode, over-long) is replaced, so a client cannot inject into headers or logs.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# The metrics' `method` label: any other token a client sends is `other`, so it cannot add series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The `route` label of a request that matched no route (a 404 for an unknown URL is never its own series).
+UNMATCHED = "unmatched"
 
 
 def current_request_id() -> str | None:
@@ -37,10 +43,15 @@ def init_app(app: Flask) -> None:
         response.headers["X-Request-ID"] = request_id
         response.headers["X-Processing-Time-Ms"] = f"{elapsed_ms:.1f}"
         principal = g.get("principal")
+        route = request.url_rule.rule if request.url_rule else None
+        labels = (request.method if request.method in _METHODS else "other", route or UNMATCHED,
+                  str(response.status_code))
+        metrics.HTTP_REQUESTS.labels(*labels).inc()
+        metrics.HTTP_LATENCY.labels(*labels).observe(elapsed_ms / 1000)
         log.info(
             "request",
             method=request.method,
-            route=request.url_rule.rule if request.url_rule else None,
+            route=route,
             status=response.status_code,
             latency_ms=round(elapsed_ms, 1),
             tenant_id=principal.tenant_id if principal else None,

@@ -12,6 +12,7 @@ import pybreaker
 import redis
 import structlog
 
+from app import metrics
 from app.config import Settings
 from app.moderation.providers import (
     ModelInfo,
@@ -36,6 +37,7 @@ class _LogTransitions(pybreaker.CircuitBreakerListener):
                      new_state: pybreaker.CircuitBreakerState) -> None:
         log.warning("upstream_circuit", name=cb.name, old=old_state.name if old_state else None,
                     new=new_state.name)
+        metrics.CIRCUIT_TRANSITIONS.labels(str(new_state.name)).inc()
 
 
 class GuardedProvider:
@@ -66,6 +68,10 @@ class GuardedProvider:
     def models(self) -> list[ModelInfo]:
         return self.primary.models() + (self.fallback.models() if self.fallback is not None else [])
 
+    def circuit_state(self) -> str:
+        """`closed`, `open` or `half-open`: the shared state (in Redis), or this process's own without Redis."""
+        return str(self.breaker().storage.state)
+
     def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
         try:
             result: ProviderResult = self.breaker().circuit.call(self.primary.moderate, texts, model)
@@ -82,6 +88,15 @@ class GuardedProvider:
             return self._reset_seconds
         elapsed = (datetime.now(UTC) - opened_at.astimezone(UTC)).total_seconds()
         return max(1.0, self._reset_seconds - elapsed)
+
+
+def guarded_upstream(provider: ModerationProvider) -> GuardedProvider | None:
+    """The upstream behind its circuit breaker in the configured provider (itself, or a cascade's second stage);
+    None when the provider is the local engine alone."""
+    if isinstance(provider, GuardedProvider):
+        return provider
+    upstream = getattr(provider, "upstream", None)
+    return upstream if isinstance(upstream, GuardedProvider) else None
 
 
 def degrade(result: ProviderResult) -> ProviderResult:

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from app import metrics
 from app.moderation.providers import (
     ModelInfo,
     PermanentProviderError,
@@ -20,7 +21,14 @@ from app.moderation.providers import (
 )
 from app.moderation.taxonomy import CATEGORIES, canonical_category
 from app.moderation.tokens import estimate_tokens
-from app.moderation.upstream_budget import NoCapacity, OverTokenLimit, Permit, RateLimitUnavailable, SharedRateLimiter
+from app.moderation.upstream_budget import (
+    BudgetState,
+    NoCapacity,
+    OverTokenLimit,
+    Permit,
+    RateLimitUnavailable,
+    SharedRateLimiter,
+)
 
 
 class OpenAICompatibleProvider:
@@ -82,13 +90,16 @@ class OpenAICompatibleProvider:
         try:
             response = self._http().post(f"{self.base_url}{self.path}", json=body)
         except httpx.TimeoutException as exc:
+            _count_call("timeout", started)
             raise TransientProviderError("upstream_timeout", "the moderation provider timed out") from exc
         except httpx.TransportError as exc:
+            _count_call("unreachable", started)
             raise TransientProviderError("upstream_unreachable", "the moderation provider is unreachable") from exc
         latency_ms = int((time.monotonic() - started) * 1000)
         self._learn(response)
 
         status = response.status_code
+        _count_call(_outcome(status), started)
         if status == 429:
             retry_after = _retry_after(response)
             if self._limiter is not None:
@@ -128,6 +139,10 @@ class OpenAICompatibleProvider:
             defective=defective,
         )
 
+    def budget_state(self) -> BudgetState | None:
+        """The shared budget's limits and use now; None without a shared limiter (no Redis)."""
+        return None if self._limiter is None else self._limiter.state()
+
     def _wait_for_capacity(self, texts: Sequence[str]) -> Permit | None:
         if self._limiter is None:
             return None
@@ -151,6 +166,22 @@ class OpenAICompatibleProvider:
         if self._limiter is not None:
             with contextlib.suppress(RateLimitUnavailable):
                 self._limiter.settle(permit, tokens)
+
+
+def _outcome(status: int) -> str:
+    """A call's outcome label, from its HTTP status (bounded: never the status itself)."""
+    if status == 200:
+        return "ok"
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    return "refused" if status >= 400 else "malformed"
+
+
+def _count_call(outcome: str, started: float) -> None:
+    metrics.UPSTREAM_CALLS.labels(outcome).inc()
+    metrics.UPSTREAM_LATENCY.labels(outcome).observe(time.monotonic() - started)
 
 
 def parse_batch(payload: Any, *, expected: int) -> tuple[list[TextScores], frozenset[str], frozenset[int]]:

@@ -129,6 +129,12 @@ elseif op == 'pause' then
   end
   expire()
   return {1, '0'}
+elseif op == 'peek' then
+  -- What `verdict status` and /metrics show: the limits in force and what the window holds (writes nothing but
+  -- the pruning above).
+  local rpm, tpm = effective(ARGV[3], 'learned_rpm'), effective(ARGV[4], 'learned_tpm')
+  local _, used_r, used_t = entries()
+  return {tostring(rpm), tostring(used_r), tostring(tpm), tostring(used_t)}
 end
 return redis.error_reply('unknown op ' .. op)
 """
@@ -148,6 +154,24 @@ class NoCapacity(Exception):
 
 class OverTokenLimit(Exception):
     """One call needs more tokens than the provider allows per minute: it can never be admitted."""
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """The shared budget now: the limits in force (None: no limit) and what the current window has used."""
+
+    requests_limit: int | None
+    requests_used: int
+    tokens_limit: int | None
+    tokens_used: int
+
+    @property
+    def requests_left(self) -> int | None:
+        return None if self.requests_limit is None else max(0, self.requests_limit - self.requests_used)
+
+    @property
+    def tokens_left(self) -> int | None:
+        return None if self.tokens_limit is None else max(0, self.tokens_limit - self.tokens_used)
 
 
 @dataclass(frozen=True)
@@ -224,6 +248,16 @@ class SharedRateLimiter:
                     (limits.reset_tokens if limits.remaining_tokens == 0 else None) or 0.0)
         if reset > 0:
             self.pause(reset)
+
+    def state(self) -> BudgetState:
+        """The limits in force and the current window's use (RateLimitUnavailable when Redis cannot be asked)."""
+        try:
+            raw = self._script(keys=self._keys, args=["peek", self._window, self._rpm, self._tpm])
+        except redis.RedisError as exc:
+            raise RateLimitUnavailable(str(exc)) from exc
+        rpm, used_r, tpm, used_t = (int(float(value)) for value in raw)
+        return BudgetState(requests_limit=rpm or None, requests_used=used_r, tokens_limit=tpm or None,
+                           tokens_used=used_t)
 
     def pause(self, seconds: float) -> None:
         """No worker calls the provider for `seconds` (its `Retry-After`)."""

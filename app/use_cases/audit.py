@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.audit_chain import (
     GENESIS_HASH,
     ChainVerifier,
@@ -97,6 +98,7 @@ def record_event(
         .execution_options(synchronize_session=False)
     )
     session.add(event)
+    metrics.audit_event_written(session, action, tenant_id)
     for category in category_list or ():
         session.add(AuditEventCategory(chain_id=chain_id, category=category, seq=event.seq))
     return event

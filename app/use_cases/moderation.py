@@ -12,6 +12,7 @@ import structlog
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
+from app import metrics
 from app.config import Settings
 from app.db import Database
 from app.models import Decision, Submission, SubmissionStatus, Tenant, Verdict, utcnow
@@ -245,6 +246,8 @@ def _settle_failure(session: Session, work: Work, exc: ProviderError, settings: 
                                  refund_attempt=exc.code == "upstream_capacity_wait"):
             return "skipped"
         log_.warning("moderation_retry", attempt=claim.attempt, code=exc.code, retry_in=round(delay, 2))
+        code = exc.code
+        metrics.after_commit(session, lambda: metrics.MODERATION_RETRIES.labels(code).inc())
         return "retry"
     if exc.transient and fallback_answer is not None:
         verdict = record_verdict(session, claim, fallback_answer, work.policy, degraded_reason=exc.code,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.audit_chain import content_digest
 from app.db import Database
 from app.masking import DEFAULT_MASKER, Masker
@@ -86,6 +87,7 @@ def submit_content(
             turn_id=submission.turn_id, details=details,
         )
     send_after_commit(session, *(Message(MODERATE_SUBMISSION, (s.id,)) for s in submissions))
+    metrics.submissions_received(session, principal.tenant_id, [s.role for s in submissions], source="async")
     return submissions
 
 

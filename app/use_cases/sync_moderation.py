@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from sqlalchemy import select
 
+from app import metrics
 from app.audit_chain import content_digest
 from app.config import Settings
 from app.db import Database
@@ -53,6 +54,7 @@ def moderate_now(
             )
             session.add(submission)
             session.flush()
+            metrics.submissions_received(session, principal.tenant_id, [submission.role], source="sync")
             record_event(session, tenant_id=principal.tenant_id, action="submission.received",
                          actor=principal.key_id, subject_type="submission", subject_id=submission.id,
                          request_id=request_id, content_digest=digest, details=details)

@@ -12,6 +12,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, update
 from sqlalchemy.orm import Session, lazyload
 
+from app import metrics
 from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
 from app.moderation.policy import Assessment, Policy, assess
 from app.moderation.providers import ProviderResult
@@ -104,6 +105,9 @@ def record_verdict(
     if won.erased_at is not None:
         verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
     session.add(verdict)
+    metrics.verdict_recorded(session, decision=verdict.decision, provider=verdict.provider, cached=cached,
+                             degraded=degraded, tenant_id=submission.tenant_id, source=submission.source,
+                             seconds=(now - submission.created_at).total_seconds())
     webhook_deliveries.raise_submission_events(session, submission.id, verdict)
     links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
     record_event(
@@ -169,6 +173,7 @@ def fail_submission(session: Session, claim: Claim, *, code: str, message: str) 
     if won is None:
         return False
     tenant_id, request_id, digest, conversation_id, turn_id = won
+    metrics.after_commit(session, lambda: metrics.MODERATION_FAILURES.labels(code).inc())
     webhook_deliveries.raise_submission_events(session, claim.submission_id)
     record_event(session, tenant_id=tenant_id, action="moderation.failed", actor=WORKER_ACTOR,
                  subject_type="submission", subject_id=claim.submission_id, request_id=request_id,

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.config import Settings
 from app.db import Database
 from app.models import (
@@ -238,6 +239,7 @@ def conclude_attempt(
     ).scalar_one_or_none()
     if won is None:
         return "lost"
+    metrics.webhook_attempt_concluded(session, outcome, result.latency_ms)
     session.add(WebhookDeliveryAttempt(
         delivery_id=delivery.id, number=claim.attempt, started_at=started_at, status_code=result.status_code,
         latency_ms=result.latency_ms, error=result.error, response_excerpt=result.response_excerpt,
