@@ -15,8 +15,9 @@ from app.outbox import (
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
+    RUN_BACKTEST,
 )
-from app.use_cases import erasure, idempotency, moderation, webhook_deliveries
+from app.use_cases import erasure, idempotency, moderation, policies, webhook_deliveries
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
@@ -59,3 +60,8 @@ def erase_expired_content(self: Any) -> int:
 def purge_idempotency_keys() -> int:
     with current_database().transaction() as session:
         return idempotency.purge_expired(session)
+
+
+@shared_task(name=RUN_BACKTEST, acks_late=True, reject_on_worker_lost=True)
+def run_backtest(backtest_id: str) -> str:
+    return policies.run_backtest(current_database(), backtest_id)
