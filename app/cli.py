@@ -280,8 +280,11 @@ def tenants() -> None:
 @click.option("--failure-mode", type=click.Choice(["fail", "review", "block", "allow", "default"]), default=None,
               help="When no provider can answer: fail, or a degraded review/block (fail closed) or allow (fail "
                    "open) verdict; 'default' follows MODERATION_FAILURE_MODE.")
+@click.option("--default-policy", default=None,
+              help="The policy of submissions that name none; 'default' is the built-in policy.")
 def tenants_configure(name: str, retention_days: str | None, mask_by_default: str | None,
-                      rate_limit_rpm: str | None, rate_limit_tpm: str | None, failure_mode: str | None) -> None:
+                      rate_limit_rpm: str | None, rate_limit_tpm: str | None, failure_mode: str | None,
+                      default_policy: str | None) -> None:
     """Change a tenant's settings (only those given) and print them."""
     from app.db import Database
     from app.use_cases.tenants import KEEP, Keep, TenantRequestError, configure_tenant
@@ -300,18 +303,27 @@ def tenants_configure(name: str, retention_days: str | None, mask_by_default: st
     rpm, tpm = _limit_option(rate_limit_rpm, "--rate-limit-rpm"), _limit_option(rate_limit_tpm, "--rate-limit-tpm")
     mode: str | None | Keep = KEEP if failure_mode is None else (None if failure_mode == "default" else failure_mode)
     database = Database(Settings().database_url)
+    from app.use_cases.audit import SYSTEM_ACTOR
+    from app.use_cases.errors import DomainError
+    from app.use_cases.policies import set_default_policy
+
     try:
         with database.transaction() as session:
             tenant = configure_tenant(session, name, retention_days=retention, mask_by_default=mask,
                                       rate_limit_rpm=rpm, rate_limit_tpm=tpm, failure_mode=mode)
+            if default_policy is not None:
+                set_default_policy(session, tenant.id, default_policy, actor=SYSTEM_ACTOR, request_id=None)
     except TenantRequestError as exc:
         raise click.ClickException(str(exc)) from exc
+    except DomainError as exc:
+        raise click.ClickException(exc.message) from exc
     click.echo(f"tenant: {tenant.name} ({tenant.id})")
     click.echo(f"retention_days: {'default' if tenant.retention_days is None else tenant.retention_days}")
     click.echo(f"mask_by_default: {'default' if tenant.mask_by_default is None else tenant.mask_by_default}")
     click.echo(f"rate_limit_rpm: {'default' if tenant.rate_limit_rpm is None else tenant.rate_limit_rpm}")
     click.echo(f"rate_limit_tpm: {'default' if tenant.rate_limit_tpm is None else tenant.rate_limit_tpm}")
     click.echo(f"failure_mode: {'default' if tenant.failure_mode is None else tenant.failure_mode}")
+    click.echo(f"default_policy: {tenant.default_policy or 'default'}")
 
 
 def _limit_option(value: str | None, hint: str) -> int | None | Any:
@@ -324,6 +336,144 @@ def _limit_option(value: str | None, hint: str) -> int | None | Any:
     if value.isdigit() and int(value) > 0:
         return int(value)
     raise click.BadParameter("a positive number or 'default'", param_hint=hint)
+
+
+@main.group()
+def policies() -> None:
+    """Policy as code: apply and export a tenant's policies and term lists; shadow reports and backtests."""
+
+
+def _domain_errors() -> Any:
+    from contextlib import contextmanager
+
+    from pydantic import ValidationError
+
+    from app.use_cases.errors import DomainError
+
+    @contextmanager
+    def guard() -> Any:
+        try:
+            yield
+        except DomainError as exc:
+            raise click.ClickException(exc.message) from exc
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise click.ClickException(f"{where}: {first['msg']}" if where else first["msg"]) from exc
+
+    return guard()
+
+
+@policies.command("apply")
+@click.option("--tenant", required=True, help="The tenant's name.")
+@click.argument("file", type=click.File("rb"))
+def policies_apply(tenant: str, file: BinaryIO) -> None:
+    """Apply FILE (YAML or JSON; '-' reads stdin): one policy document, or `{policies: [...], blocklists: {name:
+    {terms, patterns}}, allowlists: {...}}` as `export` writes it. Idempotent: what is already so makes no new
+    version."""
+    import yaml
+
+    from app.db import Database
+    from app.schemas.policies import PolicyDocument, TermListIn
+    from app.use_cases import policies as use
+    from app.use_cases.audit import SYSTEM_ACTOR
+
+    try:
+        loaded = yaml.safe_load(file.read())
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"not YAML or JSON: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise click.ClickException("the file must hold a policy document or a bundle (a mapping)")
+    # A mapping with a `name` is one policy document; any other is a bundle.
+    bundle: dict[str, Any] = {"policies": [loaded]} if "name" in loaded else loaded
+    database = Database(Settings().database_url)
+    with _domain_errors(), database.transaction() as session:
+        tenant_id = use.tenant_id_named(session, tenant)
+        for kind in use.KINDS:
+            for name, body in (bundle.get(f"{kind}s") or {}).items():
+                row, changed = use.put_term_list(session, tenant_id, kind, str(name), TermListIn.model_validate(body),
+                                                 actor=SYSTEM_ACTOR, request_id=None)
+                click.echo(f"{kind} {row.name}: version {row.version} ({'changed' if changed else 'unchanged'})")
+        documents = [PolicyDocument.model_validate(d) for d in bundle.get("policies") or []]
+        # A shadow is applied before the policy naming it.
+        names = {d.name for d in documents}
+        for document in sorted(documents, key=lambda d: d.shadow in names):
+            view, outcome = use.apply_policy(session, tenant_id, document, actor=SYSTEM_ACTOR)
+            click.echo(f"policy {view.name}: version {view.version} ({outcome})")
+
+
+@policies.command("export")
+@click.option("--tenant", required=True, help="The tenant's name.")
+@click.option("--format", "output_format", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+def policies_export(tenant: str, output_format: str) -> None:
+    """Print the tenant's live policies (current versions) and term lists, in the form `apply` reads."""
+    import yaml
+
+    from app.db import Database
+    from app.use_cases import policies as use
+
+    database = Database(Settings().database_url)
+    with _domain_errors(), database.transaction() as session:
+        tenant_id = use.tenant_id_named(session, tenant)
+        bundle: dict[str, Any] = {
+            "policies": [v.document for v in use.list_policies(session, tenant_id)
+                         if not v.builtin and v.retired_at is None]}
+        for kind in use.KINDS:
+            bundle[f"{kind}s"] = {row.name: {"terms": row.terms, "patterns": row.patterns,
+                                             **({"description": row.description} if row.description else {})}
+                                  for row in use.list_term_lists(session, tenant_id, kind)}
+    if output_format == "json":
+        click.echo(json.dumps(bundle, indent=2, sort_keys=True))
+    else:
+        click.echo(yaml.safe_dump(bundle, sort_keys=True, allow_unicode=True), nl=False)
+
+
+@policies.command("shadow-report")
+@click.option("--tenant", required=True, help="The tenant's name.")
+@click.argument("policy")
+@click.option("--start", callback=_iso_time, default=None, help="From this time (ISO 8601; UTC without a zone).")
+@click.option("--end", callback=_iso_time, default=None, help="Until this time, exclusive.")
+def policies_shadow_report(tenant: str, policy: str, start: datetime | None, end: datetime | None) -> None:
+    """How the policy's verdicts agreed with its shadow's decisions (JSON, as the API answers)."""
+    from app.db import Database
+    from app.schemas.policies import ShadowReportOut
+    from app.use_cases import policies as use
+
+    database = Database(Settings().database_url)
+    with _domain_errors(), database.transaction() as session:
+        report = use.shadow_report(session, use.tenant_id_named(session, tenant), policy, start=start, end=end)
+    click.echo(json.dumps(ShadowReportOut(**report).model_dump(mode="json"), indent=2))
+
+
+@policies.command("backtest")
+@click.option("--tenant", required=True, help="The tenant's name.")
+@click.argument("policy")
+@click.option("--file", "candidate_file", type=click.File("rb"), default=None,
+              help="A candidate policy document (YAML or JSON).")
+@click.option("--version", "version", type=click.IntRange(1, 2**31 - 1), default=None,
+              help="Or a stored version of POLICY.")
+@click.option("--start", callback=_iso_time, required=True, help="From this time (ISO 8601; UTC without a zone).")
+@click.option("--end", callback=_iso_time, required=True, help="Until this time, exclusive.")
+@click.option("--verdicts", type=click.Choice(["policy", "tenant"]), default="policy", show_default=True,
+              help="policy: the verdicts POLICY decided; tenant: all of the tenant's.")
+def policies_backtest(tenant: str, policy: str, candidate_file: BinaryIO | None, version: int | None,
+                      start: datetime, end: datetime, verdicts: str) -> None:
+    """Re-decide stored verdicts under a candidate from their stored scores, here and now (JSON)."""
+    import yaml
+
+    from app.db import Database
+    from app.schemas.policies import BacktestIn, BacktestResult
+    from app.use_cases import policies as use
+
+    document = None if candidate_file is None else yaml.safe_load(candidate_file.read())
+    database = Database(Settings().database_url)
+    with _domain_errors(), database.transaction() as session:
+        request = BacktestIn.model_validate({"document": document, "version": version, "start": start.isoformat(),
+                                             "end": end.isoformat(), "verdicts": verdicts}, strict=False)
+        tenant_id = use.tenant_id_named(session, tenant)
+        use.get_policy(session, tenant_id, policy)
+        result = use.run_backtest_now(session, tenant_id, policy, request)
+    click.echo(json.dumps(BacktestResult(**result).model_dump(mode="json"), indent=2))
 
 
 class CannotVerify(click.ClickException):

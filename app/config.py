@@ -200,6 +200,13 @@ class Settings(BaseSettings):
             "under a SHA-256. Needs Redis. 0: off."
         ),
     )
+    backtest_sync_max_verdicts: int = Field(
+        default=2000, ge=0, le=1_000_000, json_schema_extra=_in(PROVIDER),
+        description=(
+            "A policy backtest over at most this many stored verdicts is answered at once (200); a larger one runs "
+            "on a worker (202 with a job to poll at /v1/backtests/{id}). 0: always on a worker."
+        ),
+    )
     circuit_failure_threshold: int = Field(
         default=5, gt=0, json_schema_extra=_in(PROVIDER),
         description=(

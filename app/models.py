@@ -77,6 +77,8 @@ class Tenant(Base):
     # When no provider can answer: fail, or a degraded review/block/allow verdict. None follows
     # MODERATION_FAILURE_MODE.
     failure_mode: Mapped[str | None] = mapped_column(sa.String(16))
+    # The policy of submissions that name none: None is the built-in `default`.
+    default_policy: Mapped[str | None] = mapped_column(sa.String(64))
 
     __table_args__ = (
         sa.CheckConstraint("failure_mode IS NULL OR failure_mode IN ('fail', 'review', 'block', 'allow')",
@@ -182,7 +184,12 @@ class Verdict(Base):
     """The decision on one submission, with its provenance. At most one per submission."""
 
     __tablename__ = "verdicts"
-    __table_args__ = (sa.CheckConstraint("decision IN ('allow', 'review', 'block')", name="decision_known"),)
+    __table_args__ = (
+        sa.CheckConstraint("decision IN ('allow', 'review', 'block')", name="decision_known"),
+        # Shadow reports and backtests read one tenant's verdicts of one policy (or all) over a time range.
+        sa.Index("ix_verdicts_tenant_policy_created", "tenant_id", "policy_name", "created_at"),
+        sa.Index("ix_verdicts_tenant_created", "tenant_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("vrd"))
     submission_id: Mapped[str] = mapped_column(
@@ -207,6 +214,14 @@ class Verdict(Base):
     degraded: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     latency_ms: Mapped[int | None] = mapped_column(sa.Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Each category's own decision under the policy (None before policies were versioned: re-derived from scores).
+    category_decisions: Mapped[dict[str, str | None] | None] = mapped_column(JSONType)
+    # The term lists that matched: [{"list", "list_version", "category", "decision", "text", "count"}], no words.
+    matches: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
+    # The shadow policy's decision from the same scores, never acted on: {"policy", "policy_version", "decision",
+    # "flagged", "category_decisions", "matches"}; `shadow_decision` repeats the decision for the shadow report.
+    shadow: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    shadow_decision: Mapped[str | None] = mapped_column(sa.String(16))
 
     submission: Mapped[Submission] = relationship(back_populates="verdict")
 
@@ -411,3 +426,85 @@ class WebhookDeliveryAttempt(Base):
     latency_ms: Mapped[int | None] = mapped_column(sa.Integer)
     error: Mapped[str | None] = mapped_column(sa.String(200))
     response_excerpt: Mapped[str | None] = mapped_column(sa.String(256))
+
+
+# ---- policies ----
+
+
+class TenantPolicy(Base):
+    """A tenant's named policy. Its versions are immutable rows of PolicyVersion; `current_version` is the one new
+    verdicts are decided under. Retired, never erased: old verdicts still name it."""
+
+    __tablename__ = "policies"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "name", name="uq_policies_tenant_name"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("pol"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(64))
+    current_version: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PolicyVersion(Base):
+    """One version of a policy, never changed once written: the document as validated, and its digest (applying
+    the same document again writes no new version)."""
+
+    __tablename__ = "policy_versions"
+    __table_args__ = (sa.UniqueConstraint("policy_id", "version", name="uq_policy_versions_policy_version"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    policy_id: Mapped[str] = mapped_column(sa.ForeignKey("policies.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(sa.Integer)
+    document: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    digest: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+class TermList(Base):
+    """A tenant's named blocklist or allowlist: terms and RE2 patterns. `version` counts its changes; a verdict's
+    list match names it, and the verdict cache's key carries it."""
+
+    __tablename__ = "term_lists"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant_id", "kind", "name", name="uq_term_lists_tenant_kind_name"),
+        sa.CheckConstraint("kind IN ('blocklist', 'allowlist')", name="kind_known"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("tl"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    name: Mapped[str] = mapped_column(sa.String(64))
+    version: Mapped[int] = mapped_column(sa.Integer, default=1)
+    description: Mapped[str | None] = mapped_column(sa.String(500))
+    terms: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    patterns: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    digest: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Backtest(Base):
+    """A backtest of a candidate policy over a range of stored verdicts, run by a worker when the range is large
+    (the small ones are answered at once and not stored)."""
+
+    __tablename__ = "backtests"
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('queued', 'running', 'completed', 'failed')", name="status_known"),
+        sa.Index("ix_backtests_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("bt"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    policy_name: Mapped[str] = mapped_column(sa.String(64))
+    # {"version": n} or {"document": {...}}, the range and which verdicts: what the request asked.
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(sa.String(500))
+    created_by: Mapped[str | None] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

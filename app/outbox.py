@@ -21,6 +21,7 @@ DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
 ERASE_EXPIRED_CONTENT = "retention.erase_expired"
 PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 SUMMARIZE_AUTH_FAILURES = "audit.summarize_auth_failures"
+RUN_BACKTEST = "policies.run_backtest"
 
 _PENDING = "verdict.outbox"
 

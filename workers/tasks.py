@@ -16,8 +16,9 @@ from app.outbox import (
     PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
     SUMMARIZE_AUTH_FAILURES,
+    RUN_BACKTEST,
 )
-from app.use_cases import audit, erasure, idempotency, moderation, webhook_deliveries
+from app.use_cases import audit, erasure, idempotency, moderation, policies, webhook_deliveries
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
@@ -66,3 +67,8 @@ def purge_idempotency_keys() -> int:
 def summarize_auth_failures() -> int:
     with current_database().transaction() as session:
         return audit.summarize_auth_failures(session, window_seconds=current_settings().auth_failure_window_seconds)
+
+
+@shared_task(name=RUN_BACKTEST, acks_late=True, reject_on_worker_lost=True)
+def run_backtest(backtest_id: str) -> str:
+    return policies.run_backtest(current_database(), backtest_id)

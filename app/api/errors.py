@@ -18,6 +18,7 @@ from app.use_cases.errors import (
     DomainError,
     InvalidInput,
     NotFound,
+    PreconditionFailed,
     Unavailable,
 )
 
@@ -30,6 +31,7 @@ _TYPE_BY_STATUS = {
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
+    412: "precondition_failed",
     413: "request_too_large",
     414: "invalid_request_error",
     415: "invalid_request_error",
@@ -47,6 +49,7 @@ _STATUS_BY_DOMAIN_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (AuthenticationFailed, 401),
     (NotFound, 404),
     (Conflict, 409),
+    (PreconditionFailed, 412),
     (Unavailable, 503),
 )
 

@@ -19,6 +19,22 @@ from app.schemas.errors import ErrorResponse
 from app.schemas.health import HealthOut, ReadinessOut
 from app.schemas.keys import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
 from app.schemas.moderations import ModelList, ModerationRequest, ModerationResponse
+from app.schemas.policies import (
+    BacktestIn,
+    BacktestOut,
+    DefaultPolicyIn,
+    DefaultPolicyOut,
+    PolicyDocument,
+    PolicyList,
+    PolicyOut,
+    PolicyVersionList,
+    PolicyVersionOut,
+    ShadowReportOut,
+    ShadowReportQuery,
+    TermListIn,
+    TermListList,
+    TermListOut,
+)
 from app.schemas.submissions import (
     SubmissionAccepted,
     SubmissionBatchAccepted,
@@ -60,6 +76,8 @@ class Operation:
     # Errors beyond those every route of its kind may answer (see `_errors`).
     errors: tuple[int, ...] = ()
     description: str = ""
+    # Request headers beyond those every route takes (`If-Match`).
+    headers: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # Headers a success may carry (beyond those every response of its kind carries).
     success_headers: tuple[str, ...] = ()
@@ -70,6 +88,10 @@ _MODERATE = "OpenAI-compatible moderation"
 _WEBHOOKS = "Webhooks"
 _AUDIT = "Audit"
 _KEYS = "Keys"
+_POLICIES = "Policies"
+_IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "The version you read (the `ETag`, `\"3\"`): another version current is a lost "
+                            "update, refused with 412."}
 _OPS = "Operations"
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -136,6 +158,45 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/keys"): Operation("The tenant's API keys (never a secret)", _KEYS, {200: KeyList}),
     ("DELETE", "/v1/keys/<key_id>"): Operation("Revoke an API key, at once (rotation: create, deploy, revoke)", _KEYS,
                                                {200: KeyOut}),
+    ("GET", "/v1/policies"): Operation("The built-in policy and the tenant's policies (current versions)",
+                                       _POLICIES, {200: PolicyList}),
+    ("POST", "/v1/policies"): Operation("Create a policy (version 1)", _POLICIES, {201: PolicyOut},
+                                        body=(PolicyDocument,)),
+    ("GET", "/v1/policies/<name>"): Operation("A policy's current version (its `ETag`)", _POLICIES,
+                                              {200: PolicyOut}),
+    ("PUT", "/v1/policies/<name>"): Operation(
+        "Change a policy: a new immutable version (none when the document is unchanged)", _POLICIES,
+        {200: PolicyOut}, body=(PolicyDocument,), errors=(409, 412, 413, 415), headers=(_IF_MATCH,)),
+    ("DELETE", "/v1/policies/<name>"): Operation(
+        "Retire a policy: no new submissions under it; its versions stay readable", _POLICIES, {200: PolicyOut}),
+    ("GET", "/v1/policies/<name>/versions"): Operation("Every version of a policy, newest first", _POLICIES,
+                                                       {200: PolicyVersionList}),
+    ("GET", "/v1/policies/<name>/versions/<version>"): Operation("One version of a policy, forever", _POLICIES,
+                                                                 {200: PolicyVersionOut}),
+    ("GET", "/v1/policies/<name>/shadow-report"): Operation(
+        "How the policy's verdicts agreed with its shadow's decisions, with the disagreement matrix", _POLICIES,
+        {200: ShadowReportOut}, query=ShadowReportQuery),
+    ("POST", "/v1/policies/<name>/backtest"): Operation(
+        "Re-decide stored verdicts under a candidate policy from their stored scores; 202 and a job when large",
+        _POLICIES, {200: BacktestOut, 202: BacktestOut}, body=(BacktestIn,)),
+    ("GET", "/v1/backtests/<backtest_id>"): Operation("A backtest job and, once completed, its result", _POLICIES,
+                                                      {200: BacktestOut}),
+    ("GET", "/v1/default-policy"): Operation("The tenant's default policy (for submissions that name none)",
+                                             _POLICIES, {200: DefaultPolicyOut}),
+    ("PUT", "/v1/default-policy"): Operation("Set the tenant's default policy", _POLICIES, {200: DefaultPolicyOut},
+                                             body=(DefaultPolicyIn,), errors=(413, 415)),
+    ("GET", "/v1/blocklists"): Operation("The tenant's blocklists", _POLICIES, {200: TermListList}),
+    ("GET", "/v1/blocklists/<name>"): Operation("One blocklist with its terms and patterns", _POLICIES,
+                                                {200: TermListOut}),
+    ("PUT", "/v1/blocklists/<name>"): Operation(
+        "Create or replace a blocklist (terms and RE2 patterns); its version rises on every change", _POLICIES,
+        {200: TermListOut}, body=(TermListIn,), errors=(413, 415)),
+    ("GET", "/v1/allowlists"): Operation("The tenant's allowlists", _POLICIES, {200: TermListList}),
+    ("GET", "/v1/allowlists/<name>"): Operation("One allowlist with its terms and patterns", _POLICIES,
+                                                {200: TermListOut}),
+    ("PUT", "/v1/allowlists/<name>"): Operation(
+        "Create or replace an allowlist (terms exempt from categories a policy names)", _POLICIES,
+        {200: TermListOut}, body=(TermListIn,), errors=(413, 415)),
 }
 
 # Routes that serve the docs page's own files: not part of the API.
@@ -147,6 +208,7 @@ _ERROR_DESCRIPTIONS = {
     403: "The key lacks the route's scope.",
     404: "No such object (another tenant's object answers exactly so).",
     409: "Conflict: a request with this Idempotency-Key is still running, or the object's state forbids it.",
+    412: "Precondition failed: the `If-Match` version is no longer current (a lost update refused).",
     413: "The request body is larger than MAX_REQUEST_BYTES.",
     415: "The body is not `application/json`.",
     422: "This Idempotency-Key was used with a different request.",
@@ -300,6 +362,7 @@ def _operation(
         parameters += _query_parameters(operation.query)
     parameters.append({"name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"},
                        "description": "Your id for this request: 1–128 of `[A-Za-z0-9._:-]`, else one is made."})
+    parameters += [dict(header) for header in operation.headers]
     if method == "POST" and keyed:
         parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                            "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},

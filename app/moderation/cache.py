@@ -34,6 +34,8 @@ class CacheScope:
     model: str | None
     policy_name: str
     policy_version: int
+    # The term lists the policy uses, with their versions: a list change is a new key (docs/moderation.md).
+    lists_version: str = ""
 
 
 class VerdictCache:
@@ -44,7 +46,7 @@ class VerdictCache:
 
     def _key(self, scope: CacheScope, text: str) -> str:
         parts = [scope.tenant_id, scope.provider, scope.model or "", scope.policy_name, str(scope.policy_version),
-                 text]
+                 *([scope.lists_version] if scope.lists_version else []), text]
         return self._prefix + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def get_all(self, scope: CacheScope, texts: Sequence[str]) -> list[CachedScores] | None:

@@ -35,7 +35,9 @@ class SubmissionIn(Strict):
     conversation_id: Identifier | None = None
     turn_id: Identifier | None = None
     metadata: dict[str, Any] | None = Field(default=None, description="Small JSON object returned as given.")
-    policy: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "default"
+    policy: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None, description="The policy to decide under (`default`, or one of the tenant's). Unset: the "
+        "tenant's default policy.")
     model: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     mask: bool | None = Field(
         default=None, description="Replace personal data (e-mail, phone, card, IP, IBAN…) with placeholders before "
@@ -138,7 +140,16 @@ class VerdictOut(BaseModel):
     model: str
     policy: str
     policy_version: int
-    thresholds: dict[str, Any]
+    thresholds: dict[str, Any] = Field(description="The thresholds applied, for the submission's role "
+                                       "(`null`: the category is switched off).")
+    category_decisions: dict[str, Literal["allow", "review", "block"] | None] | None = Field(
+        default=None, description="Each category's own decision (null: not judged and no list match).")
+    matches: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Term lists that matched: `list`, `list_version`, `category`, `decision`, `text` (its index), `count`. "
+        "Never the matched words."))
+    shadow: dict[str, Any] | None = Field(default=None, description=(
+        "The shadow policy's decision from the same scores, never acted on: `policy`, `policy_version`, "
+        "`decision`, `flagged`, `category_decisions`, `matches`."))
     cached: bool
     degraded: bool
     latency_ms: int | None
@@ -198,6 +209,9 @@ def submission_out(submission: Submission, verdict: Verdict | None) -> Submissio
             policy=verdict.policy_name,
             policy_version=verdict.policy_version,
             thresholds=verdict.thresholds,
+            category_decisions=verdict.category_decisions,
+            matches=verdict.matches or [],
+            shadow=verdict.shadow,
             cached=verdict.cached,
             degraded=verdict.degraded,
             latency_ms=verdict.latency_ms,

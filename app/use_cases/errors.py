@@ -37,6 +37,13 @@ class Conflict(DomainError):
     default_code = "conflict"
 
 
+class PreconditionFailed(DomainError):
+    """The request's precondition does not hold: an `If-Match` naming a version that is no longer current (a lost
+    update refused)."""
+
+    default_code = "precondition_failed"
+
+
 class Unavailable(DomainError):
     """A dependency could not answer; `retry_after` (seconds), when known, says when to try again."""
 

@@ -19,7 +19,7 @@ from app.models import Decision, Submission, SubmissionStatus, Tenant, Verdict, 
 from app.moderation.backoff import retry_delay
 from app.moderation.cache import CacheScope, VerdictCache
 from app.moderation.circuit import GuardedProvider, degrade
-from app.moderation.policy import DEFAULT_POLICY, Policy, get_policy
+from app.moderation.policy import Policy
 from app.moderation.providers import (
     ModerationProvider,
     ProviderError,
@@ -28,6 +28,7 @@ from app.moderation.providers import (
     TransientProviderError,
 )
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.use_cases.policies import load_policy
 from app.use_cases.verdicts import Claim, claim_submission, fail_submission, record_verdict, release_for_retry
 
 log = structlog.get_logger(__name__)
@@ -54,7 +55,8 @@ class Work:
 
     def cache_scope(self, provider: ModerationProvider) -> CacheScope:
         return CacheScope(tenant_id=self.tenant_id, provider=provider.name, model=self.model,
-                          policy_name=self.policy.name, policy_version=self.policy.version)
+                          policy_name=self.policy.name, policy_version=self.policy.version,
+                          lists_version=self.policy.lists_version)
 
 
 def moderate_submission(
@@ -125,7 +127,7 @@ def _load_work(session: Session, claim: Claim, submission: Submission | None = N
         fail_submission(session, claim, code="content_unavailable", message="the content was erased")
         return None
     return Work(claim=claim, submission=submission, tenant_id=submission.tenant_id, texts=list(submission.content),
-                model=submission.model, policy=get_policy(submission.policy_name) or DEFAULT_POLICY)
+                model=submission.model, policy=load_policy(session, submission.tenant_id, submission.policy_name))
 
 
 def _claim_more(session: Session, first: Work, *, room: int, settings: Settings) -> tuple[list[Work], bool]:

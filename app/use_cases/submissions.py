@@ -15,13 +15,13 @@ from app.audit_chain import content_digest
 from app.db import Database
 from app.masking import DEFAULT_MASKER, Masker
 from app.models import Submission, SubmissionStatus, Tenant, Verdict, utcnow
-from app.moderation.policy import get_policy
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
 from app.schemas.submissions import SubmissionIn
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
-from app.use_cases.errors import InvalidInput, NotFound
+from app.use_cases.errors import NotFound
 from app.use_cases.pagination import decode_cursor, encode_cursor
+from app.use_cases.policies import BUILTIN, check_usable, default_policy_name
 
 
 def submit_content(
@@ -37,17 +37,23 @@ def submit_content(
     masked first, so neither the database nor a provider ever sees the personal data, and the content digest is of
     the masked text.
     """
-    for index, item in enumerate(items):
-        if get_policy(item.policy) is None:
-            param = "policy" if len(items) == 1 else f"items[{index}].policy"
-            raise InvalidInput(f"Unknown policy '{item.policy}'.", param=param, code="unknown_policy")
+    # A submission that names no policy is decided under its tenant's default (the built-in one unless set).
+    default_policy = default_policy_name(session, principal.tenant_id) if any(
+        item.policy is None for item in items) else BUILTIN
+    policy_names = [item.policy or default_policy for item in items]
+    checked: set[str] = set()
+    for index, name in enumerate(policy_names):
+        if name not in checked:
+            check_usable(session, principal.tenant_id, name,
+                         param="policy" if len(items) == 1 else f"items[{index}].policy")
+            checked.add(name)
 
     now = utcnow()
     tenant_default = _tenant_mask_default(session, principal.tenant_id) if any(
         item.mask is None for item in items) else None
     submissions: list[Submission] = []
     masked_counts: list[dict[str, int] | None] = []
-    for item in items:
+    for item, policy_name in zip(items, policy_names, strict=True):
         texts = list(item.input)
         mask = masker.applies(item.mask, tenant_default)
         counts: dict[str, int] | None = None
@@ -64,7 +70,7 @@ def submit_content(
             conversation_id=item.conversation_id,
             turn_id=item.turn_id,
             client_metadata=item.metadata,
-            policy_name=item.policy,
+            policy_name=policy_name,
             model=item.model,
             mask=mask,
             callback_url=item.callback_url,

@@ -14,11 +14,11 @@ from app.db import Database
 from app.masking import Masker
 from app.models import Submission, Tenant, Verdict, utcnow
 from app.moderation.backoff import sync_retrying
-from app.moderation.policy import DEFAULT_POLICY
 from app.moderation.providers import ModerationProvider, ProviderError
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Unavailable
+from app.use_cases.policies import default_policy_name, load_policy
 from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict
 
 # The synchronous endpoint's own retries: a few, within a few seconds, because a client holds the connection open.
@@ -47,9 +47,11 @@ def moderate_now(
             if mask:
                 texts, details["masked"] = masker.mask_all(texts)
             digest = content_digest(texts)
+            # OpenAI's request names no policy: the tenant's default decides.
+            policy = load_policy(session, principal.tenant_id, default_policy_name(session, principal.tenant_id))
             submission = Submission(
                 tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
-                content=list(texts), content_digest=digest, text_count=len(texts), policy_name=DEFAULT_POLICY.name,
+                content=list(texts), content_digest=digest, text_count=len(texts), policy_name=policy.name,
                 model=model, mask=mask, request_id=request_id, created_at=now, enqueued_at=now,
             )
             session.add(submission)
@@ -75,7 +77,7 @@ def moderate_now(
             raise Unavailable(UNAVAILABLE_MESSAGE, code=exc.code, retry_after=exc.retry_after) from exc
 
         with session.begin():
-            verdict = record_verdict(session, claim, outcome, DEFAULT_POLICY, submission=submission)
+            verdict = record_verdict(session, claim, outcome, policy, submission=submission)
             if verdict is None:  # pragma: no cover - only if the lease ran out mid-request
                 raise Unavailable(UNAVAILABLE_MESSAGE, code="claim_lost")
             session.refresh(submission)

@@ -7,6 +7,7 @@ import dataclasses
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, and_, or_, update
@@ -19,6 +20,7 @@ from app.moderation.providers import ProviderResult
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
 from app.use_cases import webhook_deliveries
 from app.use_cases.audit import record_event
+from app.use_cases.policies import shadow_summary
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +85,11 @@ def record_verdict(
         submission = session.get(Submission, claim.submission_id, options=[lazyload(Submission.verdict)])
     if submission is None:
         return None
-    assessment = assess(policy, outcome)
+    texts = submission.content
+    assessment = assess(policy, outcome, role=submission.role, texts=texts)
+    # The shadow decides from the same scores (no provider call); a fail-open or fail-closed verdict has none.
+    shadow = None if policy.shadow is None or decision is not None else shadow_summary(
+        policy.shadow, outcome, role=submission.role, texts=texts)
     if decision is not None:
         flagged = decision is not Decision.ALLOW
         assessment = dataclasses.replace(assessment, decision=decision, flagged=flagged, results=[
@@ -101,7 +107,8 @@ def record_verdict(
     if won is None:
         log.warning("verdict_discarded_claim_lost", submission_id=claim.submission_id)
         return None
-    verdict = _verdict_row(submission, outcome, policy, assessment, degraded=degraded, cached=cached, now=now)
+    verdict = _verdict_row(submission, outcome, policy, assessment, degraded=degraded, cached=cached, now=now,
+                           shadow=shadow)
     if won.erased_at is not None:
         verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
     session.add(verdict)
@@ -121,22 +128,24 @@ def record_verdict(
     # The decision with what it takes to re-derive it: the scores and the thresholds they were held against (for
     # the judged categories; the others had no score to hold against a threshold).
     scores = {c: score for c, score in assessment.category_scores.items() if score is not None}
-    thresholds = policy.thresholds_json()
+    thresholds = assessment.thresholds
     record_event(
         session, tenant_id=submission.tenant_id, action="verdict.decided", actor=WORKER_ACTOR,
         subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
         content_digest=submission.content_digest, **links, decision=assessment.decision.value,
         categories=[c for c, hit in assessment.categories.items() if hit],
         details={"flagged": assessment.flagged, "policy": policy.name, "policy_version": policy.version,
-                 "scores": scores, "thresholds": {c: thresholds[c] for c in scores},
-                 "not_judged": assessment.not_judged, "degraded": degraded},
+                 "role": submission.role, "scores": scores, "thresholds": {c: thresholds[c] for c in scores},
+                 "not_judged": assessment.not_judged, "degraded": degraded,
+                 **({"matches": assessment.matches} if assessment.matches else {}),
+                 **({"shadow": {k: shadow[k] for k in ("policy", "policy_version", "decision")}} if shadow else {})},
     )
     return verdict
 
 
 def _verdict_row(
     submission: Submission, outcome: ProviderResult, policy: Policy, assessment: Assessment, *,
-    degraded: bool, cached: bool, now: datetime,
+    degraded: bool, cached: bool, now: datetime, shadow: dict[str, Any] | None = None,
 ) -> Verdict:
     return Verdict(
         submission_id=submission.id,
@@ -151,7 +160,11 @@ def _verdict_row(
         model=outcome.model,
         policy_name=policy.name,
         policy_version=policy.version,
-        thresholds=policy.thresholds_json(),
+        thresholds=assessment.thresholds,
+        category_decisions=assessment.category_decisions,
+        matches=assessment.matches,
+        shadow=shadow,
+        shadow_decision=None if shadow is None else shadow["decision"],
         cached=cached,
         degraded=degraded,
         latency_ms=outcome.latency_ms,

@@ -19,6 +19,7 @@ COMMANDS = {
     ("webhook_deliveries", "sweep_deliveries"),
     ("erasure", "erase_expired_content"),
     ("submissions", "await_submission"),
+    ("policies", "run_backtest"),
 }
 # What ends or opens a transaction: only a command may call these.
 TRANSACTION_CALLS = {"commit", "rollback", "begin", "begin_nested", "transaction", "session"}

@@ -40,7 +40,7 @@ def test_a_string_becomes_a_list_of_one() -> None:
 def test_defaults() -> None:
     submission = validate({"input": "hello"})
     assert submission.role == "input"
-    assert submission.policy == "default"
+    assert submission.policy is None  # the tenant's default policy decides (app/use_cases/submissions.py)
     assert submission.mask is None  # not said: the tenant's default applies
     assert submission.metadata is None
     assert submission.callback_url is None
