@@ -15,8 +15,8 @@ from app.outbox import (
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
     REQUEUE_STALLED,
-    SUMMARIZE_AUTH_FAILURES,
     RUN_BACKTEST,
+    SUMMARIZE_AUTH_FAILURES,
 )
 from app.use_cases import audit, erasure, idempotency, moderation, policies, webhook_deliveries
 
