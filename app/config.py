@@ -385,6 +385,23 @@ class Settings(BaseSettings):
             "at registration and again before each attempt."
         ),
     )
+    # issue 17 (sec): public hosts on the web's ports only, so a tenant cannot probe third parties' ports through us.
+    webhook_allowed_ports: str = Field(
+        default="80,443", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated ports, or `*`"),
+        description=(
+            "Ports webhook and callback URLs may use on a public host; any other is refused at registration and again "
+            "before each attempt (`unsafe_port`). Addresses in WEBHOOK_ALLOWED_NETWORKS may use any port. `*`: any "
+            "port anywhere (a tenant could then probe which ports of a public host answer)."
+        ),
+    )
+    callback_resolve_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, json_schema_extra=_in(WEBHOOKS),
+        description=(
+            "Most time one `POST /v1/submissions` spends looking up the hosts of its `callback_url`s, in all: each "
+            "distinct host once, several at a time. A host not resolved by then refuses the request "
+            "(400 `unresolvable_host`)."
+        ),
+    )
     webhook_retry_schedule: str = Field(
         default="5,300,1800,7200,18000,36000", json_schema_extra=_in(WEBHOOKS, accepts="comma-separated seconds"),
         description=(
@@ -517,6 +534,12 @@ class Settings(BaseSettings):
         _parse_networks(value)
         return value
 
+    @field_validator("webhook_allowed_ports")
+    @classmethod
+    def _check_ports(cls, value: str) -> str:
+        _parse_ports(value)
+        return value
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _check_schedule(cls, value: str) -> str:
@@ -540,6 +563,11 @@ class Settings(BaseSettings):
     @property
     def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
         return _parse_networks(self.webhook_allowed_networks)
+
+    @property
+    def webhook_ports(self) -> frozenset[int] | None:
+        """The ports a public host may be reached on; None: any."""
+        return _parse_ports(self.webhook_allowed_ports)
 
     @property
     def webhook_retry_delays(self) -> tuple[float, ...]:
@@ -605,6 +633,19 @@ class Settings(BaseSettings):
     def ensure_var_dir(self) -> None:
         if self.database_url.startswith("sqlite") or self.broker_url.startswith("sqla+sqlite"):
             self.var_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _parse_ports(value: str) -> frozenset[int] | None:
+    if value.strip() == "*":
+        return None
+    ports = set()
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise ValueError(f"WEBHOOK_ALLOWED_PORTS must list ports from 1 to 65535, or be `*`; not {part!r}")
+        ports.add(int(part))
+    return frozenset(ports)
 
 
 def _parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:

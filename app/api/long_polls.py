@@ -49,8 +49,10 @@ if redis.call('ZCARD', KEYS[1]) >= max_key then return 1 end
 if redis.call('ZCARD', KEYS[2]) >= max_tenant then return 2 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
+-- The set lives as long as its longest slot: a shorter wait never shortens it.
+for _, name in ipairs(KEYS) do
+  if redis.call('PTTL', name) < ttl then redis.call('PEXPIRE', name, ttl) end
+end
 return 0
 """
 

@@ -104,7 +104,9 @@ def list_deliveries(webhook_id: str) -> Response:
     query = DeliveryListQuery.model_validate(request.args.to_dict())
     page = deliveries.list_deliveries(request_session(), current_principal().tenant_id, webhook_id,
                                     status=query.status, limit=query.limit, cursor=query.cursor)
-    body = DeliveryPage(data=[_delivery_out(d, page.attempts[d.id]) for d in page.deliveries],
+    # A `read` key may see the log but not the endpoint (403 on GET /v1/webhooks/{id}), so not its URL either.
+    show_url = "admin" in current_principal().scopes
+    body = DeliveryPage(data=[_delivery_out(d, page.attempts[d.id], show_url=show_url) for d in page.deliveries],
                         has_more=page.next_cursor is not None, next_cursor=page.next_cursor)
     return jsonify(body.model_dump(mode="json"))
 
@@ -167,10 +169,11 @@ def _signer_out(signer: WebhookEndpoint) -> CallbackSecretOut:
     )
 
 
-def _delivery_out(delivery: WebhookDelivery, attempts: list[WebhookDeliveryAttempt]) -> DeliveryOut:
+def _delivery_out(delivery: WebhookDelivery, attempts: list[WebhookDeliveryAttempt], *,
+                  show_url: bool = True) -> DeliveryOut:
     return DeliveryOut(
         id=delivery.id, webhook_id=delivery.endpoint_id, event_type=delivery.event_type,
-        submission_id=delivery.submission_id, url=delivery.url, status=delivery.status,
+        submission_id=delivery.submission_id, url=delivery.url if show_url else None, status=delivery.status,
         attempt_count=delivery.attempt_count, next_attempt_at=delivery.next_attempt_at,
         last_status_code=delivery.last_status_code, last_error=delivery.last_error,
         created_at=delivery.created_at, completed_at=delivery.completed_at, payload=deliveries.payload_of(delivery),

@@ -95,7 +95,8 @@ class DeliveryOut(BaseModel):
     webhook_id: str
     event_type: str
     submission_id: str | None
-    url: str
+    url: str | None = Field(description="Where it is sent. Shown to `admin` keys only; null for a `read` key, which "
+                                        "may not see the endpoint itself either.")
     status: DeliveryStatusName
     attempt_count: int
     next_attempt_at: datetime | None

@@ -189,7 +189,7 @@ def deliver(database: Database, delivery_id: str, settings: Settings, *,
             headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at, body)
 
         result = send(url, body.encode(), headers, allowed=settings.webhook_networks,
-                      timeout=settings.webhook_timeout_seconds, resolve=resolve)
+                      timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
 
         with session.begin():
             outcome = conclude_attempt(session, claim, result, started_at=started_at, settings=settings)

@@ -18,7 +18,7 @@ from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Conflict, InvalidInput, NotFound
 from app.webhooks.signing import generate_secret
-from app.webhooks.url_guard import Resolver, Target, UnsafeUrl, check_url, system_resolver
+from app.webhooks.url_guard import Resolver, Target, UnsafeUrl, check_url, resolve_once, system_resolver
 
 MAX_ENDPOINTS_PER_TENANT = 20
 
@@ -29,7 +29,7 @@ MAX_ENDPOINTS_PER_TENANT = 20
 def checked_target(url: str, param: str, settings: Settings, resolve: Resolver = system_resolver) -> Target:
     """The SSRF guard for a URL a client gave, as a 400 naming the field."""
     try:
-        return check_url(url, settings.webhook_networks, resolve)
+        return check_url(url, settings.webhook_networks, resolve, ports=settings.webhook_ports)
     except UnsafeUrl as exc:
         raise InvalidInput(f"{param}: the URL {exc.message}.", param=param, code=exc.code) from exc
 
@@ -165,6 +165,9 @@ def check_callback_urls(
     """Refuse, before anything is stored, a submission whose `callback_url` fails the SSRF guard, or any callback
     when the tenant has no callback secret to sign it with. `urls` holds one entry per submitted item."""
     params = ["callback_url" if len(urls) == 1 else f"items[{i}].callback_url" for i in range(len(urls))]
+    # Each distinct host is looked up once, side by side with the others, all within one time bound.
+    resolve = resolve_once([url for url in urls if url is not None], resolve,
+                           timeout=settings.callback_resolve_timeout_seconds)
     checked: dict[str, None] = {}
     for url, param in zip(urls, params, strict=True):
         if url is not None and url not in checked:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
 
-from app.webhooks.url_guard import Network, Resolver, UnsafeUrl, check_url, system_resolver
+from app.webhooks.url_guard import DEFAULT_PORTS, Network, Resolver, UnsafeUrl, check_url, system_resolver
 
 EXCERPT_CHARS = 256
 _EXCERPT_READ_BYTES = 4 * EXCERPT_CHARS
@@ -37,7 +37,7 @@ class AttemptResult:
 
 def send(
     url: str, body: bytes, headers: Mapping[str, str], *, allowed: Sequence[Network], timeout: float,
-    resolve: Resolver = system_resolver,
+    resolve: Resolver = system_resolver, ports: Collection[int] | None = DEFAULT_PORTS,
 ) -> AttemptResult:
     started = time.perf_counter()
 
@@ -46,7 +46,7 @@ def send(
                              error=error, response_excerpt=excerpt)
 
     try:
-        target = check_url(url, allowed, resolve)
+        target = check_url(url, allowed, resolve, ports=ports)
     except UnsafeUrl as exc:
         return result(None, f"refused: the URL {exc.message}"[:200])
 

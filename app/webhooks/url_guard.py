@@ -4,7 +4,10 @@ WEBHOOK_ALLOWED_NETWORKS opens a network; checked on registration and before eve
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from urllib.parse import urlsplit
@@ -27,6 +30,13 @@ CLOUD_METADATA = frozenset(ip_address(a) for a in (
     "fd00:ec2::254",  # AWS over IPv6
 ))
 _NAT64 = IPv6Network("64:ff9b::/96")
+# The ports a webhook may reach on a public host unless WEBHOOK_ALLOWED_PORTS says otherwise: the web's own. Any other
+# port would let a tenant probe third parties' hosts through Verdict (connection refused and timed out are told apart
+# in the delivery log). Addresses in WEBHOOK_ALLOWED_NETWORKS are the operator's own and may use any port.
+DEFAULT_PORTS = frozenset({80, 443})
+# Lookups of callback hosts run on this many threads per process, shared by every request (app/use_cases:
+# check_callback_urls), so a request's hosts resolve side by side and stuck lookups cannot pile up threads.
+RESOLVER_THREADS = 8
 
 
 class UnsafeUrl(Exception):
@@ -54,8 +64,10 @@ def system_resolver(host: str, port: int) -> Sequence[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def check_url(url: str, allowed: Sequence[Network], resolve: Resolver = system_resolver) -> Target:
-    """The URL's target if it is safe to send to now; `UnsafeUrl` otherwise."""
+def check_url(url: str, allowed: Sequence[Network], resolve: Resolver = system_resolver,
+              ports: Collection[int] | None = DEFAULT_PORTS) -> Target:
+    """The URL's target if it is safe to send to now; `UnsafeUrl` otherwise. `ports`: those a public address may be
+    reached on (None: any)."""
     try:
         parts = urlsplit(url)
         httpx.URL(url)  # what the sender will parse, so a URL that passes here can be sent
@@ -76,6 +88,8 @@ def check_url(url: str, allowed: Sequence[Network], resolve: Resolver = system_r
         raise UnsafeUrl("has an invalid port", code="invalid_url")
     try:
         addresses = tuple(resolve(host, port))
+    except ResolutionTimedOut as exc:
+        raise UnsafeUrl("names a host that did not resolve in time", code="unresolvable_host") from exc
     except (OSError, UnicodeError) as exc:
         raise UnsafeUrl("names a host that does not resolve", code="unresolvable_host") from exc
     if not addresses:
@@ -84,7 +98,66 @@ def check_url(url: str, allowed: Sequence[Network], resolve: Resolver = system_r
         problem = address_problem(address, allowed)
         if problem is not None:
             raise UnsafeUrl(f"resolves to a {problem} address, which webhooks may not reach", code="unsafe_url")
+    if ports is not None and port not in ports and not all(_in_networks(a, allowed) for a in addresses):
+        listed = ", ".join(str(p) for p in sorted(ports)) or "none"
+        raise UnsafeUrl(f"uses port {port}; webhooks reach public hosts on these ports only: {listed}",
+                        code="unsafe_port")
     return Target(url=url, scheme=parts.scheme, host=host, port=port, addresses=addresses)
+
+
+def _in_networks(address: str, allowed: Sequence[Network]) -> bool:
+    """Whether `address` (or the IPv4 address inside it) is in one of the operator's networks."""
+    try:
+        ip = ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(candidate in network for candidate in [*_embedded_ipv4(ip), ip] for network in allowed
+               if candidate.version == network.version)
+
+
+class ResolutionTimedOut(OSError):
+    """A host's lookup did not finish within the request's time for lookups."""
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _resolver_pool() -> ThreadPoolExecutor:
+    global _pool  # noqa: PLW0603 - one pool per process, made on first use (after a fork, in the child)
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="verdict-resolve")
+        return _pool
+
+
+def resolve_once(urls: Iterable[str], resolve: Resolver, *, timeout: float) -> Resolver:
+    """Look up every distinct host of `urls` once, side by side, all within `timeout` seconds in total; the answer
+    is a resolver that answers from those lookups (a host not looked up in time raises ResolutionTimedOut, one that
+    failed raises its error again), for `check_url` to use on each URL."""
+    futures: dict[str, Future[Sequence[str]]] = {}
+    pool = _resolver_pool()
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            continue  # check_url refuses it without a lookup
+        if host and host not in futures:
+            futures[host] = pool.submit(resolve, host, port or (443 if parts.scheme == "https" else 80))
+    wait_for(futures.values(), timeout=timeout)
+    for future in futures.values():
+        future.cancel()  # those not started never will be; one started ends on its own, unheard
+
+    def answer(host: str, port: int) -> Sequence[str]:
+        future = futures.get(host)
+        if future is None:
+            return resolve(host, port)
+        if not future.done() or future.cancelled():
+            raise ResolutionTimedOut(f"no answer within {timeout:g} s")
+        return future.result()
+
+    return answer
 
 
 def address_problem(address: str, allowed: Sequence[Network]) -> str | None:
@@ -94,10 +167,9 @@ def address_problem(address: str, allowed: Sequence[Network]) -> str | None:
     except ValueError:
         return "malformed"
     # The embedded IPv4 address first: it is where the connection goes, and it names the problem best.
-    candidates = [*_embedded_ipv4(ip), ip]
-    if any(candidate in network for candidate in candidates for network in allowed
-           if candidate.version == network.version):
+    if _in_networks(address, allowed):
         return None
+    candidates = [*_embedded_ipv4(ip), ip]
     for candidate in candidates:
         problem = _classify(candidate)
         if problem is not None:

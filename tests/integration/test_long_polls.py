@@ -162,6 +162,10 @@ def test_slots_in_redis_are_shared_between_processes_and_expire(redis_url: str) 
                 assert refused_there == "key"
             # The slot carries an expiry of its wait and a margin, so a process that dies holding it frees it.
             assert 0 < client.pttl(slot_key) <= (3 + 5) * 1000
+            # A shorter wait taken beside it (another key of the tenant) does not shorten the tenant's set.
+            with one.slot("k-other", "t-shared", 0.1) as beside:
+                assert beside is None
+                assert client.pttl(f"{BROKER_KEY_PREFIX}verdict-longpoll:tenant:t-shared") > 6000
         with two.slot("k-shared", "t-shared", 3) as refused:
             assert refused is None  # given back when the first ended
         # A slot left by a dead process, already past its expiry, does not count.
@@ -169,7 +173,8 @@ def test_slots_in_redis_are_shared_between_processes_and_expire(redis_url: str) 
         with two.slot("k-shared", "t-shared", 3) as refused:
             assert refused is None
     finally:
-        client.delete(slot_key, f"{BROKER_KEY_PREFIX}verdict-longpoll:tenant:t-shared")
+        client.delete(slot_key, f"{BROKER_KEY_PREFIX}verdict-longpoll:tenant:t-shared",
+                      f"{BROKER_KEY_PREFIX}verdict-longpoll:key:k-other")
         client.close()
 
 

@@ -5,6 +5,9 @@ scopes (403); secrets shown once; audit events. In-process against real PostgreS
 from __future__ import annotations
 
 import re
+import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -415,3 +418,86 @@ def test_redelivery_rearms_a_dead_delivery_and_refuses_one_in_flight(
         row = session.get(WebhookDelivery, delivery_id)
         assert row is not None and row.retries == 0 and row.completed_at is None
     assert ("webhook.redelivery_requested", delivery_id) in audit_actions(database, tenant.tenant_id)
+
+
+# ---- issue 17, item 7: least privilege in reads, callback hosts, ports --------------------------------------------
+
+
+def test_a_read_key_sees_the_delivery_log_but_not_the_endpoints_url(client: FlaskClient, tenant: TenantKey,
+                                                                     database: Database,
+                                                                     api_settings: Settings) -> None:
+    url = "http://127.0.0.1:9/private-receiver?token=hidden"
+    endpoint_id, _ = create_endpoint(client, tenant, url)
+    assert client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).status_code == 202
+    reader = issue_key(database, tenant_name=tenant.tenant_name, scopes=("read",))
+    assert_error(client.get(f"/v1/webhooks/{endpoint_id}", headers=reader.headers), 403, "missing_scope")
+    seen = client.get(f"/v1/webhooks/{endpoint_id}/deliveries", headers=reader.headers)
+    assert seen.status_code == 200
+    assert [d["url"] for d in seen.get_json()["data"]] == [None]
+    assert "private-receiver" not in seen.get_data(as_text=True)
+    # The admin key that may see the endpoint sees where its deliveries go.
+    assert [d["url"] for d in deliveries(client, tenant, endpoint_id)] == [url]
+
+
+@pytest.mark.parametrize("url", ["http://93.184.216.34:8443/cb", "https://93.184.216.34:22/", "http://8.8.8.8:6379/"])
+def test_a_public_callback_or_endpoint_on_another_port_than_80_or_443_is_refused(
+        client: FlaskClient, tenant: TenantKey, database: Database, url: str) -> None:
+    create_callback_secret(client, tenant)
+    response = client.post("/v1/submissions", json={"input": "hello", "callback_url": url}, headers=tenant.headers)
+    assert_error(response, 400, "unsafe_port", "callback_url")
+    assert_error(client.post("/v1/webhooks", json={"url": url, "events": ALL_EVENTS}, headers=tenant.headers), 400,
+                 "unsafe_port", "url")
+    assert submission_count(database, tenant) == 0
+
+
+class _Dns:
+    """socket.getaddrinfo answering 127.0.0.1 for names under `.callbacks.test` (counting each lookup), and holding
+    those starting with `slow` until released; every other name is looked up for real."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.lookups: list[str] = []
+        self.release = threading.Event()
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if not str(host).endswith(".callbacks.test"):
+            return self.real(host, port, *args, **kwargs)
+        self.lookups.append(str(host))
+        if str(host).startswith("slow"):
+            self.release.wait(20)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Dns]:
+    fake = _Dns(socket.getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    yield fake
+    fake.release.set()
+
+
+def test_callback_hosts_are_looked_up_once_each(client: FlaskClient, tenant: TenantKey, database: Database,
+                                                api_settings: Settings, dns: _Dns) -> None:
+    create_callback_secret(client, tenant)
+    # 100 items, 100 different URLs, on 3 hosts: before, one lookup per URL, one after another.
+    items = [{"input": f"item {i}", "callback_url": f"http://h{i % 3}.callbacks.test:9/cb/{i}"} for i in range(100)]
+    response = client.post("/v1/submissions", json={"items": items}, headers=tenant.headers)
+    assert response.status_code == 202, response.get_json()
+    assert sorted(dns.lookups) == ["h0.callbacks.test", "h1.callbacks.test", "h2.callbacks.test"]
+    assert submission_count(database, tenant) == 100
+
+
+def test_callback_host_lookups_are_bounded_in_time_all_together(client: FlaskClient, tenant: TenantKey,
+                                                                database: Database, api_settings: Settings,
+                                                                dns: _Dns, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_settings, "callback_resolve_timeout_seconds", 0.5)
+    create_callback_secret(client, tenant)
+    items = [{"input": "fast", "callback_url": "http://fast.callbacks.test:9/cb"},
+             *({"input": f"slow {i}", "callback_url": f"http://slow{i}.callbacks.test:9/cb"} for i in range(20))]
+    response = client.post("/v1/submissions", json={"items": items}, headers=tenant.headers)
+    assert_error(response, 400, "unresolvable_host", "items[1].callback_url")
+    assert "in time" in response.get_json()["error"]["message"]
+    # Before the bound, 20 slow lookups one after another held the request for 20 x 20 s; now it answered while every
+    # slow lookup is still unanswered.
+    assert not dns.release.is_set()
+    assert submission_count(database, tenant) == 0

@@ -38,6 +38,9 @@ def test_settings_parse_comma_separated_values() -> None:
                                        ip_network("10.1.2.3/32"))
     assert parsed.webhook_retry_delays == (0.5, 2.0)
     assert settings(webhook_retry_schedule="").webhook_retry_delays == ()  # no retries: dead after one failure
+    assert settings().webhook_ports == frozenset({80, 443})
+    assert settings(webhook_allowed_ports=" 443, 8443 ").webhook_ports == frozenset({443, 8443})
+    assert settings(webhook_allowed_ports="*").webhook_ports is None
 
 
 @pytest.mark.parametrize("values", [
@@ -49,6 +52,11 @@ def test_settings_parse_comma_separated_values() -> None:
     {"webhook_retry_schedule": ",".join(["1"] * 21)},
     {"webhook_timeout_seconds": 30, "webhook_lease_seconds": 60},
     {"webhook_timeout_seconds": 0},
+    {"webhook_allowed_ports": "http"},
+    {"webhook_allowed_ports": "0"},
+    {"webhook_allowed_ports": "65536"},
+    {"webhook_allowed_ports": "443,-1"},
+    {"callback_resolve_timeout_seconds": 0},
 ])
 def test_nonsense_is_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):

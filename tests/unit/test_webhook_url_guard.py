@@ -4,6 +4,7 @@ network; IPv4 and IPv6, IPv4 inside IPv6, names that resolve to private addresse
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from ipaddress import ip_network
 from typing import get_args
@@ -12,7 +13,7 @@ import pytest
 
 from app.schemas.webhooks import SubscribableEvent
 from app.webhooks.events import SUBSCRIBABLE_EVENTS
-from app.webhooks.url_guard import UnsafeUrl, address_problem, check_url
+from app.webhooks.url_guard import UnsafeUrl, address_problem, check_url, resolve_once
 
 LOOPBACK = (ip_network("127.0.0.0/8"),)
 
@@ -87,7 +88,8 @@ def test_public_addresses_pass_and_are_the_ones_to_connect_to() -> None:
     target = check_url("https://hooks.example.com/verdict?x=1", (), PUBLIC_DNS)
     assert target.host == "hooks.example.com" and target.port == 443 and target.scheme == "https"
     assert target.addresses == ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946")
-    assert check_url("http://8.8.8.8:8080/", ()).port == 8080
+    assert check_url("http://8.8.8.8:80/", ()).port == 80
+    assert check_url("http://8.8.8.8:8080/", (), ports=None).port == 8080  # WEBHOOK_ALLOWED_PORTS=*
 
 
 def test_allowed_networks_open_loopback_and_nothing_else() -> None:
@@ -125,3 +127,71 @@ def test_refusals_never_name_the_resolved_address() -> None:
 
 def test_schema_events_match_the_events_verdict_raises() -> None:
     assert get_args(SubscribableEvent) == SUBSCRIBABLE_EVENTS
+
+
+# ---- issue 17, item 7: ports, and callback hosts looked up once within one time bound ----------------------------
+
+
+@pytest.mark.parametrize("url", ["http://hooks.example.com:22/", "https://hooks.example.com:8443/hook",
+                                 "http://hooks.example.com:6379/", "http://93.184.216.34:25/"])
+def test_a_public_host_on_another_port_than_80_or_443_is_refused(url: str) -> None:
+    # Before: any port, and the delivery log told "connection refused" from "timed out": a port scanner.
+    with pytest.raises(UnsafeUrl) as refused:
+        check_url(url, (), dns({"hooks.example.com": ["93.184.216.34"], "93.184.216.34": ["93.184.216.34"]}))
+    assert refused.value.code == "unsafe_port" and "80, 443" in refused.value.message
+    assert check_url("https://hooks.example.com:80/", (), PUBLIC_DNS).port == 80  # odd, but the web's own port
+
+
+def test_allowed_ports_are_the_operators_and_its_own_networks_take_any_port() -> None:
+    assert check_url("https://hooks.example.com:8443/", (), PUBLIC_DNS, ports={443, 8443}).port == 8443
+    with pytest.raises(UnsafeUrl):
+        check_url("https://hooks.example.com:443/", (), PUBLIC_DNS, ports={8443})
+    # Addresses in WEBHOOK_ALLOWED_NETWORKS are the operator's own receivers: any port.
+    assert check_url("http://127.0.0.1:9000/hook", LOOPBACK).port == 9000
+    assert check_url("http://[::ffff:127.0.0.1]:9000/hook", LOOPBACK).port == 9000
+    mixed = dns({"half.example.com": ["127.0.0.1", "93.184.216.34"]})
+    with pytest.raises(UnsafeUrl) as refused:  # one public address is enough to need an allowed port
+        check_url("http://half.example.com:9000/", LOOPBACK, mixed)
+    assert refused.value.code == "unsafe_port"
+
+
+def test_resolve_once_looks_each_host_up_once_side_by_side() -> None:
+    calls: list[str] = []
+    started = threading.Barrier(3, timeout=10)
+
+    def counting(host: str, port: int) -> Sequence[str]:
+        calls.append(host)
+        started.wait()  # three distinct hosts: their lookups run at the same time, or this never passes
+        return ["93.184.216.34"]
+
+    urls = [f"https://h{i % 3}.example.com/hook/{i}" for i in range(100)]
+    resolve = resolve_once(urls, counting, timeout=10)
+    for url in urls:
+        check_url(url, (), resolve)
+    assert sorted(calls) == ["h0.example.com", "h1.example.com", "h2.example.com"]
+
+
+def test_resolve_once_bounds_the_time_of_all_lookups_together() -> None:
+    release = threading.Event()
+
+    def stuck(host: str, port: int) -> Sequence[str]:
+        if host.startswith("slow"):
+            release.wait(30)
+        return ["93.184.216.34"]
+
+    try:
+        urls = ["https://fast.example.com/", *(f"https://slow{i}.example.com/" for i in range(20))]
+        resolve = resolve_once(urls, stuck, timeout=0.5)
+        assert check_url(urls[0], (), resolve).addresses == ("93.184.216.34",)
+        with pytest.raises(UnsafeUrl) as refused:
+            check_url(urls[1], (), resolve)
+        assert refused.value.code == "unresolvable_host" and "in time" in refused.value.message
+    finally:
+        release.set()
+
+
+def test_resolve_once_keeps_a_hosts_failure() -> None:
+    resolve = resolve_once(["https://nowhere.invalid/"], PUBLIC_DNS, timeout=5)
+    with pytest.raises(UnsafeUrl) as refused:
+        check_url("https://nowhere.invalid/", (), resolve)
+    assert refused.value.code == "unresolvable_host"
