@@ -369,6 +369,17 @@ class Settings(BaseSettings):
             "twice at once."
         ),
     )
+    # issue 11 item 6 (rel): signing secrets are stored encrypted (app/secrets_at_rest.py).
+    webhook_secret_keys: SecretStr | None = Field(
+        default=None, json_schema_extra=_in(WEBHOOKS, accepts="comma-separated Fernet keys"),
+        description=(
+            "Keys that encrypt webhook signing secrets at rest (`verdict webhooks new-encryption-key` makes one): the "
+            "first encrypts, every one decrypts, so a new key goes first and the old one stays until "
+            "`verdict webhooks rotate-encryption` has re-encrypted every secret. Every API and worker process needs "
+            "the same list. Empty: a key made once in $VAR_DIR/webhook-secret.key (right for the embedded default "
+            "and a single host)."
+        ),
+    )
     webhook_sweep_interval_seconds: float = Field(
         default=5.0, gt=0, json_schema_extra=_in(WEBHOOKS),
         description="Seconds between beat's sweeps: due retries, and deliveries whose task was lost, are sent again.",
@@ -467,6 +478,20 @@ class Settings(BaseSettings):
             raise ValueError("WEBHOOK_LEASE_SECONDS must be at least 2 * WEBHOOK_TIMEOUT_SECONDS + 10")
         return self
 
+    @field_validator("webhook_secret_keys")
+    @classmethod
+    def _check_secret_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _parse_fernet_keys(value.get_secret_value())
+        return value
+
+    @property
+    def webhook_secret_key_list(self) -> list[bytes]:
+        """WEBHOOK_SECRET_KEYS as Fernet keys, first the one that encrypts; empty when unset."""
+        if self.webhook_secret_keys is None:
+            return []
+        return _parse_fernet_keys(self.webhook_secret_keys.get_secret_value())
+
     @property
     def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
         return _parse_networks(self.webhook_allowed_networks)
@@ -531,6 +556,24 @@ class Settings(BaseSettings):
     def ensure_var_dir(self) -> None:
         if self.database_url.startswith("sqlite") or self.broker_url.startswith("sqla+sqlite"):
             self.var_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _parse_fernet_keys(value: str) -> list[bytes]:
+    import base64
+    import binascii
+
+    keys = [part.strip().encode() for part in value.split(",") if part.strip()]
+    if not keys:
+        raise ValueError("WEBHOOK_SECRET_KEYS must list at least one key")
+    for number, key in enumerate(keys, start=1):
+        try:
+            valid = len(base64.urlsafe_b64decode(key)) == 32
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            # Never the key itself in the message: it is a secret.
+            raise ValueError(f"WEBHOOK_SECRET_KEYS: key {number} is not a Fernet key (32 url-safe base64 bytes)")
+    return keys
 
 
 def _parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
