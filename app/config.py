@@ -316,7 +316,20 @@ class Settings(BaseSettings):
     )
     requeue_after_seconds: int = Field(
         default=60, gt=0, json_schema_extra=_in(PROCESSING),
-        description="A queued submission that no worker has picked up by then is sent again (covers lost messages).",
+        description=(
+            "A queued submission that no worker has picked up by then is sent again if its message never reached "
+            "the broker (a publish that failed); see REDISPATCH_AFTER_SECONDS for one the broker took."
+        ),
+    )
+    # issue 11 item 2 (rel): a healthy backlog is not re-sent.
+    redispatch_after_seconds: int = Field(
+        default=600, gt=0, json_schema_extra=_in(PROCESSING),
+        description=(
+            "A queued submission whose message the broker accepted is sent again only after this long (at least "
+            "REQUEUE_AFTER_SECONDS): it covers a broker that lost its messages (a Redis restarted without "
+            "persistence), while a backlog merely waiting in a healthy queue is left alone. One whose message was "
+            "never accepted (the broker was down) is sent again after REQUEUE_AFTER_SECONDS."
+        ),
     )
     sweep_interval_seconds: float = Field(
         default=30.0, gt=0, json_schema_extra=_in(PROCESSING),
@@ -448,6 +461,8 @@ class Settings(BaseSettings):
         # (lease minus a margin) makes sure the first one is gone by then.
         if self.processing_lease_seconds < 10:
             raise ValueError("PROCESSING_LEASE_SECONDS must be at least 10")
+        if self.redispatch_after_seconds < self.requeue_after_seconds:
+            raise ValueError("REDISPATCH_AFTER_SECONDS must be at least REQUEUE_AFTER_SECONDS")
         if self.moderation_retry_backoff_max >= self.broker_visibility_timeout:
             raise ValueError("MODERATION_RETRY_BACKOFF_MAX must be below BROKER_VISIBILITY_TIMEOUT")
         return self

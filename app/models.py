@@ -166,6 +166,9 @@ class Submission(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When its message was last handed to the broker (None: never, or the broker refused it): the sweep re-sends a
+    # queued row that merely waits in a healthy queue only after REDISPATCH_AFTER_SECONDS.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Fencing token: only the holder of the current claim may record the verdict.
     claim_token: Mapped[str | None] = mapped_column(sa.String(32))

@@ -5,6 +5,7 @@ names; the worker loads them from `workers.tasks`. See docs/architecture.md ("Th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.outbox import (
     Message,
     Publisher,
 )
+from app.use_cases.moderation import mark_undispatched
 
 MODERATION_QUEUE = "moderation"
 # Webhook deliveries wait on other people's servers; their own queue lets an operator give them their own workers
@@ -97,6 +99,8 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     app.extensions[CELERY] = celery_app
     # Committed transactions' messages leave through this Celery app.
     database.outbox.publisher = celery_publisher(celery_app)
+    # A submission whose message the broker refused is re-sent by the sweep soon, not after REDISPATCH_AFTER_SECONDS.
+    database.outbox.on_publish_failure = functools.partial(mark_undispatched, database)
 
     @worker_process_init.connect(weak=False)
     def _dispose_inherited_connections(**_kwargs: Any) -> None:

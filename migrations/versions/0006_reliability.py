@@ -46,6 +46,9 @@ def _convert(change: Callable[[Any, str], str], needs_change: Callable[[str], bo
 
 
 def upgrade() -> None:
+    # Rows queued before this revision count as never dispatched: the first sweep sends each once more.
+    with op.batch_alter_table('submissions') as batch:
+        batch.add_column(sa.Column('dispatched_at', sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table('webhook_endpoints') as batch:
         for column in _SECRET_COLUMNS:
             batch.alter_column(column, type_=sa.String(length=255), existing_type=sa.String(length=100))
@@ -67,6 +70,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('submissions') as batch:
+        batch.drop_column('dispatched_at')
     _convert(lambda box, value: box.decrypt(value), lambda value: not value.startswith('whsec_'))
     with op.batch_alter_table('webhook_endpoints') as batch:
         for column in _SECRET_COLUMNS:
