@@ -62,6 +62,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Celery's prefork pool, except that a time limit never cancels a task that already finished while the
+        # worker was reconnecting to the broker (workers/pool.py). A reconnect cancels no running task either: that
+        # is Celery 5's default, said here so Celery 6's change of default cannot slip in.
+        "worker_pool": "workers.pool:TaskPool",
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # The soft limit leaves the task most of its time (see Settings.task_soft_time_limit).
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
