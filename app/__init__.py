@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import api, db, extensions, metrics
+from app import api, db, extensions, metrics, secrets_at_rest
 from app.api import body, errors, long_polls, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
@@ -27,6 +27,8 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     app.extensions[extensions.SETTINGS] = settings
     body.init_app(app)
 
+    # Webhook secrets are encrypted at rest; every process that reads or writes them has the key before it starts.
+    secrets_at_rest.configure(secrets_at_rest.load_box(settings))
     database = db.Database(settings.database_url)
     app.extensions[extensions.DATABASE] = database
     app.extensions[extensions.PROVIDER] = build_provider(settings)

@@ -56,8 +56,13 @@ def _alembic_config(settings: Settings) -> AlembicConfig:
 
 
 def migrate_database(settings: Settings) -> None:
+    from app.secrets_at_rest import load_box
+
     settings.ensure_var_dir()
-    command.upgrade(_alembic_config(settings), "head")
+    config = _alembic_config(settings)
+    # Revision 0006 encrypts webhook secrets stored before it, with this deployment's key.
+    config.attributes["webhook_secret_box"] = load_box(settings)
+    command.upgrade(config, "head")
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -494,6 +499,37 @@ def _chain_id(session: Any, tenant: str | None, system: bool) -> str:
     if tenant_id is None:
         raise CannotVerify(f"no tenant named {tenant!r}")
     return str(tenant_id)
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhook signing secrets: their encryption at rest (docs/operations.md, "Webhook secret encryption")."""
+
+
+@webhooks.command("new-encryption-key")
+def webhooks_new_encryption_key() -> None:
+    """Print a new Fernet key, to put first in WEBHOOK_SECRET_KEYS."""
+    from cryptography.fernet import Fernet
+
+    click.echo(Fernet.generate_key().decode())
+
+
+@webhooks.command("rotate-encryption")
+def webhooks_rotate_encryption() -> None:
+    """Re-encrypt every stored webhook secret with the first key of WEBHOOK_SECRET_KEYS (run it after putting a new
+    key first; then the old keys may be dropped)."""
+    from app.db import Database
+    from app.secrets_at_rest import SecretKeyMismatch, load_box
+    from app.use_cases.webhook_endpoints import reencrypt_secrets
+
+    settings = Settings()
+    database = Database(settings.database_url)
+    try:
+        with database.transaction() as session:
+            count = reencrypt_secrets(session, load_box(settings))
+    except SecretKeyMismatch as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"re-encrypted the secrets of {count} webhook endpoint(s) with the first key")
 
 
 @main.group()

@@ -351,7 +351,20 @@ class Settings(BaseSettings):
     )
     requeue_after_seconds: int = Field(
         default=60, gt=0, json_schema_extra=_in(PROCESSING),
-        description="A queued submission that no worker has picked up by then is sent again (covers lost messages).",
+        description=(
+            "A queued submission that no worker has picked up by then is sent again if its message never reached "
+            "the broker (a publish that failed); see REDISPATCH_AFTER_SECONDS for one the broker took."
+        ),
+    )
+    # issue 11 item 2 (rel): a healthy backlog is not re-sent.
+    redispatch_after_seconds: int = Field(
+        default=600, gt=0, json_schema_extra=_in(PROCESSING),
+        description=(
+            "A queued submission whose message the broker accepted is sent again only after this long (at least "
+            "REQUEUE_AFTER_SECONDS): it covers a broker that lost its messages (a Redis restarted without "
+            "persistence), while a backlog merely waiting in a healthy queue is left alone. One whose message was "
+            "never accepted (the broker was down) is sent again after REQUEUE_AFTER_SECONDS."
+        ),
     )
     sweep_interval_seconds: float = Field(
         default=30.0, gt=0, json_schema_extra=_in(PROCESSING),
@@ -419,6 +432,17 @@ class Settings(BaseSettings):
             "A worker's claim on a delivery, in seconds (at least 2 x WEBHOOK_TIMEOUT_SECONDS + 10). The delivery "
             "task is killed 5 s before it ends, and only then may another worker retry it, so no delivery is sent "
             "twice at once."
+        ),
+    )
+    # issue 11 item 6 (rel): signing secrets are stored encrypted (app/secrets_at_rest.py).
+    webhook_secret_keys: SecretStr | None = Field(
+        default=None, json_schema_extra=_in(WEBHOOKS, accepts="comma-separated Fernet keys"),
+        description=(
+            "Keys that encrypt webhook signing secrets at rest (`verdict webhooks new-encryption-key` makes one): the "
+            "first encrypts, every one decrypts, so a new key goes first and the old one stays until "
+            "`verdict webhooks rotate-encryption` has re-encrypted every secret. Every API and worker process needs "
+            "the same list. Empty: a key made once in $VAR_DIR/webhook-secret.key (right for the embedded default "
+            "and a single host)."
         ),
     )
     webhook_sweep_interval_seconds: float = Field(
@@ -524,6 +548,8 @@ class Settings(BaseSettings):
         # (lease minus a margin) makes sure the first one is gone by then.
         if self.processing_lease_seconds < 10:
             raise ValueError("PROCESSING_LEASE_SECONDS must be at least 10")
+        if self.redispatch_after_seconds < self.requeue_after_seconds:
+            raise ValueError("REDISPATCH_AFTER_SECONDS must be at least REQUEUE_AFTER_SECONDS")
         if self.moderation_retry_backoff_max >= self.broker_visibility_timeout:
             raise ValueError("MODERATION_RETRY_BACKOFF_MAX must be below BROKER_VISIBILITY_TIMEOUT")
         return self
@@ -559,6 +585,20 @@ class Settings(BaseSettings):
         if self.webhook_lease_seconds < 2 * self.webhook_timeout_seconds + 10:
             raise ValueError("WEBHOOK_LEASE_SECONDS must be at least 2 * WEBHOOK_TIMEOUT_SECONDS + 10")
         return self
+
+    @field_validator("webhook_secret_keys")
+    @classmethod
+    def _check_secret_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _parse_fernet_keys(value.get_secret_value())
+        return value
+
+    @property
+    def webhook_secret_key_list(self) -> list[bytes]:
+        """WEBHOOK_SECRET_KEYS as Fernet keys, first the one that encrypts; empty when unset."""
+        if self.webhook_secret_keys is None:
+            return []
+        return _parse_fernet_keys(self.webhook_secret_keys.get_secret_value())
 
     @property
     def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -646,6 +686,24 @@ def _parse_ports(value: str) -> frozenset[int] | None:
             raise ValueError(f"WEBHOOK_ALLOWED_PORTS must list ports from 1 to 65535, or be `*`; not {part!r}")
         ports.add(int(part))
     return frozenset(ports)
+
+
+def _parse_fernet_keys(value: str) -> list[bytes]:
+    import base64
+    import binascii
+
+    keys = [part.strip().encode() for part in value.split(",") if part.strip()]
+    if not keys:
+        raise ValueError("WEBHOOK_SECRET_KEYS must list at least one key")
+    for number, key in enumerate(keys, start=1):
+        try:
+            valid = len(base64.urlsafe_b64decode(key)) == 32
+        except (binascii.Error, ValueError):
+            valid = False
+        if not valid:
+            # Never the key itself in the message: it is a secret.
+            raise ValueError(f"WEBHOOK_SECRET_KEYS: key {number} is not a Fernet key (32 url-safe base64 bytes)")
+    return keys
 
 
 def _parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:

@@ -42,6 +42,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
+    if url.startswith("postgresql"):
+        # A database that is unreachable (not merely refusing) must not hang a request for the OS's TCP timeout.
+        kwargs.setdefault("connect_args", {"connect_timeout": 5})
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **kwargs)
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
+from app.secrets_at_rest import EncryptedSecret
 
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
 BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -167,6 +168,9 @@ class Submission(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When its message was last handed to the broker (None: never, or the broker refused it): the sweep re-sends a
+    # queued row that merely waits in a healthy queue only after REDISPATCH_AFTER_SECONDS.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Fencing token: only the holder of the current claim may record the verdict.
     claim_token: Mapped[str | None] = mapped_column(sa.String(32))
@@ -343,7 +347,8 @@ class DeliveryStatus(enum.StrEnum):
 class WebhookEndpoint(Base):
     """Where a tenant's events go, which ones, and the secret that signs them.
 
-    The secret is stored as issued (`whsec_<base64>`), not hashed: signing with HMAC needs the raw secret.
+    The secret cannot be hashed (signing with HMAC needs it as issued, `whsec_<base64>`), so it is stored encrypted
+    with the server's key (app/secrets_at_rest.py).
     During a rotation the previous secret signs too, until `previous_secret_expires_at`.
     """
 
@@ -364,8 +369,9 @@ class WebhookEndpoint(Base):
     events: Mapped[list[str]] = mapped_column(JSONType, default=list)
     status: Mapped[str] = mapped_column(sa.String(16), default=WebhookEndpointStatus.ENABLED.value)
     disabled_reason: Mapped[str | None] = mapped_column(sa.String(200))
-    secret: Mapped[str] = mapped_column(sa.String(100))
-    previous_secret: Mapped[str | None] = mapped_column(sa.String(100))
+    # Encrypted at rest (a Fernet token in the column): plaintext only in this process's memory.
+    secret: Mapped[str] = mapped_column(EncryptedSecret)
+    previous_secret: Mapped[str | None] = mapped_column(EncryptedSecret)
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

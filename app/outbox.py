@@ -56,6 +56,9 @@ class Outbox:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.publisher: Publisher | None = None
+        # Told which messages the broker refused, so their rows can say they were never dispatched (app/queue.py
+        # installs app/use_cases/moderation.py's mark_undispatched).
+        self.on_publish_failure: Callable[[Sequence[Message]], object] | None = None
         event.listen(sessions, "after_commit", self._publish)
         event.listen(sessions, "after_transaction_end", self._forget)
 
@@ -71,6 +74,12 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - any broker failure means the same: the sweeps send them later
             log.warning("outbox_publish_failed", count=len(messages), tasks=sorted({m.task for m in messages}),
                         error_type=type(exc).__name__)
+            if self.on_publish_failure is not None:
+                try:
+                    self.on_publish_failure(messages)
+                except Exception as record_exc:  # noqa: BLE001 - the rows are then re-sent after the longer bound
+                    log.warning("outbox_failure_not_recorded", count=len(messages),
+                                error_type=type(record_exc).__name__)
 
     @staticmethod
     def _forget(session: Session, transaction: SessionTransaction) -> None:

@@ -5,6 +5,7 @@ names; the worker loads them from `workers.tasks`. See docs/architecture.md ("Th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from app.outbox import (
     Message,
     Publisher,
 )
+from app.use_cases.moderation import mark_undispatched
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +65,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # Celery's prefork pool, except that a time limit never cancels a task that already finished while the
+        # worker was reconnecting to the broker (workers/pool.py). A reconnect cancels no running task either: that
+        # is Celery 5's default, said here so Celery 6's change of default cannot slip in.
+        "worker_pool": "workers.pool:TaskPool",
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # The soft limit leaves the task most of its time (see Settings.task_soft_time_limit).
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
@@ -100,6 +107,8 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     app.extensions[CELERY] = celery_app
     # Committed transactions' messages leave through this Celery app.
     database.outbox.publisher = celery_publisher(celery_app)
+    # A submission whose message the broker refused is re-sent by the sweep soon, not after REDISPATCH_AFTER_SECONDS.
+    database.outbox.on_publish_failure = functools.partial(mark_undispatched, database)
 
     @worker_process_init.connect(weak=False)
     def _dispose_inherited_connections(**_kwargs: Any) -> None:

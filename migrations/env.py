@@ -11,6 +11,7 @@ from alembic.autogenerate.api import AutogenContext
 from app import models  # registers every table on Base.metadata
 from app.config import Settings
 from app.db import Base, make_engine
+from app.secrets_at_rest import EncryptedSecret
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -32,6 +33,8 @@ def _render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str |
     # Revisions must not import application code, which changes after they are written.
     if type_ == "type" and isinstance(obj, models.UTCDateTime):
         return "sa.DateTime(timezone=True)"
+    if type_ == "type" and isinstance(obj, EncryptedSecret):
+        return "sa.String(length=255)"
     return False
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 from flask import Flask, Response, jsonify
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 from app.schemas.errors import ErrorDetail, ErrorResponse
@@ -23,6 +24,9 @@ from app.use_cases.errors import (
 )
 
 log = structlog.get_logger(__name__)
+
+# What a 503 for an unreachable database tells a client to wait: about a restart's length.
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -149,6 +153,15 @@ def register_error_handlers(app: Flask) -> None:
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return error_response(status, message, code=code, headers=headers)
+
+    @app.errorhandler(sa_exc.OperationalError)
+    @app.errorhandler(sa_exc.InterfaceError)
+    def _database_unavailable(exc: sa_exc.DBAPIError) -> Response:
+        # The database is away (restarting, unreachable, out of connections): a retryable 503, not a 500 with a
+        # stack trace (issue 11 item 3). The driver's message may name the host; it is not logged or sent.
+        log.warning("database_unavailable", error_type=type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+        return error_response(503, "The database is unavailable; retry shortly.", code="database_unavailable",
+                              headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -411,7 +411,8 @@ def _header_ref(name: str, *, required: bool) -> dict[str, Any]:
 
 
 def _errors(operation: Operation, method: str, keyed: bool, has_path_ids: bool) -> list[int]:
-    statuses = {500, *operation.errors}
+    # 503: every route may meet a database that is away for a moment (app/api/errors.py).
+    statuses = {500, 503, *operation.errors}
     if operation.query is not None or operation.body:
         statuses.add(400)
     if keyed:

@@ -74,7 +74,15 @@ class GuardedProvider:
 
     def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
         try:
-            result: ProviderResult = self.breaker().circuit.call(self.primary.moderate, texts, model)
+            breaker = self.breaker()
+        except redis.RedisError as exc:
+            # The breaker's shared state is out of reach (Redis is down or restarting; issue 11 item 4): ask the
+            # provider unguarded, like the rate limits do, rather than fail the task. The next call builds it again.
+            log.warning("circuit_unavailable", error_type=type(exc).__name__)
+            unguarded: ProviderResult = self.primary.moderate(texts, model)
+            return unguarded
+        try:
+            result: ProviderResult = breaker.circuit.call(self.primary.moderate, texts, model)
             return result
         except pybreaker.CircuitBreakerError as exc:
             if self.fallback is None:

@@ -283,12 +283,18 @@ def _recorded(work: Work, verdict: Verdict | None, *, cached: bool = False, batc
 
 
 def requeue_stalled(session: Session, settings: Settings, *, batch_size: int = 500) -> int:
-    """Send again what the queue lost, in the caller's transaction: queued rows nobody picked up, and claims whose
-    lease ran out. A lost message (a restarted Redis, a publish that failed after commit, a killed worker) leaves
-    its row behind, so the row, not the message, is the source of truth."""
+    """Send again what the queue lost, in the caller's transaction: queued rows whose message never reached the
+    broker (it refused the publish) and nobody picked up within REQUEUE_AFTER_SECONDS, queued rows whose message the
+    broker took but which still wait after REDISPATCH_AFTER_SECONDS (a broker that lost its messages), and claims
+    whose lease ran out. A row merely waiting its turn in a healthy queue is left alone: re-sending a backlog only
+    doubles it. The row, not the message, is the source of truth."""
     now = utcnow()
-    stale_queued = and_(Submission.status == SubmissionStatus.QUEUED.value,
-                        Submission.enqueued_at < now - timedelta(seconds=settings.requeue_after_seconds))
+    stale_queued = and_(
+        Submission.status == SubmissionStatus.QUEUED.value,
+        Submission.enqueued_at < now - timedelta(seconds=settings.requeue_after_seconds),
+        or_(Submission.dispatched_at.is_(None),
+            Submission.dispatched_at < now - timedelta(seconds=settings.redispatch_after_seconds)),
+    )
     expired_claims = and_(Submission.status == SubmissionStatus.PROCESSING.value,
                           Submission.claimed_at < now - timedelta(seconds=settings.processing_lease_seconds))
     ids = list(session.scalars(
@@ -298,9 +304,24 @@ def requeue_stalled(session: Session, settings: Settings, *, batch_size: int = 5
     if not ids:
         return 0
     session.execute(
-        update(Submission).where(Submission.id.in_(ids), stale_queued).values(enqueued_at=now)
+        update(Submission).where(Submission.id.in_(ids), stale_queued).values(enqueued_at=now, dispatched_at=now)
         .execution_options(synchronize_session=False)
     )
     send_after_commit(session, *(Message(MODERATE_SUBMISSION, (submission_id,)) for submission_id in ids))
     log.info("requeued_stalled", count=len(ids))
     return len(ids)
+
+
+def mark_undispatched(database: Database, messages: Sequence[Message]) -> int:
+    """The broker refused these messages after their transaction committed (app/outbox.py): their queued
+    submissions were never dispatched, so the sweep sends them again after REQUEUE_AFTER_SECONDS instead of waiting
+    REDISPATCH_AFTER_SECONDS. Returns the rows marked."""
+    ids = [m.args[0] for m in messages if m.task == MODERATE_SUBMISSION and m.args]
+    if not ids:
+        return 0
+    with database.transaction() as session:
+        marked = session.execute(
+            update(Submission).where(Submission.id.in_(ids), Submission.status == SubmissionStatus.QUEUED.value)
+            .values(dispatched_at=None).execution_options(synchronize_session=False)
+        )
+    return int(getattr(marked, "rowcount", 0) or 0)

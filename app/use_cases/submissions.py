@@ -77,6 +77,7 @@ def submit_content(
             request_id=request_id,
             created_at=now,
             enqueued_at=now,
+            dispatched_at=now,  # its message leaves after the commit; cleared if the broker refuses it
         )
         session.add(submission)
         submissions.append(submission)

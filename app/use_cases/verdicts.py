@@ -207,7 +207,7 @@ def release_for_retry(session: Session, claim: Claim, *, delay_seconds: float, r
         update(Submission)
         .where(Submission.id == claim.submission_id, Submission.claim_token == claim.token)
         .values(status=SubmissionStatus.QUEUED.value, claim_token=None, updated_at=now,
-                enqueued_at=now + timedelta(seconds=delay_seconds),
+                enqueued_at=now + timedelta(seconds=delay_seconds), dispatched_at=now,
                 attempts=Submission.attempts - (1 if refund_attempt else 0))
         .returning(Submission.id)
         .execution_options(synchronize_session=False)

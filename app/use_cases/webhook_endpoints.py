@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import String, column, func, select, table, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEndpointKind, new_id, utcnow
+from app.secrets_at_rest import SecretBox
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Conflict, InvalidInput, NotFound
@@ -184,3 +185,23 @@ def check_callback_urls(
         raise InvalidInput(f"{first}: callbacks are signed with the tenant's callback secret, and there is none "
                              "yet; create it first with POST /v1/webhooks/callback-secret.", param=first,
                              code="callback_secret_missing")
+
+
+# ---- secrets at rest -------------------------------------------------------------------------------------------
+
+# The stored columns as they are (Fernet tokens), without the ORM type that decrypts them.
+_STORED_SECRETS = table("webhook_endpoints", column("id", String), column("secret", String),
+                        column("previous_secret", String))
+
+
+def reencrypt_secrets(session: Session, box: SecretBox) -> int:
+    """Re-encrypt every endpoint's stored secrets with the box's first key, in the caller's transaction, without
+    ever holding them in plaintext; returns the endpoints rewritten. SecretKeyMismatch if one was made with a key
+    the box no longer has."""
+    rows = session.execute(select(_STORED_SECRETS).with_for_update()).all()
+    for row in rows:
+        session.execute(update(_STORED_SECRETS).where(_STORED_SECRETS.c.id == row.id).values(
+            secret=box.rotate(row.secret),
+            previous_secret=box.rotate(row.previous_secret) if row.previous_secret else None,
+        ))
+    return len(rows)

@@ -31,6 +31,8 @@ FINAL = {"completed", "failed"}
 WORKER_ENV = {
     "PROCESSING_LEASE_SECONDS": "10",
     "REQUEUE_AFTER_SECONDS": "3",
+    # Messages the broker took but lost (the tests that empty Redis) are re-sent after this long.
+    "REDISPATCH_AFTER_SECONDS": "6",
     "SWEEP_INTERVAL_SECONDS": "1",
     "MODERATION_MAX_RETRIES": "2",
     "MODERATION_RETRY_BACKOFF_MAX": "1",

@@ -19,6 +19,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from app.config import Settings
@@ -238,3 +239,54 @@ def test_beat_schedule_option_reaches_celery(database_url: str, redis_url: str, 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_webhooks_rotate_encryption_reencrypts_with_the_first_key(verdict: Run, tmp_path: Path, app: Flask) -> None:
+    # `app`: this process's own key is installed, and put back after the test installs another.
+    from cryptography.fernet import Fernet
+    from sqlalchemy import text
+
+    from app import secrets_at_rest
+    from app.db import Database
+    from app.models import Tenant, WebhookEndpoint
+    from app.secrets_at_rest import SecretBox
+
+    made = verdict("webhooks", "new-encryption-key")
+    assert made.returncode == 0, made.stderr
+    old, new = made.stdout.strip().encode(), Fernet.generate_key()
+    Fernet(old)  # a real key
+    url = f"sqlite:///{tmp_path / 'rotation.db'}"  # its own database: the run's holds other tests' secrets
+
+    def env(keys: bytes) -> dict[str, str]:
+        return base_env(DATABASE_URL=url, BROKER_URL="memory://", VAR_DIR=str(tmp_path / "var"),
+                        WEBHOOK_SECRET_KEYS=keys.decode())
+
+    assert verdict("migrate", env=env(old)).returncode == 0
+    saved = secrets_at_rest.current_box()
+    secrets_at_rest.configure(SecretBox([old]))
+    database = Database(url)
+    try:
+        with database.transaction() as session:
+            session.add(Tenant(id="ten_rot", name="rot"))
+            session.flush()
+            session.add(WebhookEndpoint(id="wh_rot", tenant_id="ten_rot", url="https://example.com/h",
+                                        events=["submission.flagged"], secret="whsec_" + "C" * 43 + "="))
+    finally:
+        secrets_at_rest.configure(saved)
+
+    def stored() -> str:
+        with database.engine.connect() as connection:
+            value: str = connection.execute(text("SELECT secret FROM webhook_endpoints")).scalar_one()
+        return value
+
+    rotated = verdict("webhooks", "rotate-encryption", env=env(new + b"," + old))
+    assert rotated.returncode == 0, rotated.stderr
+    assert "1 webhook endpoint" in rotated.stdout
+    assert Fernet(new).decrypt(stored().encode()) == ("whsec_" + "C" * 43 + "=").encode()
+    # Without the key it was made with, it refuses (exit 1) and says so, without printing any key or secret.
+    stranger = Fernet.generate_key()
+    refused = verdict("webhooks", "rotate-encryption", env=env(stranger))
+    assert refused.returncode == 1 and "cannot be decrypted" in refused.stderr
+    for secret in (stranger, new, old, b"whsec_"):
+        assert secret.decode() not in refused.stdout + refused.stderr
+    database.engine.dispose()

@@ -20,6 +20,8 @@ COMMANDS = {
     ("erasure", "erase_expired_content"),
     ("submissions", "await_submission"),
     ("policies", "run_backtest"),
+    # Runs after another transaction committed and the broker refused its messages (app/outbox.py).
+    ("moderation", "mark_undispatched"),
 }
 # What ends or opens a transaction: only a command may call these.
 TRANSACTION_CALLS = {"commit", "rollback", "begin", "begin_nested", "transaction", "session"}
