@@ -21,6 +21,7 @@ DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
 ERASE_EXPIRED_CONTENT = "retention.erase_expired"
 PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 RUN_BACKTEST = "policies.run_backtest"
+REQUEUE_BACKTESTS = "policies.requeue_stalled"
 
 _PENDING = "verdict.outbox"
 

@@ -21,6 +21,7 @@ from app.outbox import (
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
     PURGE_IDEMPOTENCY_KEYS,
+    REQUEUE_BACKTESTS,
     REQUEUE_STALLED,
     Message,
     Publisher,
@@ -77,6 +78,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                        "schedule": settings.retention_sweep_interval_seconds},
             "dispatch-webhook-deliveries": {"task": DISPATCH_WEBHOOKS,
                                             "schedule": settings.webhook_sweep_interval_seconds},
+            "requeue-stalled-backtests": {"task": REQUEUE_BACKTESTS, "schedule": settings.sweep_interval_seconds},
         },
         "timezone": "UTC",
     }
