@@ -22,6 +22,7 @@ ERASE_EXPIRED_CONTENT = "retention.erase_expired"
 PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 SUMMARIZE_AUTH_FAILURES = "audit.summarize_auth_failures"
 RUN_BACKTEST = "policies.run_backtest"
+REQUEUE_BACKTESTS = "policies.requeue_stalled"
 
 _PENDING = "verdict.outbox"
 

@@ -23,6 +23,7 @@ from app.outbox import (
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
     PURGE_IDEMPOTENCY_KEYS,
+    REQUEUE_BACKTESTS,
     REQUEUE_STALLED,
     SUMMARIZE_AUTH_FAILURES,
     Message,
@@ -90,6 +91,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                             "schedule": settings.webhook_sweep_interval_seconds},
             "summarize-auth-failures": {"task": SUMMARIZE_AUTH_FAILURES,
                                         "schedule": settings.auth_failure_window_seconds},
+            "requeue-stalled-backtests": {"task": REQUEUE_BACKTESTS, "schedule": settings.sweep_interval_seconds},
         },
         "timezone": "UTC",
     }

@@ -14,6 +14,7 @@ from app.outbox import (
     ERASE_EXPIRED_CONTENT,
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
+    REQUEUE_BACKTESTS,
     REQUEUE_STALLED,
     RUN_BACKTEST,
     SUMMARIZE_AUTH_FAILURES,
@@ -72,3 +73,12 @@ def summarize_auth_failures() -> int:
 @shared_task(name=RUN_BACKTEST, acks_late=True, reject_on_worker_lost=True)
 def run_backtest(backtest_id: str) -> str:
     return policies.run_backtest(current_database(), backtest_id)
+
+
+@shared_task(name=REQUEUE_BACKTESTS, acks_late=False)
+def requeue_backtests() -> int:
+    settings = current_settings()
+    with current_database().transaction() as session:
+        # A running backtest older than a task may live was abandoned by a dead worker.
+        return policies.requeue_backtests(session, queued_for=settings.requeue_after_seconds,
+                                          running_for=settings.task_time_limit + settings.requeue_after_seconds)

@@ -25,8 +25,6 @@ _CONFUSABLES = str.maketrans({
     # Leetspeak
     "0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s",
 })
-# Characters that render as nothing (zero-width space and joiners, soft hyphen, bidi controls): Unicode's format
-# category, dropped so "b\u200bad" reads "bad".
 _WORD = re.compile(r"[^\W_]+")
 # At least this many one-letter words in a row are read as one spaced-out word ("b a d" -> "bad").
 _SPACED_RUN = 3
@@ -50,15 +48,30 @@ class TermListError(ValueError):
 
 def fold(text: str) -> str:
     """The text as matching sees it: NFKC, casefolded, invisible characters dropped, look-alikes folded."""
+    if text.isascii():  # the common case: nothing for NFKC, invisible characters or accents to do
+        return text.lower().translate(_CONFUSABLES)
     folded = unicodedata.normalize("NFKC", text).casefold()
-    folded = "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")
-    # Decomposed accents go too, so "bàd" and "bad" match alike (NFKC keeps é composed: NFD splits it first).
-    folded = "".join(ch for ch in unicodedata.normalize("NFD", folded) if unicodedata.category(ch) != "Mn")
+    # Format characters (zero-width, soft hyphen, bidi controls) go, and so do accents once NFD has split them off
+    # (NFKC keeps é composed), so "b\u200bàd" reads "bad".
+    folded = "".join(ch for ch in unicodedata.normalize("NFD", folded) if unicodedata.category(ch) not in _DROPPED)
     return folded.translate(_CONFUSABLES)
 
 
+_DROPPED = frozenset({"Cf", "Mn"})
+
+
+@lru_cache(maxsize=64)
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(_joined_words(text))
+
+
 def words(text: str) -> list[str]:
-    """The folded text's words, with spaced-out runs of single letters ("b a d", "b.a.d", "b-a-d") joined."""
+    """The folded text's words, with spaced-out runs of single letters ("b a d", "b.a.d", "b-a-d") joined. (Kept
+    for the last few texts: every list of a policy, and its shadow's, reads the same text.)"""
+    return list(_words(text))
+
+
+def _joined_words(text: str) -> list[str]:
     tokens = _WORD.findall(fold(text))
     joined: list[str] = []
     run: list[str] = []
@@ -111,8 +124,9 @@ class TermMatcher:
         tokens = words(text)
         for allowed in exempt:
             tokens = allowed.remove(tokens)
-        count = 0
-        for size in range(1, self.longest + 1):
+        terms = self.terms
+        count = sum(1 for token in tokens if token in terms) if self.longest else 0
+        for size in range(2, self.longest + 1):  # phrases
             for start in range(len(tokens) - size + 1):
                 if " ".join(tokens[start:start + size]) in self.terms:
                     count += 1

@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -570,6 +570,24 @@ def queue_backtest(session: Session, tenant_id: str, name: str, request: Backtes
     session.flush()
     send_after_commit(session, Message(RUN_BACKTEST, (job.id,)))
     return job
+
+
+def requeue_backtests(session: Session, *, queued_for: float, running_for: float, batch_size: int = 100) -> int:
+    """Send again what the queue lost, in the caller's transaction: backtests queued longer than `queued_for`
+    seconds (their message lost), and running ones started more than `running_for` seconds ago (their worker died:
+    no task runs that long), which go back to the queue. The row, not the message, is the record."""
+    now = utcnow()
+    stale_queued = (Backtest.status == "queued") & (Backtest.created_at < now - timedelta(seconds=queued_for))
+    dead_running = (Backtest.status == "running") & (Backtest.started_at < now - timedelta(seconds=running_for))
+    ids = list(session.scalars(select(Backtest.id).where(stale_queued | dead_running)
+                               .order_by(Backtest.created_at).limit(batch_size)))
+    if not ids:
+        return 0
+    session.execute(update(Backtest).where(Backtest.id.in_(ids), dead_running).values(status="queued", started_at=None)
+                    .execution_options(synchronize_session=False))
+    send_after_commit(session, *(Message(RUN_BACKTEST, (backtest_id,)) for backtest_id in ids))
+    log.info("requeued_backtests", count=len(ids))
+    return len(ids)
 
 
 def get_backtest(session: Session, tenant_id: str, backtest_id: str) -> Backtest:

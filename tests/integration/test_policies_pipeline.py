@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from flask.testing import FlaskClient
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from app import create_app
 from app.db import Database
-from app.models import PolicyVersion, TenantPolicy, Verdict
+from app.models import Backtest, PolicyVersion, TenantPolicy, Verdict, utcnow
 from tests.conftest import TenantKey, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env, submit, wait_final
@@ -59,7 +60,7 @@ def set_up_chat(client: FlaskClient, tenant: TenantKey) -> None:
 
 def test_roles_lists_shadow_report_and_backtests(
     client: FlaskClient, tenant: TenantKey, start_worker: Callable[..., WorkerProcess], fake_upstream: FakeUpstream,
-    database_url: str, redis_url: str,
+    database_url: str, redis_url: str, database: Database,
 ) -> None:
     start_worker(**openai_worker_env(fake_upstream))
     set_up_chat(client, tenant)
@@ -141,6 +142,27 @@ def test_roles_lists_shadow_report_and_backtests(
     # Version 1 is the policy that decided them all: the backtest agrees except where lists decided.
     assert job["result"]["total"] == 7 and job["result"]["matrix"]["block"]["allow"] == 4
     assert job["result"]["agreed"] == 3
+
+    # A backtest abandoned by a dead worker (running for an hour) and one whose message was lost are taken up again
+    # by the beat sweep and completed.
+    with database.transaction() as session:
+        stored = session.get(Backtest, job["id"])
+        assert stored is not None
+        abandoned = [Backtest(tenant_id=tenant.tenant_id, policy_name="chat", request=stored.request, status=status,
+                              created_at=utcnow() - timedelta(hours=1),
+                              started_at=utcnow() - timedelta(hours=1) if status == "running" else None)
+                     for status in ("running", "queued")]
+        session.add_all(abandoned)
+        session.flush()
+        abandoned_ids = [b.id for b in abandoned]
+    deadline = time.monotonic() + 60
+    while True:
+        with database.transaction() as session:
+            statuses = [session.get(Backtest, i).status for i in abandoned_ids]  # type: ignore[union-attr]
+        if statuses == ["completed", "completed"]:
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.5)
 
 
 def test_a_policy_changed_while_submissions_are_in_flight(
