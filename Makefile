@@ -43,7 +43,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
+.PHONY: help install interop tools dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -74,6 +74,9 @@ dev: install ## Run the API and a worker on the embedded default (SQLite, no ser
 services: ## Make sure PostgreSQL and Redis answer (starts the machine's own if it can)
 	bash ops/ensure-services.sh
 
+tools: ## Make sure promtool is installed for the alert-rule checks (apt-get as root; CI needs it)
+	bash ops/ensure-tools.sh
+
 # pytest's exit code 5 means "no tests collected"; it fails the build like any other non-zero code.
 define run_pytest
 @status=0; $(PYTEST) $(1) $(PYTEST_ARGS) || status=$$?; \
@@ -81,7 +84,7 @@ if [ $$status -eq 5 ]; then echo "make $@: pytest collected no tests; that is a 
 exit $$status
 endef
 
-test: install interop services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
+test: install interop tools services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
 	$(call run_pytest,)
 
 # The fast lane fuzzes each operation with fewer cases (FUZZ_MAX_EXAMPLES, 50 in `make test`) to stay near a minute.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.db import Database
@@ -34,14 +32,11 @@ from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import FINAL, openai_worker_env, retire_leftovers, worker_env
 from tests.integration.processes import free_port, wait_healthy
 from tests.lanes import integration_fixture
+from tests.metric_names import PROMETHEUS_OWN, dashboard_expressions, metric_names_used, rule_expressions
 from tests.webhook_receiver import WebhookReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 VERDICT = str(Path(sys.executable).parent / "verdict")
-DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "verdict.json"
-ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
-# Prometheus's own series, which the rules may use beside Verdict's.
-PROMETHEUS_OWN = {"up"}
 
 DEPLOYMENT_ENV = {
     "UPSTREAM_RPM": "600",
@@ -144,31 +139,6 @@ def final(deployment: Deployment, tenant: TenantKey, submission_id: str) -> bool
     response = httpx.get(f"{deployment.api_url}/v1/submissions/{submission_id}?wait=2", headers=tenant.headers,
                          timeout=30)
     return response.json()["status"] in FINAL
-
-
-def metric_names_used(expressions: list[str]) -> set[str]:
-    """The series names a list of PromQL expressions select: identifiers that are not functions, keywords, label
-    names (in braces, or after by/on/without/ignoring) or strings."""
-    words = {"sum", "max", "min", "avg", "count", "rate", "increase", "irate", "histogram_quantile", "vector", "by",
-             "on", "without", "ignoring", "and", "or", "unless", "offset", "bool", "group_left", "group_right"}
-    names: set[str] = set()
-    for expression in expressions:
-        text = re.sub(r'"[^"]*"', '""', expression)
-        text = re.sub(r"\{[^}]*\}", "", text)
-        text = re.sub(r"\b(by|on|without|ignoring)\s*\([^)]*\)", "", text)
-        text = re.sub(r"\[[^\]]*\]", "", text)
-        names.update(word for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", text) if word not in words)
-    return names
-
-
-def dashboard_expressions() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-
-
-def rule_expressions() -> list[str]:
-    rules = yaml.safe_load(ALERTS.read_text())
-    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
 
 
 def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, tenant: TenantKey,

@@ -19,6 +19,7 @@ from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import PermanentProviderError, TransientProviderError
 from app.moderation.tokens import estimate_tokens
 from app.moderation.upstream_budget import (
+    BudgetState,
     NoCapacity,
     OverTokenLimit,
     ProviderLimits,
@@ -200,3 +201,16 @@ def test_provider_refuses_a_call_over_the_token_limit(client: redis.Redis, key: 
         provider.close()
     assert caught.value.code == "upstream_token_limit"
     assert upstream.requests == []
+
+
+def test_the_budget_state_shows_the_limits_and_the_window_use(client: redis.Redis, key: str) -> None:
+    budget = limiter(client, key, rpm=60, tpm=1000)
+    assert budget.state() == BudgetState(requests_limit=60, requests_used=0, tokens_limit=1000, tokens_used=0)
+    budget.acquire(120, max_wait=0)
+    state = budget.state()
+    assert (state.requests_left, state.tokens_left) == (59, 880)
+    # The provider's headers tighten the limit in force, and the state says so.
+    budget.learn({"x-ratelimit-limit-requests": "30", "x-ratelimit-remaining-requests": "29"})
+    assert budget.state().requests_limit == 30
+    unlimited = limiter(client, key + "-unlimited")
+    assert unlimited.state().requests_left is None and unlimited.state().tokens_limit is None
