@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import api, db, extensions
+from app import api, console, db, extensions
 from app.api import errors, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
@@ -35,4 +35,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     transactions.init_app(app)
     rate_limits.init_app(app, settings)
     api.init_app(app)
+    console.init_app(app)
     return app

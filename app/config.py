@@ -25,6 +25,7 @@ KEY_LIMITS = "Per-key rate limits and idempotency"
 PROCESSING = "Processing, retries and recovery"
 WEBHOOKS = "Webhooks"
 COMPLIANCE = "Compliance: retention and masking"
+REVIEW = "Human review and the console"
 RUNTIME = "Workers and logging"
 SECTIONS: dict[str, str] = {
     STORAGE: (
@@ -47,6 +48,7 @@ SECTIONS: dict[str, str] = {
     ),
     WEBHOOKS: "Delivery, retries, signing and the SSRF guard: docs/webhooks.md.",
     COMPLIANCE: "Retention, erasure and masking: docs/compliance.md.",
+    REVIEW: "The review queue's claims and the console's sessions: docs/review.md.",
     RUNTIME: "",
 }
 
@@ -388,6 +390,27 @@ class Settings(BaseSettings):
         description=(
             "Regions whose national phone numbers masking recognises; numbers written with a +country code are "
             "recognised whatever this says."
+        ),
+    )
+
+    # ---- human review and the console
+    review_claim_seconds: int = Field(
+        default=600, ge=10, le=86_400, json_schema_extra=_in(REVIEW),
+        description=(
+            "Seconds a reviewer's claim on a review item lasts (claim, claim-next, extend); then the item is back in "
+            "the queue for anyone, and the reviewer's decision is refused until they claim it again."
+        ),
+    )
+    console_session_seconds: int = Field(
+        default=28_800, ge=60, le=30 * 86_400, json_schema_extra=_in(REVIEW),
+        description="Seconds a console sign-in lasts; then the reviewer signs in again with their key.",
+    )
+    console_cookie_secure: bool = Field(
+        default=False, json_schema_extra=_in(REVIEW),
+        description=(
+            "Mark the console's session cookie `Secure` (sent over HTTPS only) even when the request reached Verdict "
+            "over plain HTTP, as it does behind a TLS-terminating proxy. Set it true in production; requests that "
+            "arrive over HTTPS get a Secure cookie anyway."
         ),
     )
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import audit, data, health, keys, moderations, openapi, submissions, webhooks
+from app.api import audit, data, health, keys, moderations, openapi, reviews, submissions, webhooks
 
 
 def init_app(app: Flask) -> None:
-    for module in (health, submissions, moderations, audit, data, webhooks, keys, openapi):
+    for module in (health, submissions, moderations, audit, data, webhooks, keys, reviews, openapi):
         app.register_blueprint(module.bp)

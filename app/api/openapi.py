@@ -19,6 +19,17 @@ from app.schemas.errors import ErrorResponse
 from app.schemas.health import HealthOut, ReadinessOut
 from app.schemas.keys import KeyCreateIn, KeyList, KeyOut, KeyWithSecret
 from app.schemas.moderations import ModelList, ModerationRequest, ModerationResponse
+from app.schemas.reviews import (
+    ClaimNextIn,
+    ReviewDecisionIn,
+    ReviewDetailOut,
+    ReviewItemOut,
+    ReviewListQuery,
+    ReviewOverrideIn,
+    ReviewPage,
+    ReviewStatsOut,
+    ReviewStatsQuery,
+)
 from app.schemas.submissions import (
     SubmissionAccepted,
     SubmissionBatchAccepted,
@@ -68,6 +79,7 @@ _MODERATE = "OpenAI-compatible moderation"
 _WEBHOOKS = "Webhooks"
 _AUDIT = "Audit"
 _KEYS = "Keys"
+_REVIEW = "Human review"
 _OPS = "Operations"
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -130,10 +142,43 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/keys"): Operation("The tenant's API keys (never a secret)", _KEYS, {200: KeyList}),
     ("DELETE", "/v1/keys/<key_id>"): Operation("Revoke an API key, at once (rotation: create, deploy, revoke)", _KEYS,
                                                {200: KeyOut}),
+    ("GET", "/v1/reviews"): Operation(
+        "The review queue, by priority or age, filtered and paginated, with counts per status", _REVIEW,
+        {200: ReviewPage}, query=ReviewListQuery),
+    ("GET", "/v1/reviews/stats"): Operation(
+        "Queue depth and time from `review` to a human decision", _REVIEW, {200: ReviewStatsOut},
+        query=ReviewStatsQuery),
+    ("GET", "/v1/reviews/<review_id>"): Operation(
+        "A review item with its text and conversation context (each read is audited as `review.viewed`)", _REVIEW,
+        {200: ReviewDetailOut}),
+    ("POST", "/v1/reviews/<review_id>/claim"): Operation(
+        "Claim an item for REVIEW_CLAIM_SECONDS (one's own claim is extended); 409 if another reviewer holds it",
+        _REVIEW, {200: ReviewItemOut}, body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/reviews/claim-next"): Operation(
+        "Claim the first pending item in the queue's order; 404 `queue_empty` when none is left", _REVIEW,
+        {200: ReviewItemOut}, body=(ClaimNextIn,), body_optional=True, errors=(404,)),
+    ("POST", "/v1/reviews/<review_id>/extend"): Operation(
+        "Extend one's own live claim by REVIEW_CLAIM_SECONDS from now", _REVIEW, {200: ReviewItemOut},
+        body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/reviews/<review_id>/release"): Operation(
+        "Give one's own claim back to the queue", _REVIEW, {200: ReviewItemOut}, body=(EmptyBody,),
+        body_optional=True),
+    ("POST", "/v1/reviews/<review_id>/decision"): Operation(
+        "Decide a claimed item, `allow` or `block` with a reason: the claimant only, once", _REVIEW,
+        {200: ReviewItemOut}, body=(ReviewDecisionIn,)),
+    ("POST", "/v1/reviews/<review_id>/override"): Operation(
+        "Override a decided item's decision (an appeal): a new, audited action", _REVIEW, {200: ReviewItemOut},
+        body=(ReviewOverrideIn,)),
 }
 
-# Routes that serve the docs page's own files: not part of the API.
+# Routes that serve the docs page's own files: not part of the API. Nor is the review console (pages for people,
+# signed in with a session cookie, app/console/).
 UNDOCUMENTED_ENDPOINTS = frozenset({"openapi.docs_asset"})
+UNDOCUMENTED_BLUEPRINTS = frozenset({"console"})
+
+
+def is_documented(endpoint: str) -> bool:
+    return endpoint not in UNDOCUMENTED_ENDPOINTS and endpoint.partition(".")[0] not in UNDOCUMENTED_BLUEPRINTS
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: the `param` names the field, query parameter or header.",
@@ -208,11 +253,11 @@ _DOCS_PAGE = """<!doctype html>
 
 
 def build_document(app: Flask) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route `app` serves (those in UNDOCUMENTED_ENDPOINTS apart)."""
+    """The OpenAPI 3.1 document of every route `app` serves (the undocumented ones above apart)."""
     schemas = _component_schemas()
     paths: dict[str, dict[str, Any]] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint in UNDOCUMENTED_ENDPOINTS:
+        if not is_documented(rule.endpoint):
             continue
         view = app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):

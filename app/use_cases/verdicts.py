@@ -16,7 +16,7 @@ from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
 from app.moderation.policy import Assessment, Policy, assess
 from app.moderation.providers import ProviderResult
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
-from app.use_cases import webhook_deliveries
+from app.use_cases import reviews, webhook_deliveries
 from app.use_cases.audit import record_event
 
 log = structlog.get_logger(__name__)
@@ -104,7 +104,8 @@ def record_verdict(
     if won.erased_at is not None:
         verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
     session.add(verdict)
-    webhook_deliveries.raise_submission_events(session, submission.id, verdict)
+    review = reviews.open_review(session, submission, verdict)  # a `review` decision queues it for a person
+    webhook_deliveries.raise_submission_events(session, submission.id, verdict, review)
     links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
     record_event(
         session, tenant_id=submission.tenant_id, action="moderation.completed", actor=WORKER_ACTOR,
@@ -127,6 +128,8 @@ def record_verdict(
                  "scores": scores, "thresholds": {c: thresholds[c] for c in scores},
                  "not_judged": assessment.not_judged, "degraded": degraded},
     )
+    if review is not None:
+        reviews.record_review_opened(session, review, submission, actor=WORKER_ACTOR)
     return verdict
 
 
