@@ -20,6 +20,7 @@ DELIVER_WEBHOOK = "webhooks.deliver"
 DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
 ERASE_EXPIRED_CONTENT = "retention.erase_expired"
 PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
+RELEASE_EXPIRED_CLAIMS = "reviews.release_expired_claims"
 
 _PENDING = "verdict.outbox"
 

@@ -21,6 +21,7 @@ from app.outbox import (
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
     PURGE_IDEMPOTENCY_KEYS,
+    RELEASE_EXPIRED_CLAIMS,
     REQUEUE_STALLED,
     Message,
     Publisher,
@@ -77,6 +78,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                        "schedule": settings.retention_sweep_interval_seconds},
             "dispatch-webhook-deliveries": {"task": DISPATCH_WEBHOOKS,
                                             "schedule": settings.webhook_sweep_interval_seconds},
+            "release-expired-review-claims": {"task": RELEASE_EXPIRED_CLAIMS,
+                                              "schedule": settings.sweep_interval_seconds},
         },
         "timezone": "UTC",
     }

@@ -14,9 +14,10 @@ from app.outbox import (
     ERASE_EXPIRED_CONTENT,
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
+    RELEASE_EXPIRED_CLAIMS,
     REQUEUE_STALLED,
 )
-from app.use_cases import erasure, idempotency, moderation, webhook_deliveries
+from app.use_cases import erasure, idempotency, moderation, reviews, webhook_deliveries
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
@@ -59,3 +60,9 @@ def erase_expired_content(self: Any) -> int:
 def purge_idempotency_keys() -> int:
     with current_database().transaction() as session:
         return idempotency.purge_expired(session)
+
+
+@shared_task(name=RELEASE_EXPIRED_CLAIMS, acks_late=False)
+def release_expired_claims() -> int:
+    with current_database().transaction() as session:
+        return reviews.release_expired_claims(session)

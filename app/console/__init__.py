@@ -174,13 +174,12 @@ def sign_out() -> Response:
 def queue() -> Response:
     args = {k: v for k, v in request.args.items() if v and k in ReviewListQuery.model_fields}
     args.setdefault("status", "pending")
+    every_status = args["status"] == "all"  # the "All" tab: no status filter
     try:
-        query = ReviewListQuery.model_validate(args)
-    except ValidationError:
+        query = ReviewListQuery.model_validate({k: v for k, v in args.items() if not (k == "status" and every_status)})
+    except ValidationError:  # a hand-edited URL: the default view
         query = ReviewListQuery(status="pending")
         args = {"status": "pending"}
-    if args.get("status") == "all":
-        query = query.model_copy(update={"status": None})
     filters = ReviewFilter(status=query.status, category=query.category, role=query.role,
                            conversation_id=query.conversation_id)
     tenant_id = current_user().principal.tenant_id

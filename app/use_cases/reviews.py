@@ -5,6 +5,7 @@ transaction throughout; see docs/review.md."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -311,6 +312,30 @@ def release_claim(session: Session, principal: Principal, review_id: str, *, req
     return item
 
 
+def release_expired_claims(session: Session, *, batch_size: int = 200) -> int:
+    """The beat sweep: put claims whose time ran out back to `pending` and audit each release (`review.released`,
+    reason `expired`, actor `system`), in the caller's transaction. The queue already treats such an item as
+    pending; this makes the trail say when the claim lapsed, not only when someone took the item over."""
+    now = utcnow()
+    expired = list(session.scalars(
+        select(ReviewItem).where(ReviewItem.status == ReviewStatus.CLAIMED.value,
+                                 ReviewItem.claim_expires_at <= now)
+        .order_by(ReviewItem.tenant_id, ReviewItem.id).limit(batch_size)
+        .with_for_update(skip_locked=True).options(selectinload(ReviewItem.submission))
+    ))
+    for item in expired:
+        holder, expired_at = item.claimed_by, item.claim_expires_at
+        item.status = ReviewStatus.PENDING.value
+        item.claimed_by = None
+        item.claimed_at = None
+        item.claim_expires_at = None
+        session.flush()
+        _audit(session, item, item.submission, "review.released", actor=SYSTEM_ACTOR, request_id=None,
+               details={"reason": "expired", "claimed_by": holder,
+                        "expired_at": expired_at.isoformat() if expired_at else None})
+    return len(expired)
+
+
 def claim_next(
     session: Session, principal: Principal, filters: ReviewFilter, *, order: str, claim_seconds: int,
     request_id: str | None,
@@ -474,8 +499,8 @@ def _summary(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None, "p90": None, "max": None}
 
-    def rank(q: float) -> float:  # nearest rank
-        return values[min(len(values) - 1, max(0, int(round(q * len(values) + 0.5)) - 1))]
+    def rank(q: float) -> float:  # the nearest-rank percentile: the smallest value with q of them at or below it
+        return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
     return {"mean": round(sum(values) / len(values), 3), "p50": round(rank(0.5), 3), "p90": round(rank(0.9), 3),
             "max": round(values[-1], 3)}

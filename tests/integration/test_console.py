@@ -131,6 +131,9 @@ def test_an_item_is_claimed_read_and_decided_in_the_console(
     polled = client.get(f"/v1/submissions/{submission_id}", headers=tenant.headers).get_json()
     assert polled["final_decision"] == "block" and polled["review"]["decided_by"] == reviewer.key_id
 
+    assert review_id not in client.get("/console/queue").get_data(as_text=True)  # pending: no longer
+    for tab in ("decided", "all"):
+        assert review_id in client.get(f"/console/queue?status={tab}").get_data(as_text=True), tab
     shown = client.get(f"/console/submissions/{submission_id}").get_data(as_text=True)
     assert 'id="final-decision"><strong>block</strong>' in shown
     for action in ("submission.received", "verdict.decided", "review.created", "review.claimed", "review.viewed",

@@ -22,6 +22,7 @@ from app.models import AuditEvent, ReviewItem, WebhookDelivery, utcnow
 from app.moderation.policy import DEFAULT_POLICY
 from app.moderation.providers import ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
+from app.use_cases.reviews import release_expired_claims
 from app.use_cases.verdicts import claim_submission, record_verdict
 from tests.conftest import TenantKey, issue_key
 from tests.integration.webhook_support import api_settings
@@ -354,3 +355,27 @@ def test_the_figures_give_queue_depth_and_time_to_decision(
     assert 590 < stats["time_to_decision_seconds"]["p50"] < 700
     assert stats["oldest_pending_age_seconds"] is not None and stats["oldest_pending_age_seconds"] >= 0
     assert client.get("/v1/reviews/stats?window=1", headers=desk["ann"].headers).status_code == 400
+
+
+def test_the_beat_sweep_releases_expired_claims_and_audits_each(
+        client: FlaskClient, database: Database, tenant: TenantKey, desk: dict[str, TenantKey]) -> None:
+    _, lapsed = queued_review(client, database, tenant)
+    _, live = queued_review(client, database, tenant)
+    for review_id in (lapsed, live):
+        assert post(client, desk["ann"], f"/v1/reviews/{review_id}/claim").status_code == 200
+    with database.transaction() as session:
+        session.execute(update(ReviewItem).where(ReviewItem.id == lapsed)
+                        .values(claim_expires_at=utcnow() - timedelta(seconds=1)))
+    with database.transaction() as session:
+        assert release_expired_claims(session) >= 1
+    with database.transaction() as session:
+        assert session.get(ReviewItem, lapsed).status == "pending"  # type: ignore[union-attr]
+        assert session.get(ReviewItem, live).claimed_by == desk["ann"].key_id  # type: ignore[union-attr]
+        released = session.scalars(select(AuditEvent).where(AuditEvent.subject_id == lapsed,
+                                                            AuditEvent.action == "review.released")).one()
+        assert (released.actor, released.details["reason"]) == ("system", "expired")
+        assert released.details["claimed_by"] == desk["ann"].key_id
+    with database.transaction() as session:
+        assert release_expired_claims(session) == 0  # nothing twice
+    assert post(client, desk["bob"], f"/v1/reviews/{lapsed}/claim").status_code == 200
+    assert [a for a, _ in actions(database, tenant.tenant_id, lapsed)].count("review.released") == 1
