@@ -92,6 +92,17 @@ class ApiServer:
             self.process.wait(timeout=10)
 
 
+# Every visible form control has an accessible name (a <label>, aria-label or aria-labelledby): screen readers can
+# tell what each field is for.
+UNLABELLED = """
+return Array.from(document.querySelectorAll('input, select, textarea, button, meter'))
+  .filter(e => e.type !== 'hidden' && e.offsetParent !== null)
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.getAttribute('aria-labelledby')
+               && !(e.tagName === 'BUTTON' && e.textContent.trim()))
+  .map(e => e.outerHTML.slice(0, 120));
+"""
+
+
 def wait_until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -144,7 +155,9 @@ def test_a_reviewer_decides_in_the_browser_what_a_worker_sent_to_review(
         session_cookie = browser.get_cookie("verdict_console")
         assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Strict"
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        assert browser.execute_script(UNLABELLED) == []
         browser.find_element(By.TAG_NAME, "body").send_keys("j")  # keyboard: select the first row
+        assert browser.switch_to.active_element.get_attribute("class") == "row-link"
         browser.save_screenshot(str(SCREENSHOTS / "console-queue.png"))
 
         # `n` claims the next item and opens it; the text and the input that led to it are on the page.
@@ -154,6 +167,7 @@ def test_a_reviewer_decides_in_the_browser_what_a_worker_sent_to_review(
         assert "honestly, that was a stupid essay" in page
         assert "what did you think of my essay?" in page and "the input this answers" in page
         assert browser.find_element(By.ID, "claim-timer").is_displayed()
+        assert browser.execute_script(UNLABELLED) == []
         assert len(browser.find_elements(By.CSS_SELECTOR, "table.scores meter")) >= 1
         browser.find_element(By.TAG_NAME, "body").send_keys("b")  # block, then the reason
         assert browser.switch_to.active_element.get_attribute("id") == "reason"
