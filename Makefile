@@ -43,7 +43,7 @@ endef
 .DEFAULT_GOAL := help
 # `make -j ci` must still run its steps in the order given.
 .NOTPARALLEL:
-.PHONY: help install interop tools dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
+.PHONY: help install interop tools browser dev services test test-fast lint typecheck migrations-check ci bench train-engine eval clean
 
 help: ## List the targets
 	@echo "Usage: make <target> [PORT=8000] [PYTEST_ARGS='-k name'] [BENCH_ARGS='--window 120']"
@@ -56,6 +56,9 @@ interop: ## Install the JavaScript Standard Webhooks verifier the webhook tests 
 	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(INTEROP_STAMP); \
 	elif [ "$${CI:-}" = true ]; then echo "make interop: npm is not installed; CI needs it." >&2; exit 1; \
 	else echo "make interop: no npm here, so the JavaScript signature check will be skipped (CI runs it)." >&2; fi
+
+browser: ## Install headless Chromium and chromedriver for the console's browser test (Debian packages; root)
+	bash ops/ensure-browser.sh
 
 $(INTEROP_STAMP): $(INTEROP_JS)/package.json $(INTEROP_JS)/package-lock.json
 	npm ci --prefix $(INTEROP_JS) --no-audit --no-fund --loglevel=error
@@ -84,7 +87,7 @@ if [ $$status -eq 5 ]; then echo "make $@: pytest collected no tests; that is a 
 exit $$status
 endef
 
-test: install interop tools services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
+test: install interop tools browser services ## Run the whole test suite (extra pytest arguments in PYTEST_ARGS, TEST_WORKERS=2)
 	$(call run_pytest,)
 
 # The fast lane fuzzes each operation with fewer cases (FUZZ_MAX_EXAMPLES, 50 in `make test`) to stay near a minute.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app import api, db, extensions, metrics, secrets_at_rest
+from app import api, console, db, extensions, metrics, secrets_at_rest
 from app.api import body, errors, long_polls, rate_limits, request_context, transactions
 from app.config import Settings
 from app.logging import configure_logging
@@ -41,4 +41,5 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     rate_limits.init_app(app, settings)
     long_polls.init_app(app, settings, server_threads=server_threads)
     api.init_app(app)
+    console.init_app(app)
     return app

@@ -19,7 +19,7 @@ from alembic.config import Config as AlembicConfig
 from gunicorn.app.base import BaseApplication
 
 from app.config import Settings
-from app.use_cases.authentication import SCOPES
+from app.use_cases.authentication import DEFAULT_SCOPES, SCOPES
 
 if TYPE_CHECKING:
     from app.audit_chain import Verification
@@ -221,8 +221,9 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--tenant", required=True, help="Tenant name; created if new.")
-@click.option("--scopes", default=",".join(SCOPES), show_default=True, help="Comma-separated scopes.")
-@click.option("--name", default=None, help="A label for the key.")
+@click.option("--scopes", default=",".join(DEFAULT_SCOPES), show_default=True,
+              help=f"Comma-separated scopes, of {', '.join(SCOPES)}.")
+@click.option("--name", default=None, help="A label for the key (required with `review`: the reviewer's name).")
 @click.option("--expires-at", callback=_iso_time, default=None,
               help="After this time the key is refused (ISO 8601; UTC without a zone).")
 @click.option("--rate-limit-rpm", type=click.IntRange(1, 2**31 - 1), default=None,

@@ -26,6 +26,7 @@ PROCESSING = "Processing, retries and recovery"
 WEBHOOKS = "Webhooks"
 COMPLIANCE = "Compliance: retention and masking"
 METRICS = "Metrics"
+REVIEW = "Human review and the console"
 RUNTIME = "Workers and logging"
 SECTIONS: dict[str, str] = {
     STORAGE: (
@@ -53,6 +54,7 @@ SECTIONS: dict[str, str] = {
         "counters, and the deployment's gauges read at scrape time; the metrics, dashboard and alerts: "
         "docs/operations.md."
     ),
+    REVIEW: "The review queue's claims and the console's sessions: docs/review.md.",
     RUNTIME: "",
 }
 
@@ -518,6 +520,27 @@ class Settings(BaseSettings):
             "Port on which `verdict worker` serves its own processes' counters (`/metrics`, no token) for Prometheus "
             "to scrape a worker on another host or container (`verdict worker --metrics-port N` sets it). Empty: "
             "none; a worker on the API's host is counted by the API's /metrics through METRICS_DIR."
+        ),
+    )
+
+    # ---- human review and the console
+    review_claim_seconds: int = Field(
+        default=600, ge=10, le=86_400, json_schema_extra=_in(REVIEW),
+        description=(
+            "Seconds a reviewer's claim on a review item lasts (claim, claim-next, extend); then the item is back in "
+            "the queue for anyone, and the reviewer's decision is refused until they claim it again."
+        ),
+    )
+    console_session_seconds: int = Field(
+        default=28_800, ge=60, le=30 * 86_400, json_schema_extra=_in(REVIEW),
+        description="Seconds a console sign-in lasts; then the reviewer signs in again with their key.",
+    )
+    console_cookie_secure: bool = Field(
+        default=False, json_schema_extra=_in(REVIEW),
+        description=(
+            "Mark the console's session cookie `Secure` (sent over HTTPS only) even when the request reached Verdict "
+            "over plain HTTP, as it does behind a TLS-terminating proxy. Set it true in production; requests that "
+            "arrive over HTTPS get a Secure cookie anyway."
         ),
     )
 

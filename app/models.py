@@ -182,6 +182,8 @@ class Submission(Base):
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     verdict: Mapped[Verdict | None] = relationship(back_populates="submission", lazy="selectin")
+    # Loaded where it is shown (app/use_cases/submissions.py), not on every load: the worker's path never needs it.
+    review: Mapped[ReviewItem | None] = relationship(back_populates="submission", lazy="raise_on_sql")
 
 
 class Verdict(Base):
@@ -514,3 +516,93 @@ class Backtest(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# ---- human review ----
+
+
+class ReviewStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for a reviewer (also a claim whose time ran out: see app/use_cases/reviews.py)
+    CLAIMED = "claimed"  # held by one reviewer until `claim_expires_at`
+    DECIDED = "decided"
+
+
+class ReviewItem(Base):
+    """A submission whose verdict said `review`, waiting for (or decided by) a person. Written in the verdict's
+    transaction; the machine verdict stays as it was, the human decision sits here (docs/review.md)."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        sa.CheckConstraint("status IN ('pending', 'claimed', 'decided')", name="status_known"),
+        sa.CheckConstraint("decision IS NULL OR decision IN ('allow', 'block')", name="decision_known"),
+        sa.CheckConstraint("override_decision IS NULL OR override_decision IN ('allow', 'block')",
+                           name="override_decision_known"),
+        # The queue's two orders, each one index range per tenant and status.
+        sa.Index("ix_review_items_tenant_status_priority", "tenant_id", "status", "priority", "created_at", "id"),
+        sa.Index("ix_review_items_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True, default=lambda: new_id("rev"))
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    submission_id: Mapped[str] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[str] = mapped_column(sa.String(16), default=ReviewStatus.PENDING.value)
+    # The highest category score of the verdict: the queue's default order, highest first.
+    priority: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    # Copied from the submission and its verdict, for the queue's filters.
+    role: Mapped[str] = mapped_column(sa.String(16))
+    conversation_id: Mapped[str | None] = mapped_column(sa.String(128))
+    categories: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(sa.String(40))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decision: Mapped[str | None] = mapped_column(sa.String(16))
+    reason: Mapped[str | None] = mapped_column(sa.String(1000))
+    # The categories the reviewer says apply, when they differ from the machine's.
+    corrected_categories: Mapped[list[str] | None] = mapped_column(JSONType)
+    decided_by: Mapped[str | None] = mapped_column(sa.String(40))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # An admin's later override (an appeal): the decision in force from then on.
+    override_decision: Mapped[str | None] = mapped_column(sa.String(16))
+    override_reason: Mapped[str | None] = mapped_column(sa.String(1000))
+    overridden_by: Mapped[str | None] = mapped_column(sa.String(40))
+    overridden_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    submission: Mapped[Submission] = relationship(back_populates="review", lazy="raise_on_sql")
+
+    @property
+    def final_decision(self) -> str | None:
+        return self.override_decision or self.decision
+
+    def status_at(self, now: datetime | None = None) -> str:
+        """The status as the queue sees it: a claim whose time ran out is pending again, with no sweep needed."""
+        if self.status == ReviewStatus.CLAIMED.value and (
+                self.claim_expires_at is None or self.claim_expires_at <= (now or utcnow())):
+            return ReviewStatus.PENDING.value
+        return self.status
+
+
+class ReviewItemCategory(Base):
+    """An index of the categories each review item was flagged for, for the queue's `category` filter."""
+
+    __tablename__ = "review_item_categories"
+    __table_args__ = (sa.Index("ix_review_item_categories_tenant_category", "tenant_id", "category"),)
+
+    review_id: Mapped[str] = mapped_column(sa.ForeignKey("review_items.id", ondelete="CASCADE"), primary_key=True)
+    category: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(40))
+
+
+class ConsoleSession(Base):
+    """A reviewer signed in to the console. The browser holds only a random token; the row keeps its SHA-256
+    digest, the key it stands for (checked again on every request) and the CSRF token of the session's forms."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (sa.Index("ix_console_sessions_expires_at", "expires_at"),)
+
+    token_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str] = mapped_column(sa.ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

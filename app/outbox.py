@@ -23,6 +23,7 @@ PURGE_IDEMPOTENCY_KEYS = "retention.purge_idempotency_keys"
 SUMMARIZE_AUTH_FAILURES = "audit.summarize_auth_failures"
 RUN_BACKTEST = "policies.run_backtest"
 REQUEUE_BACKTESTS = "policies.requeue_stalled"
+RELEASE_EXPIRED_CLAIMS = "reviews.release_expired_claims"
 
 _PENDING = "verdict.outbox"
 

@@ -23,6 +23,7 @@ from app.outbox import (
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
     PURGE_IDEMPOTENCY_KEYS,
+    RELEASE_EXPIRED_CLAIMS,
     REQUEUE_BACKTESTS,
     REQUEUE_STALLED,
     SUMMARIZE_AUTH_FAILURES,
@@ -92,6 +93,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "summarize-auth-failures": {"task": SUMMARIZE_AUTH_FAILURES,
                                         "schedule": settings.auth_failure_window_seconds},
             "requeue-stalled-backtests": {"task": REQUEUE_BACKTESTS, "schedule": settings.sweep_interval_seconds},
+            "release-expired-review-claims": {"task": RELEASE_EXPIRED_CLAIMS,
+                                              "schedule": settings.sweep_interval_seconds},
         },
         "timezone": "UTC",
     }

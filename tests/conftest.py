@@ -133,10 +133,12 @@ class TenantKey:
 
 
 def issue_key(database: Database, *, tenant_name: str | None = None, scopes: tuple[str, ...] = (
-        "submit", "read", "audit", "admin")) -> TenantKey:
+        "submit", "read", "audit", "admin"), key_name: str | None = None) -> TenantKey:
     name = tenant_name or f"tenant-{uuid.uuid4().hex[:12]}"
+    if key_name is None and "review" in scopes:
+        key_name = f"reviewer-{uuid.uuid4().hex[:6]}"  # a review key names its reviewer
     with database.transaction() as session:
-        issued = create_key(session, tenant_name=name, scopes=scopes)
+        issued = create_key(session, tenant_name=name, scopes=scopes, name=key_name)
         return TenantKey(tenant_name=name, tenant_id=issued.key.tenant_id, key_id=issued.key.id,
                          plaintext=issued.plaintext)
 

@@ -14,12 +14,13 @@ from app.outbox import (
     ERASE_EXPIRED_CONTENT,
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
+    RELEASE_EXPIRED_CLAIMS,
     REQUEUE_BACKTESTS,
     REQUEUE_STALLED,
     RUN_BACKTEST,
     SUMMARIZE_AUTH_FAILURES,
 )
-from app.use_cases import audit, erasure, idempotency, moderation, policies, webhook_deliveries
+from app.use_cases import audit, erasure, idempotency, moderation, policies, reviews, webhook_deliveries
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
@@ -82,3 +83,9 @@ def requeue_backtests() -> int:
         # A running backtest older than a task may live was abandoned by a dead worker.
         return policies.requeue_backtests(session, queued_for=settings.requeue_after_seconds,
                                           running_for=settings.task_time_limit + settings.requeue_after_seconds)
+
+
+@shared_task(name=RELEASE_EXPIRED_CLAIMS, acks_late=False)
+def release_expired_claims() -> int:
+    with current_database().transaction() as session:
+        return reviews.release_expired_claims(session)

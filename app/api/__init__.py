@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import audit, data, health, keys, metrics, moderations, openapi, policies, submissions, webhooks
+from app.api import audit, data, health, keys, metrics, moderations, openapi, policies, reviews, submissions, webhooks
 
 
 def init_app(app: Flask) -> None:
-    for module in (health, metrics, submissions, moderations, audit, data, webhooks, keys, policies, openapi):
+    for module in (health, metrics, submissions, moderations, audit, data, webhooks, keys, policies, reviews, openapi):
         app.register_blueprint(module.bp)

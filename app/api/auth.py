@@ -76,26 +76,34 @@ def _authenticated() -> Principal:
     except AuthenticationFailed as exc:
         if exc.reason == "missing":
             raise
-        settings = current_settings()
-        # Throttled or not, the failure is counted and audited alike (summarised per window: app/use_cases/audit.py),
-        # so a flood of bad keys is answered 429 and writes a bounded number of events.
-        throttled: ApiError | None = None
-        try:
-            rate_limits.check_failed_authentication(request.remote_addr,
-                                                    presented_key_id(token) if token else None,
-                                                    settings.auth_failures_per_minute)
-        except ApiError as refusal:
-            throttled = refusal
-        with session.begin():
-            record_failed_authentication(
-                session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
-                client_address=request.remote_addr, request_id=current_request_id(), method=request.method,
-                route=request.url_rule.rule if request.url_rule else None,
-                window_seconds=settings.auth_failure_window_seconds,
-            )
+        throttled = count_failed_authentication(exc, token)
         if throttled is not None:
             raise throttled from exc
         raise
+
+
+def count_failed_authentication(exc: AuthenticationFailed, token: str | None) -> ApiError | None:
+    """Count a presented key that failed against its client address and key id, and audit it, in a transaction of
+    its own; the 429 to answer instead of the 401 when past AUTH_FAILURES_PER_MINUTE. The API's gate and the console's
+    sign-in both come here, so one throttle covers both doors."""
+    settings = current_settings()
+    session = request_session()
+    # Throttled or not, the failure is counted and audited alike (summarised per window: app/use_cases/audit.py),
+    # so a flood of bad keys is answered 429 and writes a bounded number of events.
+    throttled: ApiError | None = None
+    try:
+        rate_limits.check_failed_authentication(request.remote_addr, presented_key_id(token) if token else None,
+                                                settings.auth_failures_per_minute)
+    except ApiError as refusal:
+        throttled = refusal
+    with session.begin():
+        record_failed_authentication(
+            session, reason=exc.reason, key_id=exc.key_id, tenant_id=exc.tenant_id,
+            client_address=request.remote_addr, request_id=current_request_id(), method=request.method,
+            route=request.url_rule.rule if request.url_rule else None,
+            window_seconds=settings.auth_failure_window_seconds,
+        )
+    return throttled
 
 
 def current_principal() -> Principal:

@@ -35,6 +35,17 @@ from app.schemas.policies import (
     TermListList,
     TermListOut,
 )
+from app.schemas.reviews import (
+    ClaimNextIn,
+    ReviewDecisionIn,
+    ReviewDetailOut,
+    ReviewItemOut,
+    ReviewListQuery,
+    ReviewOverrideIn,
+    ReviewPage,
+    ReviewStatsOut,
+    ReviewStatsQuery,
+)
 from app.schemas.submissions import (
     SubmissionAccepted,
     SubmissionBatchAccepted,
@@ -92,6 +103,7 @@ _POLICIES = "Policies"
 _IF_MATCH = {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "The version you read (the `ETag`, `\"3\"`): another version current is a lost "
                             "update, refused with 412."}
+_REVIEW = "Human review"
 _OPS = "Operations"
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
@@ -197,10 +209,43 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("PUT", "/v1/allowlists/<name>"): Operation(
         "Create or replace an allowlist (terms exempt from categories a policy names)", _POLICIES,
         {200: TermListOut}, body=(TermListIn,), errors=(413, 415)),
+    ("GET", "/v1/reviews"): Operation(
+        "The review queue, by priority or age, filtered and paginated, with counts per status", _REVIEW,
+        {200: ReviewPage}, query=ReviewListQuery),
+    ("GET", "/v1/reviews/stats"): Operation(
+        "Queue depth and time from `review` to a human decision", _REVIEW, {200: ReviewStatsOut},
+        query=ReviewStatsQuery),
+    ("GET", "/v1/reviews/<review_id>"): Operation(
+        "A review item with its text and conversation context (each read is audited as `review.viewed`)", _REVIEW,
+        {200: ReviewDetailOut}),
+    ("POST", "/v1/reviews/<review_id>/claim"): Operation(
+        "Claim an item for REVIEW_CLAIM_SECONDS (one's own claim is extended); 409 if another reviewer holds it",
+        _REVIEW, {200: ReviewItemOut}, body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/reviews/claim-next"): Operation(
+        "Claim the first pending item in the queue's order; 404 `queue_empty` when none is left", _REVIEW,
+        {200: ReviewItemOut}, body=(ClaimNextIn,), body_optional=True, errors=(404,)),
+    ("POST", "/v1/reviews/<review_id>/extend"): Operation(
+        "Extend one's own live claim by REVIEW_CLAIM_SECONDS from now", _REVIEW, {200: ReviewItemOut},
+        body=(EmptyBody,), body_optional=True),
+    ("POST", "/v1/reviews/<review_id>/release"): Operation(
+        "Give one's own claim back to the queue", _REVIEW, {200: ReviewItemOut}, body=(EmptyBody,),
+        body_optional=True),
+    ("POST", "/v1/reviews/<review_id>/decision"): Operation(
+        "Decide a claimed item, `allow` or `block` with a reason: the claimant only, once", _REVIEW,
+        {200: ReviewItemOut}, body=(ReviewDecisionIn,)),
+    ("POST", "/v1/reviews/<review_id>/override"): Operation(
+        "Override a decided item's decision (an appeal): a new, audited action", _REVIEW, {200: ReviewItemOut},
+        body=(ReviewOverrideIn,)),
 }
 
-# Routes that serve the docs page's own files: not part of the API.
+# Routes that serve the docs page's own files: not part of the API. Nor is the review console (pages for people,
+# signed in with a session cookie, app/console/).
 UNDOCUMENTED_ENDPOINTS = frozenset({"openapi.docs_asset"})
+UNDOCUMENTED_BLUEPRINTS = frozenset({"console"})
+
+
+def is_documented(endpoint: str) -> bool:
+    return endpoint not in UNDOCUMENTED_ENDPOINTS and endpoint.partition(".")[0] not in UNDOCUMENTED_BLUEPRINTS
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request: the `param` names the field, query parameter or header.",
@@ -280,11 +325,11 @@ _DOCS_PAGE = """<!doctype html>
 
 
 def build_document(app: Flask) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every route `app` serves (those in UNDOCUMENTED_ENDPOINTS apart)."""
+    """The OpenAPI 3.1 document of every route `app` serves (the undocumented ones above apart)."""
     schemas = _component_schemas()
     paths: dict[str, dict[str, Any]] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint in UNDOCUMENTED_ENDPOINTS:
+        if not is_documented(rule.endpoint):
             continue
         view = app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):

@@ -96,4 +96,4 @@ def _self_link(submission_id: str) -> str:
 
 
 def submission_view(submission: Submission) -> SubmissionOut:
-    return submission_out(submission, submission.verdict)
+    return submission_out(submission, submission.verdict, submission.review)

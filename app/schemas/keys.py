@@ -9,15 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.schemas.common import IsoDatetime
 
-Scope = Literal["submit", "read", "audit", "admin"]
+Scope = Literal["submit", "read", "audit", "review", "admin"]
 
 
 class KeyCreateIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    scopes: list[Scope] = Field(min_length=1, max_length=4, description="What the key may do.")
+    scopes: list[Scope] = Field(min_length=1, max_length=5, description="What the key may do.")
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
-        default=None, description="A label for people; never secret.")
+        default=None, description="A label for people; never secret. Required with `review`: the reviewer's name.")
     expires_at: IsoDatetime | None = Field(
         default=None, strict=False,
         description="ISO 8601 with a zone, in the future; after it the key is refused (401).")

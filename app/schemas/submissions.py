@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from app.schemas.common import Flags, Identifier, Scores, Strict, limits_of
 
 if TYPE_CHECKING:
-    from app.models import Submission, Verdict
+    from app.models import ReviewItem, Submission, Verdict
 
 
 def _text_or_texts(value: Any) -> Any:
@@ -161,6 +161,29 @@ class SubmissionError(BaseModel):
     message: str
 
 
+class ReviewOverrideOut(BaseModel):
+    decision: Literal["allow", "block"]
+    reason: str | None = Field(description="None once the submission was erased.")
+    overridden_by: str = Field(description="The admin key's id.")
+    overridden_at: datetime
+
+
+class SubmissionReview(BaseModel):
+    """The human side of a reviewed submission: the queue item's state and, once decided, the decision."""
+
+    id: str
+    status: Literal["pending", "claimed", "decided"]
+    decision: Literal["allow", "block"] | None
+    reason: str | None = Field(description="The reviewer's reason; None until decided, and once erased.")
+    categories: list[str] | None = Field(
+        description="The categories the reviewer says apply, where they corrected the machine's; else None.")
+    decided_by: str | None = Field(description="The reviewer's key id.")
+    decided_at: datetime | None
+    override: ReviewOverrideOut | None = Field(
+        default=None, description="An admin's later override, which is then the final decision.")
+    links: dict[str, str]
+
+
 class SubmissionOut(BaseModel):
     id: str
     object: Literal["submission"] = "submission"
@@ -177,11 +200,16 @@ class SubmissionOut(BaseModel):
     erased_at: datetime | None = Field(
         default=None, description="When the content, metadata and per-text results were erased (a tombstone).")
     verdict: VerdictOut | None
+    review: SubmissionReview | None = Field(
+        default=None, description="Set when the verdict decided `review`: the human review of the submission.")
+    final_decision: Literal["allow", "block"] | None = Field(
+        default=None, description="The decision in force: the verdict's `allow` or `block`, or for a `review` "
+        "verdict the reviewer's decision (an admin's override, if any); None while it waits for a reviewer.")
     error: SubmissionError | None
     links: dict[str, str]
 
 
-def submission_out(submission: Submission, verdict: Verdict | None) -> SubmissionOut:
+def submission_out(submission: Submission, verdict: Verdict | None, review: ReviewItem | None = None) -> SubmissionOut:
     """A stored submission as the API shows it and webhook payloads carry it: one function for both, so a receiver
     gets exactly what `GET /v1/submissions/{id}` returns. Never the text."""
     return SubmissionOut(
@@ -217,9 +245,30 @@ def submission_out(submission: Submission, verdict: Verdict | None) -> Submissio
             latency_ms=verdict.latency_ms,
             decided_at=verdict.created_at,
         ),
+        review=None if review is None else review_summary(review),
+        final_decision=final_decision(verdict, review),
         error=None if submission.error_code is None else SubmissionError(
             code=submission.error_code, message=submission.error_message or ""),
         links={"self": f"/v1/submissions/{submission.id}"},
+    )
+
+
+def final_decision(verdict: Verdict | None, review: ReviewItem | None) -> Literal["allow", "block"] | None:
+    if review is not None:
+        return review.final_decision  # type: ignore[return-value]
+    if verdict is None or verdict.decision not in ("allow", "block"):
+        return None  # no verdict yet, or a `review` verdict stored before human review existed
+    return verdict.decision  # type: ignore[return-value]
+
+
+def review_summary(review: ReviewItem) -> SubmissionReview:
+    return SubmissionReview(
+        id=review.id, status=review.status_at(), decision=review.decision, reason=review.reason,
+        categories=review.corrected_categories, decided_by=review.decided_by, decided_at=review.decided_at,
+        override=None if review.override_decision is None else ReviewOverrideOut(
+            decision=review.override_decision, reason=review.override_reason,
+            overridden_by=review.overridden_by or "", overridden_at=review.overridden_at or review.decided_at),
+        links={"self": f"/v1/reviews/{review.id}"},
     )
 
 

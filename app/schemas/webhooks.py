@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from app.schemas.common import Strict
 
 # The events an endpoint may subscribe to (app.webhooks.events.SUBSCRIBABLE_EVENTS; a unit test keeps them equal).
-SubscribableEvent = Literal["submission.completed", "submission.flagged", "submission.failed"]
+SubscribableEvent = Literal["submission.completed", "submission.flagged", "submission.failed", "review.decided"]
 DeliveryStatusName = Literal["pending", "delivering", "succeeded", "dead"]
 # No whitespace or control characters: a URL is sent as given, and such characters are how headers get injected.
 WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^[^\s\x00-\x1f\x7f]+$")]

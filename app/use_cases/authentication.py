@@ -15,7 +15,10 @@ from sqlalchemy.orm import Session
 from app.models import ApiKey, utcnow
 from app.use_cases.errors import AuthenticationFailed
 
-SCOPES = ("submit", "read", "audit", "admin")
+SCOPES = ("submit", "read", "audit", "review", "admin")
+# What a key gets when no scopes are named (the CLI's default): every scope but `review`, whose keys are made for one
+# person each, by name (docs/review.md).
+DEFAULT_SCOPES = ("submit", "read", "audit", "admin")
 _KEY_PATTERN = re.compile(r"^vk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _LAST_USED_RESOLUTION = timedelta(minutes=1)
 

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database
-from app.models import Submission, Tenant, Verdict, utcnow
+from app.models import ReviewItem, Submission, Tenant, Verdict, utcnow
 from app.use_cases.audit import record_event
 from app.use_cases.submissions import get_submission
 from app.use_cases.webhook_deliveries import erase_delivery_payloads
@@ -105,6 +105,11 @@ def _erase(
     session.execute(
         update(Verdict).where(Verdict.submission_id.in_([row.id for row in erased])).values(results=[])
         .execution_options(synchronize_session=False)
+    )
+    # A reviewer's reason may quote the text it judged.
+    session.execute(
+        update(ReviewItem).where(ReviewItem.submission_id.in_([row.id for row in erased]))
+        .values(reason=sa.null(), override_reason=sa.null()).execution_options(synchronize_session=False)
     )
     # The bodies of the submission's webhook deliveries carry its metadata and per-text results too.
     erase_delivery_payloads(session, [row.id for row in erased], now)

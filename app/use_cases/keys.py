@@ -129,6 +129,9 @@ def _issue(
     session: Session, tenant: Tenant, scopes: list[str], *, name: str | None, expires_at: datetime | None,
     limits: KeyLimits, actor: str, request_id: str | None, creator: ApiKey | None = None,
 ) -> IssuedKey:
+    if "review" in scopes and not (name and name.strip()):
+        raise KeyRequestError("a key with the review scope belongs to one reviewer: give it their name",
+                              param="name", code="review_key_needs_name")
     for param, value in (("rate_limit_rpm", limits.rpm), ("rate_limit_tpm", limits.tpm)):
         if value is not None and value < 1:
             raise KeyRequestError(f"{param} must be at least 1", param=param)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from app import metrics
 from app.audit_chain import content_digest
@@ -104,7 +104,9 @@ def _tenant_mask_default(session: Session, tenant_id: str) -> bool | None:
 
 def get_submission(session: Session, tenant_id: str, submission_id: str) -> Submission:
     # A NUL cannot be sent to PostgreSQL at all (it would be a 500); no id contains one, so it is simply not found.
-    submission = None if "\x00" in submission_id else session.get(Submission, submission_id)
+    # Its human review (if any) is loaded with it, as every reader of a submission shows it.
+    submission = None if "\x00" in submission_id else session.get(
+        Submission, submission_id, options=[selectinload(Submission.review)], populate_existing=True)
     # Another tenant's submission answers exactly as a missing one does.
     if submission is None or submission.tenant_id != tenant_id:
         raise NotFound("No such submission.", param="id")
@@ -168,6 +170,7 @@ def list_submissions(
         )
     rows = list(session.scalars(
         query.order_by(Submission.created_at.desc(), Submission.id.desc()).limit(limit + 1)
+        .options(selectinload(Submission.review))
     ))
     has_more = len(rows) > limit
     rows = rows[:limit]

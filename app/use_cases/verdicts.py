@@ -18,7 +18,7 @@ from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
 from app.moderation.policy import Assessment, Policy, assess
 from app.moderation.providers import ProviderResult
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
-from app.use_cases import webhook_deliveries
+from app.use_cases import reviews, webhook_deliveries
 from app.use_cases.audit import record_event
 from app.use_cases.policies import shadow_summary
 
@@ -112,10 +112,11 @@ def record_verdict(
     if won.erased_at is not None:
         verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
     session.add(verdict)
+    review = reviews.open_review(session, submission, verdict)  # a `review` decision queues it for a person
     metrics.verdict_recorded(session, decision=verdict.decision, provider=verdict.provider, cached=cached,
                              degraded=degraded, tenant_id=submission.tenant_id, source=submission.source,
                              seconds=(now - submission.created_at).total_seconds())
-    webhook_deliveries.raise_submission_events(session, submission.id, verdict)
+    webhook_deliveries.raise_submission_events(session, submission.id, verdict, review)
     links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
     record_event(
         session, tenant_id=submission.tenant_id, action="moderation.completed", actor=WORKER_ACTOR,
@@ -140,6 +141,8 @@ def record_verdict(
                  **({"matches": assessment.matches} if assessment.matches else {}),
                  **({"shadow": {k: shadow[k] for k in ("policy", "policy_version", "decision")}} if shadow else {})},
     )
+    if review is not None:
+        reviews.record_review_opened(session, review, submission, actor=WORKER_ACTOR)
     return verdict
 
 

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.db import Database
 from app.models import (
     DeliveryStatus,
+    ReviewItem,
     Submission,
     Verdict,
     WebhookDelivery,
@@ -51,9 +52,13 @@ ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over it
 # ---- raising deliveries ----------------------------------------------------------------------------------------
 
 
-def raise_submission_events(session: Session, submission_id: str, verdict: Verdict | None = None) -> list[str]:
-    """Write the deliveries a finished submission raises, in the caller's transaction (which commits them with the
-    verdict or the failure); their messages are sent once that transaction commits. Returns the delivery ids.
+def raise_submission_events(
+    session: Session, submission_id: str, verdict: Verdict | None = None, review: ReviewItem | None = None, *,
+    event_types: list[str] | None = None,
+) -> list[str]:
+    """Write the deliveries a finished submission raises (or `event_types`: a human decision's), in the caller's
+    transaction (which commits them with the verdict, the failure or the decision); their messages are sent once that
+    transaction commits. Returns the delivery ids.
 
     Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
     """
@@ -62,7 +67,8 @@ def raise_submission_events(session: Session, submission_id: str, verdict: Verdi
     ).scalar_one_or_none()
     if submission is None or submission.source != "async":
         return []
-    event_types = events.submission_event_types(submission, verdict)
+    if event_types is None:
+        event_types = events.submission_event_types(submission, verdict)
     if not event_types:
         return []
     endpoints = list(session.scalars(
@@ -83,7 +89,7 @@ def raise_submission_events(session: Session, submission_id: str, verdict: Verdi
     if not targets:
         return []
     now = utcnow()
-    data = events.submission_data(submission, verdict)
+    data = events.submission_data(submission, verdict, review)
     deliveries = [
         _new_delivery(endpoint, url, event_type, events.envelope(event_type, data, now), now,
                       submission_id=submission.id)

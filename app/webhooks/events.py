@@ -7,15 +7,16 @@ import json
 from datetime import datetime
 from typing import Any
 
-from app.models import Submission, SubmissionStatus, Verdict
+from app.models import ReviewItem, Submission, SubmissionStatus, Verdict
 from app.schemas.submissions import submission_out
 
 SUBMISSION_COMPLETED = "submission.completed"
 SUBMISSION_FLAGGED = "submission.flagged"
 SUBMISSION_FAILED = "submission.failed"
+REVIEW_DECIDED = "review.decided"
 WEBHOOK_TEST = "webhook.test"
-# What an endpoint may subscribe to. `webhook.test` goes to whoever asks for it; `review.decided` comes with reviews.
-SUBSCRIBABLE_EVENTS = (SUBMISSION_COMPLETED, SUBMISSION_FLAGGED, SUBMISSION_FAILED)
+# What an endpoint may subscribe to. `webhook.test` goes to whoever asks for it.
+SUBSCRIBABLE_EVENTS = (SUBMISSION_COMPLETED, SUBMISSION_FLAGGED, SUBMISSION_FAILED, REVIEW_DECIDED)
 
 
 def submission_event_types(submission: Submission, verdict: Verdict | None) -> list[str]:
@@ -35,9 +36,11 @@ def envelope(event_type: str, data: dict[str, Any], occurred_at: datetime) -> st
     )
 
 
-def submission_data(submission: Submission, verdict: Verdict | None) -> dict[str, Any]:
-    """The submission as `GET /v1/submissions/{id}` shows it (the same function): metadata and verdict, no text."""
-    return submission_out(submission, verdict).model_dump(mode="json")
+def submission_data(submission: Submission, verdict: Verdict | None,
+                    review: ReviewItem | None = None) -> dict[str, Any]:
+    """The submission as `GET /v1/submissions/{id}` shows it (the same function): metadata, verdict and human
+    review, no text."""
+    return submission_out(submission, verdict, review).model_dump(mode="json")
 
 
 def webhook_test_data(endpoint_id: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app import api, create_app
 from app.api.openapi import build_document
+from app.use_cases.authentication import SCOPES
 from tests.conftest import TenantKey, issue_key, make_settings
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "50"))
@@ -49,7 +50,7 @@ def fuzz_app(database_url: str, redis_url: str) -> Flask:
 
 @pytest.fixture(scope="module")
 def fuzz_key(fuzz_app: Flask) -> TenantKey:
-    return issue_key(fuzz_app.extensions["verdict.db"])
+    return issue_key(fuzz_app.extensions["verdict.db"], scopes=SCOPES)  # every scope: every operation is reached
 
 
 def _document() -> dict[str, Any]:

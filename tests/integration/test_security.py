@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 import app.use_cases.authentication as auth
 from app.db import Database
-from app.models import ApiKey, WebhookDelivery, WebhookEndpoint
+from app.models import ApiKey, ReviewItem, WebhookDelivery, WebhookEndpoint
 from app.use_cases.authentication import SCOPES, authenticate
 from app.use_cases.errors import AuthenticationFailed
 from tests.conftest import TenantKey, issue_key
@@ -81,6 +81,17 @@ def test_every_keyed_route_requires_its_scope(app: Flask, client: FlaskClient, d
 
 
 @pytest.fixture
+def tenant(database: Database) -> TenantKey:
+    """Here the tenants' keys hold every scope, `review` included, so every route is reached."""
+    return issue_key(database, scopes=SCOPES)
+
+
+@pytest.fixture
+def other_tenant(database: Database) -> TenantKey:
+    return issue_key(database, scopes=SCOPES)
+
+
+@pytest.fixture
 def owned(client: FlaskClient, database: Database, tenant: TenantKey) -> Iterator[dict[str, str]]:
     """Real ids of objects the `tenant` owns, one for each kind of path parameter."""
     submission_id = client.post("/v1/submissions", json={"input": "owned"}, headers=tenant.headers).get_json()["id"]
@@ -94,8 +105,12 @@ def owned(client: FlaskClient, database: Database, tenant: TenantKey) -> Iterato
                                    url=endpoint.url or "", payload="{}", status="succeeded")
         session.add(delivery)
         session.flush()
+        review = ReviewItem(tenant_id=tenant.tenant_id, submission_id=submission_id, role="input", priority=0.6,
+                            categories=["harassment"])
+        session.add(review)
+        session.flush()
         ids = {"submission_id": submission_id, "key_id": key_id, "webhook_id": endpoint.id,
-               "delivery_id": delivery.id}
+               "delivery_id": delivery.id, "review_id": review.id}
     yield ids
 
 
@@ -123,6 +138,7 @@ def test_another_tenants_objects_answer_as_missing_ones(app: Flask, client: Flas
     # Nothing of theirs was touched: the owner still finds each object as it was.
     assert client.get(f"/v1/submissions/{owned['submission_id']}", headers=tenant.headers).status_code == 200
     assert client.get(f"/v1/webhooks/{owned['webhook_id']}", headers=tenant.headers).status_code == 200
+    assert client.get(f"/v1/reviews/{owned['review_id']}", headers=tenant.headers).get_json()["status"] == "pending"
     listed = client.get("/v1/keys", headers=tenant.headers).get_json()["data"]
     assert next(k for k in listed if k["id"] == owned["key_id"])["revoked_at"] is None
 
