@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 import app.use_cases.authentication as auth
 from app.db import Database
-from app.models import ApiKey, WebhookDelivery, WebhookEndpoint
+from app.models import ApiKey, Backtest, WebhookDelivery, WebhookEndpoint
 from app.use_cases.authentication import SCOPES, authenticate
 from app.use_cases.errors import AuthenticationFailed
 from tests.conftest import TenantKey, issue_key
@@ -94,8 +94,17 @@ def owned(client: FlaskClient, database: Database, tenant: TenantKey) -> Iterato
                                    url=endpoint.url or "", payload="{}", status="succeeded")
         session.add(delivery)
         session.flush()
+        backtest = Backtest(tenant_id=tenant.tenant_id, policy_name="owned-policy", status="completed",
+                            request={"version": 1, "start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z",
+                                     "verdicts": "policy"}, result=None)
+        session.add(backtest)
+        session.flush()
         ids = {"submission_id": submission_id, "key_id": key_id, "webhook_id": endpoint.id,
-               "delivery_id": delivery.id}
+               "delivery_id": delivery.id, "backtest_id": backtest.id, "name": "owned-policy", "version": "1"}
+    assert client.post("/v1/policies", json={"name": "owned-policy"}, headers=tenant.headers).status_code == 201
+    for kind in ("blocklists", "allowlists"):
+        assert client.put(f"/v1/{kind}/owned-policy", json={"terms": ["owned"]}, headers=tenant.headers).status_code \
+            == 200
     yield ids
 
 
@@ -108,7 +117,7 @@ def test_another_tenants_objects_answer_as_missing_ones(app: Flask, client: Flas
     checked = 0
     for method, rule, _scope in keyed_routes(app):
         arguments = PATH_ARGUMENT.findall(rule)
-        if not arguments:
+        if not arguments or (method, rule) in CREATE_OR_REPLACE:
             continue
         body = {} if method == "POST" else None
         theirs = client.open(fill(rule, owned), method=method, json=body, headers=other_tenant.headers)
@@ -125,6 +134,20 @@ def test_another_tenants_objects_answer_as_missing_ones(app: Flask, client: Flas
     assert client.get(f"/v1/webhooks/{owned['webhook_id']}", headers=tenant.headers).status_code == 200
     listed = client.get("/v1/keys", headers=tenant.headers).get_json()["data"]
     assert next(k for k in listed if k["id"] == owned["key_id"])["revoked_at"] is None
+    assert client.get("/v1/policies/owned-policy", headers=tenant.headers).get_json()["retired_at"] is None
+
+
+# Term lists are named within each tenant: another tenant's PUT of the same name makes a list of its own.
+CREATE_OR_REPLACE = {("PUT", "/v1/blocklists/<name>"), ("PUT", "/v1/allowlists/<name>")}
+
+
+def test_a_term_list_of_the_same_name_is_another_tenants_own(client: FlaskClient, tenant: TenantKey,
+                                                              other_tenant: TenantKey, owned: dict[str, str]) -> None:
+    for kind in ("blocklists", "allowlists"):
+        theirs = client.put(f"/v1/{kind}/{owned['name']}", json={"terms": ["theirs"]}, headers=other_tenant.headers)
+        assert theirs.status_code == 200 and theirs.get_json()["version"] == 1
+        mine = client.get(f"/v1/{kind}/{owned['name']}", headers=tenant.headers).get_json()
+        assert mine["terms"] == ["owned"] and mine["version"] == 1
 
 
 # ---- hostile headers ---------------------------------------------------------------------------------------------
