@@ -99,9 +99,11 @@ def get_policy(name: str) -> tuple[Response, int, dict[str, str]]:
 @require_scope("admin")
 @transaction
 def update_policy(name: str) -> tuple[Response, int, dict[str, str]]:
+    principal = current_principal()
+    # Another tenant's policy is missing whatever the body says: looked up first.
+    policies.get_policy(request_session(), principal.tenant_id, name)
     if_match = _if_match()
     document = PolicyDocument.model_validate(read_json_object())
-    principal = current_principal()
     view, _changed = policies.update_policy(request_session(), principal.tenant_id, name, document,
                                             if_match=if_match, actor=principal.key_id,
                                             request_id=current_request_id())
@@ -149,9 +151,9 @@ def shadow_report(name: str) -> Response:
 @require_scope("admin")
 @transaction
 def backtest(name: str) -> tuple[Response, int, dict[str, str]]:
-    body = BacktestIn.model_validate(read_json_object())
     session, principal = request_session(), current_principal()
-    policies.get_policy(session, principal.tenant_id, name)  # 404 before any work
+    policies.get_policy(session, principal.tenant_id, name)  # 404 before anything else, whatever the body
+    body = BacktestIn.model_validate(read_json_object())
     limit = current_settings().backtest_sync_max_verdicts
     if limit and policies.count_backtest_verdicts(session, principal.tenant_id, name, body, limit=limit) <= limit:
         result = policies.run_backtest_now(session, principal.tenant_id, name, body)

@@ -131,7 +131,10 @@ def test_hostile_and_malformed_bodies(client: FlaskClient, tenant: TenantKey) ->
     assert client.post("/v1/policies", json={"name": "x\u0000y"}, headers=tenant.headers).status_code == 400
     huge = {**KIDS, "name": "huge", "description": "y" * 2_000_000}
     assert client.post("/v1/policies", json=huge, headers=tenant.headers).status_code == 413
-    assert client.put("/v1/policies/kids", json=[1, 2], headers=tenant.headers).status_code == 400
+    assert client.put("/v1/policies/kids", json=[1, 2], headers=tenant.headers).status_code == 404  # none yet
+    create(client, tenant)
+    assert_envelope(client.put("/v1/policies/kids", json=[1, 2], headers=tenant.headers), 400,
+                    "invalid_request_error", "invalid_body")
 
 
 def test_the_builtin_policy_is_read_only(client: FlaskClient, tenant: TenantKey) -> None:
