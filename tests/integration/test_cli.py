@@ -116,7 +116,7 @@ def test_second_key_for_a_tenant_sees_the_same_data(verdict: Run, client: FlaskC
 def test_bad_scopes_fail_without_a_key(verdict: Run, scopes: str) -> None:
     result = verdict("keys", "create", "--tenant", f"cli-{uuid.uuid4().hex[:10]}", "--scopes", scopes)
     assert result.returncode != 0
-    assert "scopes must be a non-empty subset of submit, read, audit, admin" in result.stderr
+    assert "scopes must be a non-empty subset of submit, read, audit, review, admin" in result.stderr
     assert not KEY_ANYWHERE_RE.search(result.stdout + result.stderr)
     assert "Traceback" not in result.stderr
 
