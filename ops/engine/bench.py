@@ -4,7 +4,7 @@
 
 Batched: batches of 100 texts of about 600 characters (built from the repository's own docs, so no data folder is
 needed); single: one text per call, p50 and p95. Memory: peak RSS of this process with the model loaded and used,
-beside the same-run baselines of the interpreter with numpy and tokenizers imported but no model, and of a worker's
+beside the same-run baselines of the interpreter with numpy imported but no model, and of a worker's
 process (the Flask app and Celery configured, `workers.entry`) with the model warmed up.
 """
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report: dict[str, float] = {}
-    baseline = child_rss("import numpy, tokenizers; "
+    baseline = child_rss("import numpy; "
                          f"print({PEAK_RSS})")
     started = time.perf_counter()
     from app.moderation.local_engine import LocalEngine
@@ -80,7 +80,7 @@ def main() -> None:
     report["single_p50_ms"] = round(statistics.median(singles), 3)
     report["single_p95_ms"] = round(statistics.quantiles(singles, n=20)[-1], 3)
     report["engine_process_rss_mb"] = round(rss_mb(), 1)
-    report["baseline_numpy_tokenizers_rss_mb"] = round(baseline, 1)
+    report["baseline_numpy_rss_mb"] = round(baseline, 1)
     report["worker_rss_mb"] = round(child_rss(
         "import os; os.environ.setdefault('VAR_DIR', '/tmp/verdict-engine-bench'); "
         "import workers.entry as w; w.flask_app.extensions['verdict.provider'].warm_up(); "
