@@ -26,7 +26,7 @@ BENIGN = [
     "In 1994 the Rwandan genocide killed about 800,000 Tutsi in a hundred days.",
 ]
 KNOWN_FAILURES = [
-    ("I could kill for a coffee", "figurative 'kill' still reads as violence (about 0.78: review)"),
+    ("I could kill for a coffee", "figurative 'kill' still reads as violence (about 0.71: review)"),
 ]
 
 
