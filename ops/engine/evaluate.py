@@ -137,15 +137,16 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", nargs="?", type=Path, default=pipeline.DEFAULT_DATA)
-    parser.add_argument("--jobs", type=int, default=2, help="held-out sources trained at once")
+    parser.add_argument("--jobs", type=int, default=2, help="folds and held-out sources trained at once")
     parser.add_argument("--band-low", type=float, default=0.1)
     parser.add_argument("--band-high", type=float, default=0.9)
     parser.add_argument("--skip-sources", action="store_true", help="only the dev cross-validation (faster)")
     args = parser.parse_args()
+    pipeline.JOBS = args.jobs
     started = time.monotonic()
     artifact = model.load_artifact()
     corpus = pipeline.load_corpus(args.data_dir.resolve())
-    views = Views(corpus, artifact.token_codes, artifact.token_scales)
+    views = Views(corpus, artifact.words.row_of_id, artifact.words.codes, artifact.words.scales)
     print(f"corpus: {len(corpus)} rows; dev cross-validation ({pipeline.FOLDS} folds)", flush=True)
     dev = dev_cross_validation(views, artifact.blend)
     lines: list[str] = []

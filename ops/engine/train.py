@@ -24,7 +24,7 @@ from app.moderation.engine import features, model
 from app.moderation.taxonomy import CATEGORIES
 
 RECORD = ROOT / "ops" / "engine" / "artifact.json"
-MODEL_ID = "verdict-local-2"
+MODEL_ID = "verdict-local-3"
 
 
 def data_digest(data_dir: Path) -> str:
@@ -43,7 +43,8 @@ def training_config() -> dict[str, object]:
         "proxy_harassment": pipeline.PROXY_HARASSMENT, "ngram_c": pipeline.NGRAM_C,
         "embedding_c": pipeline.EMBEDDING_C, "min_dev_positives": pipeline.MIN_DEV_POSITIVES,
         "word_bits": features.WORD_BITS, "char_bits": features.CHAR_BITS, "char_ngrams": list(features.CHAR_NGRAMS),
-        "max_chars": features.MAX_CHARS, "max_tokens": model.MAX_TOKENS,
+        "max_chars": features.MAX_CHARS, "min_word_documents": pipeline.MIN_WORD_DOCUMENTS,
+        "max_word_pieces": pipeline.MAX_WORD_PIECES,
     }
 
 
@@ -51,9 +52,10 @@ def train(data_dir: Path, out: Path) -> dict[str, object]:
     started = time.monotonic()
     corpus = pipeline.load_corpus(data_dir)
     print(f"corpus: {len(corpus)} rows from {len(set(corpus.sources))} sources ({time.monotonic() - started:.0f}s)")
-    codes, scales = pipeline.quantise_rows(pipeline.distil_token_vectors())
-    views = Views(corpus, codes, scales)
-    print(f"token vectors distilled ({time.monotonic() - started:.0f}s)")
+    words, row_of_id = pipeline.word_table(pipeline.vocabulary(corpus))
+    codes, scales = pipeline.quantise_rows(pipeline.distil_word_vectors(words))
+    views = Views(corpus, row_of_id, codes, scales)
+    print(f"{len(words)} word vectors distilled ({time.monotonic() - started:.0f}s)")
     dev_rows, dev_logits, _ = pipeline.dev_oof(views)
     other_rows, other_logits = pipeline.grouped_oof(views)
     blends = pipeline.fit_blends(corpus, dev_rows, dev_logits, other_rows, other_logits)
@@ -63,9 +65,10 @@ def train(data_dir: Path, out: Path) -> dict[str, object]:
         "idf": fitted.idf.astype(np.float16),
         "ngram_weights": fitted.ngram_weights.astype(np.float16),
         "ngram_bias": fitted.ngram_bias,
-        "token_codes": codes,
-        "token_scales": scales,
-        "token_weights": fitted.token_weights,
+        "word_rows": row_of_id,
+        "word_codes": codes,
+        "word_scales": scales,
+        "word_weights": fitted.word_weights,
         "embedding_weights": fitted.embedding_weights,
         "embedding_bias": fitted.embedding_bias,
         "blend": blends,
@@ -79,7 +82,8 @@ def train(data_dir: Path, out: Path) -> dict[str, object]:
                           else "other sources" for h in HEADS},
         "rows_per_source": counts,
         "data_sha256": data_digest(data_dir),
-        "tokenizer_sha256": model.tokenizer_digest(model.shipped_tokenizer_json()),
+        "vocabulary_words": len(words),
+        "tokenizer_sha256": hashlib.sha256(pipeline.TOKENIZER_PATH.read_bytes()).hexdigest(),
         "config": training_config(),
     }
     digest = model.write_artifact(out, arrays, metadata)
@@ -110,7 +114,9 @@ def main() -> None:
     parser.add_argument("data_dir", nargs="?", type=Path, default=pipeline.DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=model.shipped_artifact_path())
     parser.add_argument("--no-record", action="store_true", help="do not update ops/engine/artifact.json")
+    parser.add_argument("--jobs", type=int, default=pipeline.JOBS, help="folds fitted at once (same result)")
     args = parser.parse_args()
+    pipeline.JOBS = args.jobs
     record = train(args.data_dir.resolve(), args.out)
     if not args.no_record:
         RECORD.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

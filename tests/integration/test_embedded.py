@@ -216,7 +216,7 @@ def test_submission_is_judged_by_the_local_engine(service: Service) -> None:
         body = wait_completed(service, client, accepted["id"])
     verdict = body["verdict"]
     assert verdict["provider"] == "local"
-    assert verdict["model"] == "verdict-local-2"
+    assert verdict["model"] == "verdict-local-3"
     assert verdict["decision"] in {"allow", "review", "block"}
     # Abuse is one of the categories the local engine judges: this text is well past the default block threshold.
     assert verdict["decision"] == "block", verdict

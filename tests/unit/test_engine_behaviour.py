@@ -26,7 +26,7 @@ BENIGN = [
     "In 1994 the Rwandan genocide killed about 800,000 Tutsi in a hundred days.",
 ]
 KNOWN_FAILURES = [
-    ("I could kill for a coffee", "figurative 'kill' still reads as violence (about 0.78: review)"),
+    ("I could kill for a coffee", "figurative 'kill' still reads as violence (about 0.71: review)"),
 ]
 
 
@@ -72,10 +72,10 @@ def test_known_failure(engine: LocalEngine, text: str, why: str) -> None:
     pytest.fail(f"{text!r} is now allowed: move it to BENIGN")
 
 
-@pytest.mark.xfail(strict=True, reason="known failure (docs/engine.md): a long id-like token appended to a text "
-                   "dilutes its n-grams and drags every score down; an evasion to fix in the engine")
-def test_an_appended_id_does_not_hide_abuse(engine: LocalEngine) -> None:
-    clean, padded = (r.scores for r in engine.moderate(
-        ["you are a worthless idiot, shut up", "you are a worthless idiot, shut up 3f9a1c0e7b2d4e6f8a0b1c2d3e4f5a6b"]
-    ).results)
-    assert padded["harassment"] >= 0.8 * clean["harassment"]
+@pytest.mark.parametrize("suffix", ["3f9a1c0e7b2d4e6f8a0b1c2d3e4f5a6b", "550e8400-e29b-41d4-a716-446655440000",
+                                    "#0123456789", "ref sk_live_4eC39HqLyjWDarjtT1zdp7dc"])
+def test_an_appended_id_does_not_hide_abuse(engine: LocalEngine, suffix: str) -> None:
+    text = "you are a worthless fucking idiot, shut up"
+    clean, padded = engine.moderate([text, f"{text} {suffix}"]).results
+    assert padded.scores["harassment"] >= 0.8 * clean.scores["harassment"]
+    assert decide(engine, f"{text} {suffix}") == decide(engine, text)
