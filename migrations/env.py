@@ -48,6 +48,12 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copying it and dropping the original; with foreign keys enforced (as
+            # app/db.py sets them), dropping a parent such as `tenants` would cascade its children away. SQLite
+            # ignores this pragma inside a transaction, so it is set first, and only for the migration's connection.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=target_metadata,

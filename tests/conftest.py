@@ -151,3 +151,14 @@ def tenant(database: Database) -> TenantKey:
 @pytest.fixture
 def other_tenant(database: Database) -> TenantKey:
     return issue_key(database)
+
+
+@pytest.fixture(autouse=True)
+def _metrics_stay_in_process() -> Iterator[None]:
+    """A CLI command run in-process (`verdict api` refusing its options, say) must not leave this test process
+    keeping its metrics in another command's multiprocess files: later tests scrape the in-process app."""
+    yield
+    if os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None) is not None:
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
