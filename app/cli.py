@@ -684,8 +684,8 @@ def _status_report(snapshot: Any, workers: list[str] | None, where: dict[str, st
                          "requests_limit": budget.requests_limit, "requests_left": budget.requests_left,
                          "tokens_limit": budget.tokens_limit, "tokens_left": budget.tokens_left}},
         "webhooks": {"pending": hooks.pending, "delivering": hooks.delivering, "dead": hooks.dead},
-        # Human review (SPEC section 6) is not built yet: there is nothing to count.
-        "reviews": {"pending": None, "note": "human review is not built yet"},
+        "reviews": None if snapshot.reviews is None else {
+            **snapshot.reviews.counts, "oldest_pending_age_seconds": snapshot.reviews.oldest_pending_age_seconds},
         "audit": [{"tenant": head.tenant_name, "chain": head.chain_id, "last_seq": head.seq}
                   for head in snapshot.audit_heads],
     }
@@ -715,7 +715,11 @@ def _status_lines(report: dict[str, Any]) -> list[str]:
         text += f" ({upstream['note']})"
     lines.append(text)
     lines.append(f"webhooks: {hooks['pending']} pending, {hooks['delivering']} delivering, {hooks['dead']} dead")
-    lines.append(f"reviews:  {report['reviews']['note']}")
+    reviews = report["reviews"]
+    if reviews is not None:
+        oldest = reviews["oldest_pending_age_seconds"]
+        lines.append(f"reviews:  {reviews['pending']} pending, {reviews['claimed']} claimed, {reviews['decided']} "
+                     "decided, oldest pending " + ("none" if oldest is None else f"{oldest:.1f} s ago"))
     chains = [f"{entry['tenant'] or '(system)'} {entry['last_seq']}" for entry in report["audit"]]
     lines.append(f"audit:    last seq per chain: {', '.join(chains) if chains else 'no events'}")
     return lines

@@ -77,6 +77,13 @@ WEBHOOK_LATENCY = Histogram(
     "verdict_webhook_delivery_duration_seconds", "Time of one webhook delivery attempt, by outcome.", ["outcome"],
     buckets=_LATENCY_BUCKETS)
 
+# ---- human review -----------------------------------------------------------------------------------------------
+# From a `review` verdict to a person's decision: minutes to hours.
+_REVIEW_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+REVIEW_DECISIONS = Histogram(
+    "verdict_review_decision_seconds", "From a review item opened to a reviewer's decision, by decision.",
+    ["decision"], buckets=_REVIEW_BUCKETS)
+
 # ---- the audit trail --------------------------------------------------------------------------------------------
 AUDIT_EVENTS = Counter("verdict_audit_events", "Audit events written, by action.", ["action", "tenant"])
 
@@ -89,6 +96,8 @@ CIRCUIT_STATE = "verdict_upstream_circuit_state"
 BUDGET_LIMIT = "verdict_upstream_budget_limit"
 BUDGET_REMAINING = "verdict_upstream_budget_remaining"
 AUDIT_HEAD_SEQ = "verdict_audit_chain_head_seq"
+REVIEW_QUEUE_DEPTH = "verdict_review_queue_depth"
+REVIEW_OLDEST_PENDING_AGE = "verdict_review_oldest_pending_age_seconds"
 CIRCUIT_VALUES = {"closed": 0.0, "half-open": 1.0, "open": 2.0}
 
 
@@ -160,6 +169,10 @@ def audit_event_written(session: Session, action: str, tenant_id: str | None) ->
     after_commit(session, lambda: AUDIT_EVENTS.labels(*labels).inc())
 
 
+def review_decided(session: Session, *, decision: str, seconds: float) -> None:
+    after_commit(session, lambda: REVIEW_DECISIONS.labels(decision).observe(max(0.0, seconds)))
+
+
 def webhook_attempt_concluded(session: Session, outcome: str, latency_ms: int | None) -> None:
     def count() -> None:
         WEBHOOK_ATTEMPTS.labels(outcome).inc()
@@ -209,6 +222,14 @@ class DeploymentCollector(Collector):
         yield backlog
         yield GaugeMetricFamily(WEBHOOK_DEAD, "Webhook deliveries dead (retries exhausted or 410), not redelivered.",
                                 value=status.webhooks.dead)
+        if status.reviews is not None:
+            reviews = GaugeMetricFamily(REVIEW_QUEUE_DEPTH, "Review items by status (pending, expired claims "
+                                        "included; claimed; decided).", labels=["status"])
+            for name, count in sorted(status.reviews.counts.items()):
+                reviews.add_metric([name], count)
+            yield reviews
+            yield GaugeMetricFamily(REVIEW_OLDEST_PENDING_AGE, "Seconds the oldest pending review item has waited "
+                                    "(0: none).", value=status.reviews.oldest_pending_age_seconds or 0.0)
         upstream = status.upstream
         if upstream.circuit is not None:
             yield GaugeMetricFamily(CIRCUIT_STATE, "The upstream circuit breaker: 0 closed, 1 half-open, 2 open.",

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from app import metrics
 from app.audit_chain import chain_of
 from app.models import (
     AuditEvent,
@@ -376,6 +377,7 @@ def decide_review(
     item = get_review(session, principal.tenant_id, review_id)
     if won is None:
         raise _refusal(item, principal, now)
+    metrics.review_decided(session, decision=decision, seconds=(now - item.created_at).total_seconds())
     _announce(session, item, "review.decided", actor=principal.key_id, request_id=request_id,
               decision=decision, reason=reason, categories=categories, extra={
                   "waited_seconds": round((now - item.created_at).total_seconds(), 3)})
@@ -476,6 +478,27 @@ class ReviewStats:
     decided_in_window: int
     # Seconds from the item's creation (the `review` verdict) to the human decision, over the window's decisions.
     time_to_decision: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class ReviewQueueDepth:
+    """Every tenant's review queue together, for `verdict status` and /metrics (app/use_cases/status.py)."""
+
+    counts: dict[str, int]  # pending (expired claims included), claimed, decided
+    oldest_pending_age_seconds: float | None
+
+
+def queue_depth(session: Session, now: datetime | None = None) -> ReviewQueueDepth:
+    """The review queue across tenants, in the caller's transaction (each a range of the status indexes)."""
+    now = now or utcnow()
+    oldest = session.scalar(select(func.min(ReviewItem.created_at)).where(_effectively_pending(now)))
+    if isinstance(oldest, str):  # SQLite returns an aggregate of a timestamp column as text
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=now.tzinfo)
+    return ReviewQueueDepth(counts=_counts(session, [], now),
+                            oldest_pending_age_seconds=None if oldest is None else
+                            max(0.0, (now - oldest).total_seconds()))
 
 
 def review_stats(session: Session, tenant_id: str, *, window_seconds: int) -> ReviewStats:

@@ -1,6 +1,6 @@
 """The deployment at a glance: queue depth and the oldest queued age, webhook backlog and dead deliveries, the
-upstream's circuit and budget, the last audit sequence of each chain. Read by `verdict status` and by every scrape
-of `/metrics` (app/metrics.py), so each query is one index range (docs/operations.md)."""
+upstream's circuit and budget, the review queue, the last audit sequence of each chain. Read by `verdict status`
+and by every scrape of `/metrics` (app/metrics.py), so each query is one index range (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from app.moderation.circuit import guarded_upstream
 from app.moderation.openai_compat import OpenAICompatibleProvider
 from app.moderation.providers import ModerationProvider
 from app.moderation.upstream_budget import BudgetState, RateLimitUnavailable
+from app.use_cases.reviews import ReviewQueueDepth, queue_depth
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,7 @@ class DeploymentStatus:
     webhooks: WebhookStatus
     upstream: UpstreamStatus
     audit_heads: list[ChainHead] = field(default_factory=list)
+    reviews: ReviewQueueDepth | None = None
 
 
 def queue_status(session: Session, now: datetime | None = None) -> QueueStatus:
@@ -132,4 +134,5 @@ def deployment_status(session: Session, provider: ModerationProvider, *, shared:
     """Everything above, in the caller's transaction."""
     return DeploymentStatus(queue=queue_status(session), webhooks=webhook_status(session),
                             upstream=upstream_status(provider, shared=shared),
-                            audit_heads=audit_heads(session) if with_audit_heads else [])
+                            audit_heads=audit_heads(session) if with_audit_heads else [],
+                            reviews=queue_depth(session))

@@ -125,8 +125,8 @@ def test_a_reviewer_decides_in_the_browser_what_a_worker_sent_to_review(
     env = openai_worker_env(fake_upstream, **WEBHOOK_ENV)
     start_worker(**env)
     api = ApiServer(worker_env(database_url, redis_url, **env), tmp_path / "api.log")
+    http = httpx.Client(base_url=api.base_url, headers=tenant.headers, timeout=30)
     try:
-        http = httpx.Client(base_url=api.base_url, headers=tenant.headers, timeout=30)
         endpoint = http.post("/v1/webhooks", json={"url": receiver.url,
                                                    "events": ["review.decided"]}).json()
         reviewer = issue_key(database, tenant_name=tenant.tenant_name, scopes=("review",), key_name="Ann Reviewer")
@@ -219,4 +219,5 @@ def test_a_reviewer_decides_in_the_browser_what_a_worker_sent_to_review(
         browser.get(f"{api.base_url}/console/reviews/{review_id}")
         assert "No such review item" in browser.page_source and "stupid essay" not in browser.page_source
     finally:
+        http.close()
         api.stop()

@@ -13,18 +13,22 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
 from app.config import Settings
 from app.db import Database
+from app.extensions import PROVIDER
 from app.models import AuditEvent, ReviewItem, WebhookDelivery, utcnow
 from app.moderation.policy import DEFAULT_POLICY
 from app.moderation.providers import ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
-from app.use_cases.reviews import release_expired_claims
+from app.use_cases.reviews import queue_depth, release_expired_claims
+from app.use_cases.status import deployment_status
 from app.use_cases.verdicts import claim_submission, record_verdict
 from tests.conftest import TenantKey, issue_key
+from tests.integration.test_metrics_endpoint import scrape, value
 from tests.integration.webhook_support import api_settings
 
 __all__ = ["api_settings"]  # a fixture, used by name
@@ -379,3 +383,30 @@ def test_the_beat_sweep_releases_expired_claims_and_audits_each(
         assert release_expired_claims(session) == 0  # nothing twice
     assert post(client, desk["bob"], f"/v1/reviews/{lapsed}/claim").status_code == 200
     assert [a for a, _ in actions(database, tenant.tenant_id, lapsed)].count("review.released") == 1
+
+
+def test_the_review_queue_and_time_to_decision_show_in_metrics_and_status(
+        app: Flask, client: FlaskClient, database: Database, tenant: TenantKey, desk: dict[str, TenantKey]) -> None:
+    before = scrape(client)
+    _, review_id = queued_review(client, database, tenant)
+    opened = scrape(client)
+    assert value(opened, "verdict_review_queue_depth", status="pending") == value(
+        before, "verdict_review_queue_depth", status="pending") + 1
+    assert value(opened, "verdict_review_oldest_pending_age_seconds") >= 0
+    with database.transaction() as session:
+        depth = queue_depth(session)
+        snapshot = deployment_status(session, app.extensions[PROVIDER], shared=False, with_audit_heads=False)
+    assert snapshot.reviews is not None and snapshot.reviews.counts == depth.counts and depth.counts["pending"] >= 1
+
+    ann = desk["ann"]
+    assert post(client, ann, f"/v1/reviews/{review_id}/claim").status_code == 200
+    claimed = scrape(client)
+    assert value(claimed, "verdict_review_queue_depth", status="claimed") == value(
+        opened, "verdict_review_queue_depth", status="claimed") + 1
+    decided = post(client, ann, f"/v1/reviews/{review_id}/decision", {"decision": "allow", "reason": "banter"})
+    assert decided.status_code == 200, decided.get_json()
+    after = scrape(client)
+    assert value(after, "verdict_review_decision_seconds_count", decision="allow") == value(
+        claimed, "verdict_review_decision_seconds_count", decision="allow") + 1
+    assert value(after, "verdict_review_queue_depth", status="decided") == value(
+        claimed, "verdict_review_queue_depth", status="decided") + 1
