@@ -2,7 +2,8 @@
 worker --metrics-port` (two pool processes, beat embedded) sharing one METRICS_DIR, on PostgreSQL and Redis, the fake
 upstream and two real webhook receivers — takes real traffic: submissions of both roles, a synchronous moderation, a
 repeated text (cached), an upstream that answers 429 and then 500s until its circuit opens (degraded verdicts from
-the fallback), a receiver that always fails (dead deliveries) and one that answers.
+the fallback), a receiver that always fails (dead deliveries) and one that answers, and two texts sent to human
+review (a reviewer decides one).
 
 Then one scrape of the API's /metrics must show every metric the issue names with a non-trivial value, the worker's
 own port must serve its processes' counters, every metric name the Grafana dashboard and the alert rules use must be
@@ -27,7 +28,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.db import Database
-from tests.conftest import TenantKey, flush_redis
+from tests.conftest import TenantKey, flush_redis, issue_key
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import FINAL, openai_worker_env, retire_leftovers, worker_env
 from tests.integration.processes import free_port, wait_healthy
@@ -141,7 +142,7 @@ def final(deployment: Deployment, tenant: TenantKey, submission_id: str) -> bool
     return response.json()["status"] in FINAL
 
 
-def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, tenant: TenantKey,
+def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, tenant: TenantKey, database: Database,
                                                          fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     api = deployment.api_url
     good, bad = WebhookReceiver().start(), WebhookReceiver().start()
@@ -183,6 +184,18 @@ def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, 
                           timeout=30)
         assert sync.status_code == 200, sync.text
 
+        # Two texts in the review band: a reviewer decides one, the other stays pending.
+        reviewed = submit(deployment, tenant, {"items": [{"input": "that was a stupid answer"},
+                                                         {"input": "what a stupid question"}]})
+        for submission_id in reviewed:
+            until(lambda sid=submission_id: final(deployment, tenant, sid), f"{submission_id} final", deployment)
+        reviewer = issue_key(database, tenant_name=tenant.tenant_name, scopes=("review",), key_name="Ann")
+        claimed = httpx.post(f"{api}/v1/reviews/claim-next", headers=reviewer.headers, timeout=30)
+        assert claimed.status_code == 200, claimed.text
+        decided = httpx.post(f"{api}/v1/reviews/{claimed.json()['id']}/decision", headers=reviewer.headers,
+                             json={"decision": "allow", "reason": "blunt, not abusive"}, timeout=30)
+        assert decided.status_code == 200, decided.text
+
         until(lambda: total(scrape(f"{api}/metrics"), "verdict_webhook_deliveries_total", outcome="dead") > 0,
               "a dead delivery", deployment)
         found = scrape(f"{api}/metrics")
@@ -222,6 +235,11 @@ def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, 
     assert "verdict_upstream_circuit_state" in found
     assert total(found, "verdict_webhook_deliveries_total", outcome="dead") > 0
     assert "verdict_webhook_backlog" in found
+    # Human review: the queue by status, the oldest pending item's wait, and the time to a decision.
+    assert total(found, "verdict_review_queue_depth", status="pending") >= 1
+    assert total(found, "verdict_review_queue_depth", status="decided") >= 1
+    assert total(found, "verdict_review_oldest_pending_age_seconds") > 0
+    assert total(found, "verdict_review_decision_seconds_count", decision="allow") == 1
     # Both gunicorn processes answer with everything: each scrape adds up every process's files.
     assert total(found, "verdict_http_requests_total") >= len(ids)
 
@@ -250,6 +268,7 @@ def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, 
     assert status["upstream"]["circuit"] in {"closed", "half-open", "open"}
     assert status["upstream"]["budget"]["requests_limit"] == 600
     assert status["webhooks"]["dead"] >= 1
+    assert status["reviews"]["pending"] >= 1 and status["reviews"]["oldest_pending_age_seconds"] > 0
     assert status["queue"]["queued"] >= 0 and "postgresql" in status["database"]
     heads = {entry["tenant"]: entry["last_seq"] for entry in status["audit"]}
     assert heads[tenant.tenant_name] > 0
@@ -258,3 +277,4 @@ def test_a_scrape_after_real_traffic_shows_every_metric(deployment: Deployment, 
                            capture_output=True, text=True, timeout=120, check=False)
     assert human.returncode == 0, human.stderr
     assert "workers:  1 alive" in human.stdout and "circuit" in human.stdout, human.stdout
+    assert "pending" in next(line for line in human.stdout.splitlines() if line.startswith("reviews:")), human.stdout
