@@ -22,6 +22,7 @@ from app.db import Database
 from app.models import Submission, SubmissionStatus, utcnow
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
+from tests.integration.processes import stop_process_group
 from tests.lanes import integration_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,12 +82,7 @@ class WorkerProcess:
         if self.process is None:
             return
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+            stop_process_group(self.process)
         self.process = None
 
     def log_tail(self, lines: int = 40) -> str:

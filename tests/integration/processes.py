@@ -1,5 +1,5 @@
-"""Helpers for tests that run `verdict` server processes of their own: a free port, waiting for /healthz, and a real
-`verdict api` (gunicorn) process."""
+"""Helpers for tests that run `verdict` server processes of their own: a free port, waiting for /healthz, stopping a
+process group, and a real `verdict api` (gunicorn) process."""
 
 from __future__ import annotations
 
@@ -38,6 +38,19 @@ def wait_healthy(process: subprocess.Popen[bytes], base_url: str, log_path: Path
         time.sleep(0.3)
 
 
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM to the process's group (started with `start_new_session=True`), then SIGKILL if it is still running
+    after `timeout` seconds; returns once the process has exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 class ApiProcess:
     """`verdict api` bound to a free port on 127.0.0.1 (one gunicorn worker unless `args` say otherwise), in its own
     process group, healthy before the constructor returns."""
@@ -50,6 +63,9 @@ class ApiProcess:
             self.process = subprocess.Popen(argv, env=env, stdout=log,  # noqa: S603 - our own command
                                             stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.process, self.base_url, log_path)
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

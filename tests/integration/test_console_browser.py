@@ -9,10 +9,8 @@ developer's machine and fails under CI=true."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from app.db import Database
 from tests.conftest import TenantKey, issue_key
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env, worker_env
-from tests.integration.processes import free_port, wait_healthy
+from tests.integration.processes import free_port, stop_process_group, wait_healthy
 from tests.integration.webhook_support import receiver
 from tests.lanes import integration_fixture
 from tests.webhook_receiver import WebhookReceiver
@@ -83,13 +81,7 @@ class ApiServer:
         wait_healthy(self.process, self.base_url, log_path)
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_process_group(self.process)
 
 
 # Every visible form control has an accessible name (a <label>, aria-label or aria-labelledby): screen readers can

@@ -12,10 +12,7 @@ deliveries, audit heads)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +28,7 @@ from app.db import Database
 from tests.conftest import TenantKey, flush_redis, issue_key
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import FINAL, openai_worker_env, retire_leftovers, worker_env
-from tests.integration.processes import free_port, wait_healthy
+from tests.integration.processes import free_port, stop_process_group, wait_healthy
 from tests.lanes import integration_fixture
 from tests.metric_names import PROMETHEUS_OWN, dashboard_expressions, metric_names_used, rule_expressions
 from tests.webhook_receiver import WebhookReceiver
@@ -93,14 +90,7 @@ def deployment(database_url: str, redis_url: str, database: Database, fake_upstr
         yield Deployment(api_url, f"http://127.0.0.1:{worker_port}/metrics", env, processes, [api_log, worker_log])
     finally:
         for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+            stop_process_group(process)
 
 
 def samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
