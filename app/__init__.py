@@ -4,6 +4,7 @@ See docs/architecture.md for how the parts fit."""
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import api, console, db, extensions, metrics, secrets_at_rest
 from app.api import body, errors, long_polls, rate_limits, request_context, transactions
@@ -22,6 +23,10 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     metrics.configure(tenant_labels=settings.metrics_tenant_labels)
 
     app = Flask(__name__, static_folder=None)  # Verdict serves no static files (the docs page has its own)
+    if settings.trusted_proxy_count:
+        # The client's address and scheme as the trusted proxies saw them (werkzeug reads the last N hops only).
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.trusted_proxy_count, x_proto=settings.trusted_proxy_count)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[extensions.SETTINGS] = settings

@@ -330,8 +330,18 @@ class Settings(BaseSettings):
         description=(
             "Failed authentications allowed per minute from one client address, and for one key id, in a moving "
             "window; past it a failing request gets 429 with Retry-After instead of 401. A valid key is never "
-            "refused for others' failures. The client address is the connection's (behind a reverse proxy, that "
-            "proxy's)."
+            "refused for others' failures. The client address is the connection's, or behind reverse proxies the "
+            "one TRUSTED_PROXY_COUNT says."
+        ),
+    )
+    trusted_proxy_count: int = Field(
+        default=0, ge=0, le=5, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "How many reverse proxies in front of the API append to X-Forwarded-For (and set X-Forwarded-Proto). "
+            "With 0, the default, those headers are ignored and the client address is the connection's, so a "
+            "client cannot choose its own; behind one proxy (a load balancer, nginx) set 1, or every client shares "
+            "the proxy's address in the failed-auth throttle and the audit trail. Never set it higher than the "
+            "proxies there really are: the extra hop would let clients forge their address."
         ),
     )
     auth_failure_window_seconds: int = Field(

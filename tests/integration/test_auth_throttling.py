@@ -245,3 +245,34 @@ def test_windows_are_aligned_and_a_window_still_open_is_not_summarised(database:
         assert summarize_auth_failures(session, window_seconds=60, now=key[3] + timedelta(seconds=66)) >= 1
     with database.transaction() as session:
         assert session.get(AuthFailureWindow, key) is None
+
+
+@pytest.mark.parametrize("trusted", [0, 1])
+def test_the_throttle_sees_the_address_trusted_proxies_forwarded_and_no_other(database_url: str, redis_url: str,
+                                                                              database: Database,
+                                                                              trusted: int) -> None:
+    """Behind one proxy (TRUSTED_PROXY_COUNT=1) every client arrives from the proxy's address: the throttle must count
+    each forwarded client on its own, or one client's bad keys lock everyone out. With no trusted proxy the header is
+    the client's own word, so it is ignored: a flood cannot escape the throttle by forging X-Forwarded-For."""
+    flask_app = create_app(make_settings(database_url, redis_url, auth_failures_per_minute=LIMIT,
+                                         auth_failure_window_seconds=WINDOW, trusted_proxy_count=trusted))
+    flask_app.config["TESTING"] = True
+    proxy_address = address()
+    proxy = client_at(flask_app, proxy_address)
+    flooder, bystander = address(), address()
+
+    def from_client(client_address: str) -> int:
+        forged_hop = address()  # what a client may put in front of the header itself
+        headers = {**bearer(unknown_key()), "X-Forwarded-For": f"{forged_hop}, {client_address}"}
+        return proxy.get("/v1/submissions", headers=headers).status_code
+
+    flood = [from_client(flooder) for _ in range(LIMIT + 3)]
+    assert flood[:LIMIT + 1] == [401] * LIMIT + [429], flood
+    # Another client behind the same proxy: its own window when the proxy is trusted, the flooder's when it is not.
+    assert from_client(bystander) == (401 if trusted else 429)
+    # The audit trail names the address the throttle counted: the forwarded client's, or the connection's.
+    recorded = {(e.details or {}).get("client_address") for e in auth_failed(database, SYSTEM_CHAIN)}
+    if trusted:
+        assert {flooder, bystander} <= recorded and proxy_address not in recorded
+    else:
+        assert proxy_address in recorded and flooder not in recorded and bystander not in recorded
