@@ -242,8 +242,21 @@ class BacktestIn(Strict):
         return self
 
 
+class ReviewedComparison(BaseModel):
+    """The candidate against the people: over the verdicts in range that a reviewer decided."""
+
+    total: int = Field(description="Verdicts in range whose review a person decided.")
+    agreed: int = Field(description="Of those, how many the candidate decides as the person did.")
+    agreement_rate: float | None = Field(description="agreed / total; null when there were none.")
+    matrix: Matrix = Field(description="matrix[reviewer][candidate]: rows allow and block (the decision in force, "
+                                       "an admin's override if there is one), columns allow, review and block.")
+
+
 class BacktestResult(Comparison):
     skipped: int = Field(description="Verdicts with no scores to re-decide (fail-open or fail-closed).")
+    reviewed: ReviewedComparison | None = Field(
+        default=None, description="The candidate against human reviewers' decisions (null in results stored before "
+                                  "reviews were compared).")
 
 
 class BacktestOut(BaseModel):

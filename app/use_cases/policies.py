@@ -13,11 +13,23 @@ from typing import Any
 
 import structlog
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import Database
-from app.models import Backtest, Decision, PolicyVersion, Submission, Tenant, TenantPolicy, TermList, Verdict, utcnow
+from app.models import (
+    Backtest,
+    Decision,
+    PolicyVersion,
+    ReviewItem,
+    ReviewStatus,
+    Submission,
+    Tenant,
+    TenantPolicy,
+    TermList,
+    Verdict,
+    utcnow,
+)
 from app.moderation.policy import DEFAULT_POLICY, ROLES, Policy, assess, build_policy
 from app.moderation.providers import ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
@@ -32,6 +44,8 @@ log = structlog.get_logger(__name__)
 BUILTIN = DEFAULT_POLICY.name
 KINDS = ("blocklist", "allowlist")
 DECISIONS = tuple(d.value for d in Decision)
+# What a reviewer can decide (the database's check constraint on review_items says the same).
+HUMAN_DECISIONS = (Decision.ALLOW.value, Decision.BLOCK.value)
 # The most field changes one `policy.changed` event lists (the rest are counted).
 MAX_CHANGES_LISTED = 100
 FAILSAFE_PROVIDER = "failsafe"
@@ -464,6 +478,26 @@ class _Tally:
                 "matrix": self.matrix, "by_category": self.by_category}
 
 
+class _ReviewedTally:
+    """The candidate's decisions against the people's, over the verdicts a reviewer decided: rows are the
+    reviewer's decision (allow or block), columns the candidate's (a candidate `review` sends it to a person again)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.agreed = 0
+        self.matrix = {human: dict.fromkeys(DECISIONS, 0) for human in HUMAN_DECISIONS}
+
+    def add(self, human: str, candidate: str) -> None:
+        self.total += 1
+        self.agreed += human == candidate
+        self.matrix[human][candidate] += 1
+
+    def result(self) -> dict[str, Any]:
+        return {"total": self.total, "agreed": self.agreed,
+                "agreement_rate": round(self.agreed / self.total, 4) if self.total else None,
+                "matrix": self.matrix}
+
+
 def _in_range(query: Any, start: datetime | None, end: datetime | None) -> Any:
     if start is not None:
         query = query.where(Verdict.created_at >= start)
@@ -525,9 +559,15 @@ def _candidate(session: Session, tenant_id: str, name: str, request: BacktestIn)
 
 
 def backtest_verdicts(session: Session, tenant_id: str, name: str, request: BacktestIn) -> Iterable[Any]:
+    """Each verdict in range with what re-deciding it needs, and the reviewer's decision in force (an admin's
+    override, else the reviewer's) when a person decided it."""
+    human = case((ReviewItem.status == ReviewStatus.DECIDED.value,
+                  func.coalesce(ReviewItem.override_decision, ReviewItem.decision)), else_=None)
     query = (select(Verdict.decision, Verdict.category_scores, Verdict.category_decisions, Verdict.thresholds,
-                    Verdict.provider, Verdict.not_judged, Submission.role)
-             .join(Submission, Submission.id == Verdict.submission_id).where(Verdict.tenant_id == tenant_id))
+                    Verdict.provider, Verdict.not_judged, Submission.role, human)
+             .join(Submission, Submission.id == Verdict.submission_id)
+             .outerjoin(ReviewItem, ReviewItem.submission_id == Verdict.submission_id)
+             .where(Verdict.tenant_id == tenant_id))
     if request.verdicts == "policy":
         query = query.where(Verdict.policy_name == name)
     return session.execute(_in_range(query, request.start, request.end).execution_options(yield_per=1000))
@@ -546,8 +586,9 @@ def run_backtest_now(session: Session, tenant_id: str, name: str, request: Backt
     erased submissions too), against the decisions actually made."""
     candidate = _candidate(session, tenant_id, name, request)
     tally = _Tally()
+    reviewed = _ReviewedTally()
     skipped = 0
-    for decision, scores, category_decisions, thresholds, provider, not_judged, role in backtest_verdicts(
+    for decision, scores, category_decisions, thresholds, provider, not_judged, role, human in backtest_verdicts(
             session, tenant_id, name, request):
         if provider == FAILSAFE_PROVIDER:
             skipped += 1  # a fail-open or fail-closed verdict has no scores to re-decide
@@ -558,7 +599,9 @@ def run_backtest_now(session: Session, tenant_id: str, name: str, request: Backt
         redecided = assess(candidate, outcome, role=role if role in ROLES else "input")
         made = category_decisions or _derived_decisions(scores, thresholds or {})
         tally.add(decision, redecided.decision.value, made, redecided.category_decisions)
-    return {**tally.result(), "skipped": skipped}
+        if human is not None:
+            reviewed.add(human, redecided.decision.value)
+    return {**tally.result(), "skipped": skipped, "reviewed": reviewed.result()}
 
 
 def queue_backtest(session: Session, tenant_id: str, name: str, request: BacktestIn, *, actor: str) -> Backtest:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app import create_app
 from app.db import Database
 from app.models import Backtest, PolicyVersion, TenantPolicy, Verdict, utcnow
-from tests.conftest import TenantKey, make_settings
+from tests.conftest import TenantKey, issue_key, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env, submit, wait_final
 
@@ -112,18 +112,32 @@ def test_roles_lists_shadow_report_and_backtests(
                        headers=tenant.headers).get_json()
     assert empty["total"] == 0 and empty["agreement_rate"] is None
 
+    # A reviewer blocks the output "stupid" that the policy sent to review.
+    reviewer = issue_key(database, tenant_name=tenant.tenant_name, scopes=("review",), key_name="Ann")
+    claimed = client.post("/v1/reviews/claim-next", headers=reviewer.headers).get_json()
+    assert claimed["role"] == "output", claimed  # the only text the policy sent to review
+    decided = client.post(f"/v1/reviews/{claimed['id']}/decision", headers=reviewer.headers,
+                          json={"decision": "block", "reason": "abusive"})
+    assert decided.status_code == 200, decided.get_json()
+
     # A backtest of a candidate on the stored scores, answered at once (no provider call).
     seen = len(fake_upstream.texts_seen())
     window = {"start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started - 60)),
               "end": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))}
-    candidate = {**CHAT, "input": {"harassment": {"review": 0.5, "block": 0.55}}}
+    candidate = {**CHAT, "input": {"harassment": {"review": 0.5, "block": 0.55}},
+                 "output": {"harassment": {"review": 0.4, "block": 0.55}}}
     result = post(client, tenant, "/v1/policies/chat/backtest", {"document": candidate, **window}, status=200)
     assert result["status"] == "completed" and result["id"] is None
     outcome = result["result"]
     assert outcome["total"] == 7 and outcome["skipped"] == 0
     assert outcome["matrix"]["allow"]["block"] == 1  # the input "stupid" would be blocked
+    assert outcome["matrix"]["review"]["block"] == 1  # and the output "stupid" too, with no person asked
     # Scores only: the list matches are not re-made, so those verdicts would be allowed.
     assert outcome["matrix"]["block"]["allow"] == 4
+    # Against the people: the one verdict a reviewer decided, the candidate decides as the reviewer did.
+    assert outcome["reviewed"] == {"total": 1, "agreed": 1, "agreement_rate": 1.0,
+                                   "matrix": {"allow": {"allow": 0, "review": 0, "block": 0},
+                                              "block": {"allow": 0, "review": 0, "block": 1}}}
     assert len(fake_upstream.texts_seen()) == seen
 
     # A large one runs as a job on the worker: 202, then poll.
@@ -142,6 +156,9 @@ def test_roles_lists_shadow_report_and_backtests(
     # Version 1 is the policy that decided them all: the backtest agrees except where lists decided.
     assert job["result"]["total"] == 7 and job["result"]["matrix"]["block"]["allow"] == 4
     assert job["result"]["agreed"] == 3
+    # Version 1 sends the reviewed output to a person again: no agreement with the reviewer, and no disagreement.
+    assert job["result"]["reviewed"]["total"] == 1 and job["result"]["reviewed"]["agreed"] == 0
+    assert job["result"]["reviewed"]["matrix"]["block"]["review"] == 1
 
     # A backtest abandoned by a dead worker (running for an hour) and one whose message was lost are taken up again
     # by the beat sweep and completed.
