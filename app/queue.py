@@ -47,6 +47,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport_options["visibility_timeout"] = settings.broker_visibility_timeout
         if settings.broker_key_prefix:
             transport_options["global_keyprefix"] = settings.broker_key_prefix
+    elif settings.broker_url.startswith("sqla+"):
+        # The SQLAlchemy transport polls (kombu's default: once a second, most of an idle verdict's time).
+        transport_options["polling_interval"] = settings.broker_polling_interval
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
