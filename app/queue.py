@@ -6,6 +6,7 @@ names; the worker loads them from `workers.tasks`. See docs/architecture.md ("Th
 from __future__ import annotations
 
 import functools
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -138,6 +139,10 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
         # loads in well under a second, so the embedded default (whose worker must create the broker's SQLite file
         # before `verdict dev` is ready) warms up too.
         app.extensions[PROVIDER].warm_up()
+        # Everything loaded so far (the app, its libraries, the engine's arrays' owners) moves to the collector's
+        # permanent generation: a pool process's collections then never touch those objects, so the pages the fork
+        # shares stay shared instead of being copied into every pool process (issue 15 item 4).
+        gc.freeze()
 
     return celery_app
 
