@@ -94,6 +94,14 @@ class Settings(BaseSettings):
             "set, else kombu's SQLAlchemy transport on SQLite at $VAR_DIR/broker.db (no server)."
         ),
     )
+    broker_polling_interval: float = Field(
+        default=0.1, gt=0, le=10, json_schema_extra=_in(STORAGE),
+        description=(
+            "Seconds between a worker's looks at a broker that cannot push messages: kombu's SQLAlchemy transport "
+            "(`sqla+` URLs, the embedded default), whose own default is 1 s. An idle worker sees a new submission "
+            "within this long, at one small query per interval per worker process. Redis pushes: unused there."
+        ),
+    )
     broker_key_prefix: str = Field(
         default="", json_schema_extra=_in(STORAGE),
         description=(

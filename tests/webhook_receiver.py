@@ -31,6 +31,7 @@ class ReceivedRequest:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+    received_at: float = 0.0  # time.time() when the request was read (the benchmark's webhook latency)
 
     @property
     def json(self) -> Any:
@@ -79,7 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
         receiver = cast(_Server, self.server).receiver
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        request = ReceivedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        request = ReceivedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
+                                  time.time())
         answer = receiver._take(request)
         if answer is None:  # held, then the receiver stopped: drop the connection without an answer
             self.close_connection = True

@@ -1,6 +1,6 @@
 """The audit trail in the database: `record_event` appends to a tenant's hash chain in the caller's transaction
-(locking the chain's head: call it last, keep the transaction short); querying, streaming and verifying what is
-stored. The pure part is app/audit_chain.py; see docs/compliance.md."""
+(collected, then appended at commit with the chain's head locked once, at the end); querying, streaming and
+verifying what is stored. The pure part is app/audit_chain.py; see docs/compliance.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.orm import Session, SessionTransaction
 
 from app import metrics
 from app.audit_chain import (
@@ -77,31 +78,93 @@ def record_event(
     decision: str | None = None,
     categories: Iterable[str] | None = None,
 ) -> AuditEvent:
-    """Append an event to its tenant's chain (the system chain without a tenant), in the caller's transaction."""
-    chain_id = chain_of(tenant_id)
-    head = _lock_head(session, chain_id)
-    # Time never goes backwards within a chain (a writer on a machine whose clock lags takes the head's time), so
-    # `seq` order is time order and a time range is one `seq` range.
-    now = utcnow()
-    occurred_at = now if head.occurred_at is None or now > head.occurred_at else head.occurred_at
+    """Append an event to its tenant's chain (the system chain without a tenant), in the caller's transaction.
+
+    The event is collected, not yet written: when the transaction commits, every event it collected is appended in
+    one step (`_append_collected`), each chain's head locked once, at the very end of the transaction. A transaction
+    that rolls back (or a savepoint that does) leaves no event. The returned event gets its `seq` and `hash` at
+    commit."""
     category_list = None if categories is None else sorted(set(categories))
     event = AuditEvent(
-        tenant_id=tenant_id, chain_id=chain_id, seq=head.seq + 1, prev_hash=head.hash, occurred_at=occurred_at,
-        action=action, actor=actor, subject_type=subject_type, subject_id=subject_id, request_id=request_id,
-        content_digest=content_digest, conversation_id=conversation_id, turn_id=turn_id, decision=decision,
-        categories=category_list, details=plain_json(details),
+        tenant_id=tenant_id, chain_id=chain_of(tenant_id), occurred_at=utcnow(), action=action, actor=actor,
+        subject_type=subject_type, subject_id=subject_id, request_id=request_id, content_digest=content_digest,
+        conversation_id=conversation_id, turn_id=turn_id, decision=decision, categories=category_list,
+        details=plain_json(details),
     )
-    event.hash = hash_fields(canonical_fields(event))
-    session.execute(
-        update(AuditChainHead).where(AuditChainHead.chain_id == chain_id)
-        .values(seq=event.seq, hash=event.hash, occurred_at=occurred_at)
-        .execution_options(synchronize_session=False)
-    )
-    session.add(event)
+    session.info.setdefault(_COLLECTED, []).append(event)
     metrics.audit_event_written(session, action, tenant_id)
-    for category in category_list or ():
-        session.add(AuditEventCategory(chain_id=chain_id, category=category, seq=event.seq))
     return event
+
+
+_COLLECTED = "audit_events_collected"
+_SAVEPOINTS = "audit_events_savepoints"
+
+
+def _append_collected(session: Session) -> None:
+    """Before the outermost commit: append the transaction's events to their chains. Chains are locked in sorted
+    order (two transactions touching the same chains never deadlock), each once; the events of one chain get
+    consecutive seqs in the order they were recorded, each linked to the one before."""
+    if session.in_nested_transaction():
+        return
+    collected: list[AuditEvent] = session.info.pop(_COLLECTED, [])
+    session.info.pop(_SAVEPOINTS, None)
+    if not collected:
+        return
+    # The transaction's other writes go out first, so the lock below is held only for the events and the commit.
+    session.flush()
+    by_chain: dict[str, list[AuditEvent]] = {}
+    for event in collected:
+        by_chain.setdefault(event.chain_id, []).append(event)
+    categories: list[AuditEventCategory] = []
+    for chain_id in sorted(by_chain):
+        head = _lock_head(session, chain_id)
+        seq, prev_hash, last_time = head.seq, head.hash, head.occurred_at
+        for event in by_chain[chain_id]:
+            # Time never goes backwards within a chain (a writer on a machine whose clock lags takes the head's
+            # time), so `seq` order is time order and a time range is one `seq` range.
+            if last_time is not None and event.occurred_at < last_time:
+                event.occurred_at = last_time
+            seq += 1
+            event.seq, event.prev_hash = seq, prev_hash
+            event.hash = hash_fields(canonical_fields(event))
+            prev_hash, last_time = event.hash, event.occurred_at
+            categories.extend(AuditEventCategory(chain_id=chain_id, category=category, seq=seq)
+                              for category in event.categories or ())
+        session.execute(
+            update(AuditChainHead).where(AuditChainHead.chain_id == chain_id)
+            .values(seq=seq, hash=prev_hash, occurred_at=last_time)
+            .execution_options(synchronize_session=False)
+        )
+    session.add_all(collected)
+    session.add_all(categories)
+
+
+def _mark_savepoint(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.nested:
+        session.info.setdefault(_SAVEPOINTS, {})[transaction] = len(session.info.get(_COLLECTED, ()))
+
+
+def _drop_rolled_back(session: Session, previous: SessionTransaction) -> None:
+    """A rolled-back savepoint takes back the events recorded inside it; a rolled-back transaction, all of them."""
+    if previous.nested:
+        mark = session.info.get(_SAVEPOINTS, {}).pop(previous, None)
+        if mark is not None and _COLLECTED in session.info:
+            del session.info[_COLLECTED][mark:]
+    elif previous.parent is None:
+        session.info.pop(_COLLECTED, None)
+        session.info.pop(_SAVEPOINTS, None)
+
+
+def _forget(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_COLLECTED, None)
+        session.info.pop(_SAVEPOINTS, None)
+
+
+sqlalchemy_event.listen(Session, "before_commit", _append_collected)
+sqlalchemy_event.listen(Session, "after_transaction_create", _mark_savepoint)
+sqlalchemy_event.listen(Session, "after_soft_rollback", _drop_rolled_back)
+sqlalchemy_event.listen(Session, "after_transaction_end", _forget)
 
 
 def record_failed_authentication(

@@ -31,15 +31,17 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
-from sqlalchemy import func, select, update  # noqa: E402
+from sqlalchemy import event, func, select, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from app.cli import migrate_database  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.models import Submission, Verdict  # noqa: E402
+from app.use_cases.audit import record_event  # noqa: E402
 from app.use_cases.keys import KeyLimits, create_key  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
+from tests.webhook_receiver import WebhookReceiver  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -97,6 +99,22 @@ class Proc:
                 continue
         return total_kb / 1024
 
+    def pss_mb(self) -> float:
+        """The sum of the proportional set sizes (Pss of /proc/PID/smaps_rollup) of every process in the group, now:
+        a page the pool processes share with the main process since the fork counts once, split among them."""
+        total_kb = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.process.pid:
+                    continue
+                for line in (stat.parent / "smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total_kb / 1024
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -127,7 +145,9 @@ class Bench:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("UPSTREAM_", "MODERATION_", "DATABASE_", "BROKER_", "REDIS_"))}
         env.update({"DATABASE_URL": self.database_url, "BROKER_URL": REDIS_URL, "BROKER_KEY_PREFIX": self.prefix,
-                    "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)})
+                    "LOG_FORMAT": "json", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
+                    # The steady phase's webhook receiver listens on this machine.
+                    "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8", "WEBHOOK_ALLOWED_PORTS": "*"})
         env.update(extra)
         return env
 
@@ -152,10 +172,10 @@ class Bench:
         if keys:
             self.redis.delete(*keys)
 
-    def new_key(self) -> str:
+    def new_key(self, scopes: tuple[str, ...] = ("submit", "read")) -> str:
         assert self.database is not None
         with self.database.transaction() as session:
-            issued = create_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:8]}", scopes=("submit", "read"),
+            issued = create_key(session, tenant_name=f"bench-{uuid.uuid4().hex[:8]}", scopes=scopes,
                                 limits=BENCH_KEY_LIMITS)
             return issued.plaintext
 
@@ -170,13 +190,13 @@ class Bench:
         self.procs.remove(proc)
 
     def start_workers(self, label: str, env: dict[str, str], app: str = "workers.entry",
-                      queue: str = "moderation") -> list[Proc]:
+                      queue: str = "moderation", count: int | None = None) -> list[Proc]:
         return [self.start(f"{label}-{i}", [sys.executable, "-m", "celery", "-A", app, "worker",
                                              "-c", str(self.args.concurrency),
                                              "-Q", queue, "-n", f"{label}{i}@%h", "--loglevel", "INFO",
                                              "--without-gossip", "--without-mingle", "--without-heartbeat"],
                            env, b" ready.")
-                for i in range(self.args.workers)]
+                for i in range(self.args.workers if count is None else count)]
 
     def start_api(self, env: dict[str, str]) -> tuple[Proc, str]:
         port = self.args.api_port
@@ -300,16 +320,20 @@ class Bench:
 
     # -- phase 3: end to end ---------------------------------------------------------------------------------
 
-    def end_to_end(self, url: str, api: Proc) -> None:
+    def drain(self, url: str, count: int, label: str, workers: int | None = None) -> dict[str, float]:
+        """Start the workers on the local engine, submit `count` texts at once (100 per request), wait until every
+        one has its verdict: texts/s from the first submit to the last verdict, each one's latency, the workers'
+        peak RSS."""
         assert self.database is not None
-        count = self.args.e2e_texts
         key = self.new_key()
-        workers = self.start_workers("e2e", self.base_env(MODERATION_PROVIDER="local"))
+        procs = self.start_workers(label, self.base_env(MODERATION_PROVIDER="local"), count=workers)
         began = datetime.now(UTC)
         self.submit_texts(url, key, [f"end to end text {i}: " + ("you idiot" if i % 5 == 0 else "thank you")
                                      for i in range(count)])
         deadline = time.monotonic() + 600
+        pss = 0.0
         while True:
+            pss = max([pss, *(w.pss_mb() for w in procs)])
             with self.database.transaction() as session:
                 rows = session.execute(
                     select(Submission.created_at, Verdict.created_at).join(Verdict)
@@ -322,11 +346,18 @@ class Bench:
         finished = max(decided for _, decided in rows)
         elapsed = (finished - began).total_seconds()
         latencies = [(decided - submitted).total_seconds() * 1000 for submitted, decided in rows]
-        worker_rss = max(w.peak_rss_mb() for w in workers)
-        for worker in workers:
-            self.stop(worker)
-        self.results.update(e2e_tps=count / elapsed, e2e_p50_ms=percentile(latencies, 0.5),
-                            e2e_p99_ms=percentile(latencies, 0.99), worker_rss_mb=worker_rss,
+        pss = max([pss, *(w.pss_mb() for w in procs)])
+        rss = max(w.peak_rss_mb() for w in procs)
+        for proc in procs:
+            self.stop(proc)
+        return {"tps": count / elapsed, "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+                "rss_mb": rss, "pss_mb": pss}
+
+    def end_to_end(self, url: str, api: Proc) -> None:
+        count = self.args.e2e_texts
+        drained = self.drain(url, count, "e2e")
+        self.results.update(e2e_tps=drained["tps"], e2e_p50_ms=drained["p50_ms"], e2e_p99_ms=drained["p99_ms"],
+                            worker_rss_mb=drained["pss_mb"], worker_hwm_mb=drained["rss_mb"],
                             api_rss_mb=api.peak_rss_mb())
 
         counter = f"{self.prefix}noop-count"
@@ -351,6 +382,126 @@ class Bench:
         log(f"end to end: {count} texts at {self.results['e2e_tps']:.1f}/s (p50 {self.results['e2e_p50_ms']:.0f} ms,"
             f" p99 {self.results['e2e_p99_ms']:.0f} ms); no-op task {noop_tps:.0f}/s")
 
+    # -- phase 4: latency at steady load ---------------------------------------------------------------------
+
+    def steady(self, url: str) -> None:
+        """Open-loop arrivals: one text per request at --steady-rate a second for --steady-seconds (each request
+        sent at its time whatever the earlier ones are doing), the fake upstream answering in --steady-latency,
+        the workers consuming both queues, a webhook endpoint on a local receiver. Latency from the submission's
+        creation to its stored verdict, and to the `submission.completed` webhook's arrival at the receiver."""
+        assert self.database is not None
+        a = self.args
+        key = self.new_key(scopes=("submit", "read", "admin"))
+        headers = {"Authorization": f"Bearer {key}"}
+        count = max(1, int(a.steady_rate * a.steady_seconds))
+        with WebhookReceiver() as receiver, FakeUpstream(api_key=UPSTREAM_KEY, rpm=1_000_000, max_batch=a.batch,
+                                                         latency=a.steady_latency) as fake:
+            created = httpx.post(f"{url}/v1/webhooks", json={"url": receiver.url, "events": ["submission.completed"]},
+                                 headers=headers, timeout=30)
+            if created.status_code != 201:
+                raise RuntimeError(f"webhook registration answered {created.status_code}: {created.text[:300]}")
+            env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
+                                UPSTREAM_API_KEY=UPSTREAM_KEY, UPSTREAM_MAX_BATCH=str(a.batch))
+            workers = self.start_workers("steady", env, queue="moderation,webhooks")
+            ids: list[str] = []
+            errors: list[int] = []
+
+            def post(http: httpx.Client, number: int) -> None:
+                response = http.post(f"{url}/v1/submissions", headers=headers,
+                                     json={"input": f"steady text {number}: have a lovely day"})
+                if response.status_code == 202:
+                    ids.append(response.json()["id"])
+                else:
+                    errors.append(response.status_code)
+
+            log(f"steady: {count} texts at {a.steady_rate:g}/s, upstream latency {a.steady_latency * 1000:.0f} ms")
+            with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=64)) as http, \
+                    ThreadPoolExecutor(64) as pool:
+                start = time.monotonic()
+                for number in range(count):
+                    delay = start + number / a.steady_rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    pool.submit(post, http, number)
+            accepted_rate = len(ids) / (time.monotonic() - start)
+            if errors:
+                raise RuntimeError(f"steady: {len(errors)} unexpected answers, e.g. {errors[:5]}")
+            # A pipeline that cannot keep up is a result, not a failure: after the wait, what has no verdict (or no
+            # webhook) yet counts with the time it has waited so far, a lower bound of its latency.
+            deadline = time.monotonic() + a.steady_drain_seconds
+            while True:
+                with self.database.transaction() as session:
+                    rows = session.execute(select(Submission.id, Submission.created_at, Verdict.created_at)
+                                           .outerjoin(Verdict).where(Submission.id.in_(ids))).tuples().all()
+                hooks = {r.json["data"]["id"]: r.received_at for r in list(receiver.requests)
+                         if r.json.get("type") == "submission.completed"}
+                decided = sum(1 for row in rows if row[2] is not None)
+                if (decided >= len(ids) and len(hooks) >= len(ids)) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            now = datetime.now(UTC)
+            for worker in workers:
+                self.stop(worker)
+        verdict_ms = [((verdict_at or now) - submitted).total_seconds() * 1000 for _, submitted, verdict_at in rows]
+        webhook_ms = [(hooks.get(sid, now.timestamp()) - submitted.timestamp()) * 1000 for sid, submitted, _ in rows]
+        self.results.update(steady_p50_ms=percentile(verdict_ms, 0.5), steady_p99_ms=percentile(verdict_ms, 0.99),
+                            webhook_p50_ms=percentile(webhook_ms, 0.5), webhook_p99_ms=percentile(webhook_ms, 0.99),
+                            steady_texts=len(ids), steady_unfinished=len(ids) - decided,
+                            steady_accepted_rate=accepted_rate)
+        log(f"steady: {len(ids)} texts accepted at {accepted_rate:.1f}/s, {len(ids) - decided} without a verdict "
+            f"after the wait; to verdict p50 {self.results['steady_p50_ms']:.0f} ms, "
+            f"p99 {self.results['steady_p99_ms']:.0f} ms; to webhook p50 {self.results['webhook_p50_ms']:.0f} ms, "
+            f"p99 {self.results['webhook_p99_ms']:.0f} ms")
+        self.abandon_unfinished()
+
+    # -- option --scale: end to end with 1, 2 and 4 workers; the chain lock's hold time --------------------------
+
+    def scale(self, url: str) -> None:
+        rates: dict[int, float] = {}
+        for workers in (1, 2, 4):
+            drained = self.drain(url, self.args.scale_texts, f"scale{workers}", workers=workers)
+            rates[workers] = drained["tps"]
+            log(f"scale: {workers} workers x {self.args.concurrency}: {drained['tps']:.1f} texts/s "
+                f"(p99 {drained['p99_ms']:.0f} ms)")
+            self.abandon_unfinished()
+        self.results["scale_tps"] = rates
+        self.chain_lock()
+
+    def chain_lock(self, transactions: int = 40, verdicts: int = 50) -> None:
+        """How long one transaction holds a tenant's chain head: from its `SELECT … FOR UPDATE` to the end of its
+        commit, for transactions shaped like a worker's (`verdicts` verdicts, two events each), one after the other
+        in this process. One tenant can record at most `verdicts` / hold verdicts a second, however many workers."""
+        assert self.database is not None
+        holds: list[float] = []
+        locked_at: list[float] = []
+
+        def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "audit_chain_heads" in statement and "FOR UPDATE" in statement:
+                locked_at.append(time.perf_counter())
+
+        event.listen(self.database.engine, "before_cursor_execute", on_statement)
+        try:
+            with self.database.transaction() as session:
+                tenant = create_key(session, tenant_name=f"bench-lock-{uuid.uuid4().hex[:8]}", scopes=("read",),
+                                    limits=BENCH_KEY_LIMITS).key.tenant_id
+            for _ in range(transactions):
+                locked_at.clear()
+                with self.database.transaction() as session:
+                    for number in range(verdicts):
+                        for action in ("verdict.decided", "submission.completed"):
+                            record_event(session, tenant_id=tenant, action=action, actor="worker",
+                                         subject_type="submission", subject_id=f"sub_bench{number}",
+                                         decision="allow", categories=["harassment"], details={"attempt": 1})
+                holds.append((time.perf_counter() - locked_at[0]) * 1000)
+        finally:
+            event.remove(self.database.engine, "before_cursor_execute", on_statement)
+        hold = statistics.median(holds)
+        self.results.update(lock_hold_ms=hold, lock_hold_p99_ms=percentile(holds, 0.99),
+                            tenant_ceiling_vps=verdicts / (hold / 1000), lock_verdicts=verdicts)
+        log(f"chain lock: held {hold:.1f} ms per transaction of {verdicts} verdicts (p99 "
+            f"{self.results['lock_hold_p99_ms']:.1f} ms): one tenant's ceiling about "
+            f"{self.results['tenant_ceiling_vps']:.0f} verdicts/s")
+
     # -- report ----------------------------------------------------------------------------------------------
 
     def result_line(self) -> str:
@@ -359,7 +510,22 @@ class Bench:
                 f"intake_rps={r['intake_rps']:.1f} intake_ratio={r['intake_ratio']:.3f} "
                 f"intake_p99_ms={r['intake_p99_ms']:.1f} e2e_tps={r['e2e_tps']:.1f} e2e_ratio={r['e2e_ratio']:.3f} "
                 f"e2e_p50_ms={r['e2e_p50_ms']:.0f} e2e_p99_ms={r['e2e_p99_ms']:.0f} "
+                f"steady_p50_ms={r['steady_p50_ms']:.0f} steady_p99_ms={r['steady_p99_ms']:.0f} "
+                f"webhook_p99_ms={r['webhook_p99_ms']:.0f} "
                 f"api_rss_mb={r['api_rss_mb']:.0f} worker_rss_mb={r['worker_rss_mb']:.0f}")
+
+    def scale_rows(self) -> list[tuple[str, str, str, str]]:
+        r = self.results
+        if "scale_tps" not in r:
+            return []
+        rates = r["scale_tps"]
+        return [
+            (f"scale (`--scale`): end to end, {self.args.scale_texts} texts, 1 / 2 / 4 workers x "
+             f"{self.args.concurrency}", " / ".join(f"{rates[n]:.1f}" for n in (1, 2, 4)) + " texts/s", "", ""),
+            (f"chain lock: head held per transaction of {r['lock_verdicts']} verdicts (100 events)",
+             f"median {r['lock_hold_ms']:.1f} ms, p99 {r['lock_hold_p99_ms']:.1f} ms",
+             "one tenant's ceiling", f"{r['tenant_ceiling_vps']:.0f} verdicts/s"),
+        ]
 
     def write_report(self, line: str, started: datetime, seconds: float) -> None:
         r, a = self.results, self.args
@@ -393,8 +559,18 @@ class Bench:
              f"{r['e2e_ratio']:.3f}"),
             ("end to end: submit-to-verdict latency",
              f"p50 {r['e2e_p50_ms']:.0f} ms, p99 {r['e2e_p99_ms']:.0f} ms", "", ""),
+            (f"steady load: {a.steady_rate:g} texts/s open-loop for {a.steady_seconds:g} s, one per request, upstream "
+             f"{a.steady_latency * 1000:.0f} ms (accepted at {r['steady_accepted_rate']:.1f}/s; "
+             f"{r['steady_unfinished']} of {r['steady_texts']} without a verdict {a.steady_drain_seconds:g} s after "
+             "the last arrival, counted with the time they waited)",
+             f"to stored verdict p50 {r['steady_p50_ms']:.0f} ms, "
+             f"p99 **{r['steady_p99_ms']:.0f}** ms", f"to webhook delivered p50 {r['webhook_p50_ms']:.0f} ms, "
+             f"p99 {r['webhook_p99_ms']:.0f} ms", "target p99 <= 250 ms"),
+            *self.scale_rows(),
             ("peak RSS (VmHWM summed over a process group)",
-             f"API {r['api_rss_mb']:.0f} MB, one worker {r['worker_rss_mb']:.0f} MB", "", ""),
+             f"API {r['api_rss_mb']:.0f} MB, one worker {r['worker_hwm_mb']:.0f} MB", "", ""),
+            ("one worker's memory, PSS summed over its process group (`worker_rss_mb`), largest sample",
+             f"{r['worker_rss_mb']:.0f} MB", "", "target <= 200 MB"),
         ]
         table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
         report = f"""# Benchmark results
@@ -439,6 +615,15 @@ def main() -> int:
     parser.add_argument("--intake-seconds", type=float, default=15)
     parser.add_argument("--intake-threads", type=int, default=8)
     parser.add_argument("--e2e-texts", type=int, default=2000)
+    parser.add_argument("--steady-rate", type=float, default=100, help="steady phase: texts per second (open loop)")
+    parser.add_argument("--steady-seconds", type=float, default=60, help="steady phase: how long texts arrive")
+    parser.add_argument("--steady-latency", type=float, default=0.02,
+                        help="steady phase: the fake upstream's answer latency")
+    parser.add_argument("--steady-drain-seconds", type=float, default=60,
+                        help="steady phase: how long to wait after the last arrival for the last verdicts")
+    parser.add_argument("--scale", action="store_true",
+                        help="also run end to end with 1, 2 and 4 workers and measure the chain lock's hold time")
+    parser.add_argument("--scale-texts", type=int, default=1000, help="texts per --scale run")
     parser.add_argument("--api-port", type=int, default=8791)
     parser.add_argument("--report", default=str(ROOT / "ops" / "bench" / "RESULTS.md"),
                         help="where the run's report is written ('' writes none: the smoke test's tiny runs)")
@@ -452,6 +637,9 @@ def main() -> int:
         bench.upstream(url)
         bench.intake(url)
         bench.end_to_end(url, api)
+        bench.steady(url)
+        if args.scale:
+            bench.scale(url)
     finally:
         bench.teardown()
     line = bench.result_line()

@@ -72,6 +72,31 @@ def test_a_rolled_back_event_leaves_no_gap(database: Database, tenant: TenantKey
     assert verify(database, tenant.tenant_id).ok
 
 
+def test_one_transactions_events_are_appended_together_and_a_rolled_back_savepoint_takes_its_own_back(
+        database: Database, tenant: TenantKey, other_tenant: TenantKey) -> None:
+    # Events are collected and appended at commit, each chain's head locked once (issue 15): the order they were
+    # recorded in is their seq order, two tenants' events in one transaction land on their own chains, and events
+    # recorded inside a savepoint that rolls back are dropped while the rest commit, with no gap.
+    with database.transaction() as session:
+        record_event(session, tenant_id=tenant.tenant_id, action="test.first", actor="tester")
+        record_event(session, tenant_id=other_tenant.tenant_id, action="test.other", actor="tester")
+        savepoint = session.begin_nested()
+        record_event(session, tenant_id=tenant.tenant_id, action="test.undone", actor="tester")
+        savepoint.rollback()
+        with session.begin_nested():
+            record_event(session, tenant_id=tenant.tenant_id, action="test.kept", actor="tester",
+                         categories=["b", "a"])
+        returned = record_event(session, tenant_id=tenant.tenant_id, action="test.last", actor="tester")
+    mine = events_of(database, tenant.tenant_id)
+    assert [(e.seq, e.action) for e in mine[2:]] == [(3, "test.first"), (4, "test.kept"), (5, "test.last")]
+    assert (returned.seq, returned.hash) == (5, mine[-1].hash)
+    assert [e.action for e in events_of(database, other_tenant.tenant_id)][-1] == "test.other"
+    assert verify(database, tenant.tenant_id).ok and verify(database, other_tenant.tenant_id).ok
+    with database.transaction() as session:
+        assert list(session.scalars(text("SELECT category FROM audit_event_categories WHERE chain_id = :c AND seq = 4"
+                                         " ORDER BY category"), {"c": tenant.tenant_id})) == ["a", "b"]
+
+
 def test_time_never_goes_backwards_within_a_chain(database: Database, tenant: TenantKey) -> None:
     # A writer whose clock lags behind the head's takes the head's time, so seq order stays time order.
     ahead = utcnow() + timedelta(minutes=5)
