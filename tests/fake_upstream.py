@@ -7,11 +7,11 @@ its categories to the listed scores, every other category of `CATEGORIES` scores
 category is flagged when its score is at least `FLAG_THRESHOLD`.
 
 The test thread scripts misbehaviour while the server runs: `fail_next` (error statuses, optionally with
-Retry-After), `malformed_next` (broken 200 answers), `hang_next` (slow answers, to trigger client timeouts) and `latency`.
-`fault_rate` (0..1) makes that share of moderation calls fail at random, without a script: an even mix of 429 (with
-Retry-After), 500, 502, 503 and a hang of `fault_hang` seconds (longer than a client's timeout, so the client times
-out); `faults` counts what it did. Optional `api_key`, `max_batch`, `rpm` and `tpm` make it enforce a bearer key, a
-batch limit and a provider-style sliding 60-second rate limit. Every request is recorded in `requests`.
+Retry-After), `malformed_next` (broken 200 answers), `hang_next` (slow answers, to trigger client timeouts) and
+`latency`. `fault_rate` (0..1) makes that share of moderation calls fail at random, without a script: an even mix of
+429 (with Retry-After), 500, 502, 503 and a hang of `fault_hang` seconds (longer than a client's timeout, so the
+client times out); `faults` counts what it did. Optional `api_key`, `max_batch`, `rpm` and `tpm` make it enforce a
+bearer key, a batch limit and a provider-style sliding 60-second rate limit. Every request is recorded in `requests`.
 
 Scripted behaviours (`fail_next`, `malformed_next`, `hang_next`) share one FIFO queue: each request to a
 moderation path takes the next scripted action, if any, in the order the calls made them.

@@ -22,6 +22,7 @@ import psycopg
 import redis
 
 VERDICT = str(Path(sys.executable).parent / "verdict")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -59,11 +60,11 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 20) ->
 
 
 class ApiProcess:
-    """`verdict api` bound to a free port on 127.0.0.1 (one gunicorn worker unless `args` say otherwise), in its own
-    process group, healthy before the constructor returns."""
+    """`verdict api` bound to a free port (or `port`) on 127.0.0.1 (one gunicorn worker unless `args` say otherwise),
+    in its own process group, healthy before the constructor returns."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         argv = [VERDICT, "api", "--bind", f"127.0.0.1:{self.port}", *(args or ("--workers", "1"))]
         with log_path.open("ab") as log:
@@ -172,3 +173,76 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+class WorkerProcess:
+    """One `celery worker` process tree (with beat embedded unless `beat=False`), started and stopped (or killed)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 2, beat: bool = True,
+                 name: str | None = None) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.beat = beat
+        self.name = name
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        schedule = self.log_path.with_suffix(".schedule")
+        options = ["--beat", "--schedule", str(schedule)] if self.beat else []
+        if self.name is not None:
+            options += ["--hostname", self.name]
+        self._spawn([sys.executable, "-m", "celery", "-A", "workers.entry", "worker", *options,
+                     "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip",
+                     "--without-mingle", "--without-heartbeat"])
+        self._wait_for(b" ready.", "worker", timeout)
+        return self
+
+    def _spawn(self, argv: list[str]) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log,  # noqa: S603
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._log_start = self.log_path.stat().st_size
+
+    def _wait_for(self, marker: bytes, what: str, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.process.returncode}:\n{self.log_tail()}")
+            with self.log_path.open("rb") as log:  # this start's lines only (a restart appends to the same log)
+                log.seek(self._log_start)
+                if marker in log.read():
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{what} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process tree: no warm shutdown, no acknowledgements, no goodbyes."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            stop_process_group(self.process)
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class BeatProcess(WorkerProcess):
+    """`verdict beat` on its own (exactly one per deployment), for a run whose workers have no embedded beat."""
+
+    def start(self, timeout: float = 60) -> BeatProcess:
+        self._spawn([VERDICT, "beat", "--schedule", str(self.log_path.with_suffix(".schedule")), "--loglevel",
+                     "INFO"])
+        self._wait_for(b"beat: Starting", "beat", timeout)
+        return self
