@@ -136,6 +136,8 @@ class Chaos:
                     "UPSTREAM_BASE_URL": self.upstream.base_url, "PYTHONPATH": str(ROOT)})
         if self.args.max_retries is not None:
             env["MODERATION_MAX_RETRIES"] = str(self.args.max_retries)
+        if self.args.lease is not None:
+            env["PROCESSING_LEASE_SECONDS"] = str(self.args.lease)
         return env
 
     def setup(self) -> None:
@@ -443,6 +445,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fault-hang", type=float, default=4, help="seconds an upstream timeout fault hangs")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds every upstream answer takes")
     parser.add_argument("--max-retries", type=int, default=None, help="MODERATION_MAX_RETRIES (default 2)")
+    parser.add_argument("--lease", type=int, default=None, help="PROCESSING_LEASE_SECONDS (default 20)")
     parser.add_argument("--key-deadline", type=float, default=300, help="a key still not answered then is stuck")
     parser.add_argument("--drain-timeout", type=float, default=1200, help="give up waiting for the drain after")
     parser.add_argument("--log-dir", default=None, help="where the processes' logs go (default: a temp folder)")
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         chaos.setup()
         findings, drain_s = chaos.run()
     finally:
+        chaos.done.set()  # no fault may land while the deployment is taken down
         chaos.teardown()
     line = chaos.result_line(findings, drain_s)
     details = chaos.details(findings)
