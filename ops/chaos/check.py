@@ -25,6 +25,8 @@ class Findings:
     completed: int = 0
     failed: int = 0
     lost: list[str] = field(default_factory=list)
+    # Of `lost`: rows that exist but are not final (the drain ran out of time), as against rows missing or incomplete.
+    unfinished: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     broken_chains: list[str] = field(default_factory=list)
     chains_verified: int = 0
@@ -56,6 +58,8 @@ def check(database: Database, tenant_id: str, accepted_ids: Iterable[str],
             state = status.get(submission_id)
             if state not in FINAL:
                 findings.lost.append(submission_id)
+                if state is not None:
+                    findings.unfinished.append(submission_id)
                 continue
             expected = 1 if state == SubmissionStatus.COMPLETED.value else 0
             have = (verdicts[submission_id], decided[submission_id])

@@ -381,7 +381,8 @@ class Chaos:
             f"chains verified: {findings.chains_verified}, broken: {findings.broken_chains}",
         ]
         if findings.lost:
-            lines.append(f"lost (first 10): {findings.lost[:10]}")
+            lines.append(f"lost: {len(findings.lost)}, of which {len(findings.unfinished)} exist but were not final "
+                         f"at the drain deadline; first 10: {findings.lost[:10]}")
         if findings.duplicates:
             lines.append(f"duplicates (first 10): {findings.duplicates[:10]}")
         return lines

@@ -69,6 +69,7 @@ def test_the_checker_finds_lost_rows_duplicates_and_a_broken_chain(
     # Nothing final yet: all lost; an id no row has is lost too.
     findings = check(database, tenant.tenant_id, [first, second, third, "sub_never_stored"], chains)
     assert sorted(findings.lost) == sorted([first, second, third, "sub_never_stored"])
+    assert sorted(findings.unfinished) == sorted([first, second, third])
     assert findings.duplicates == [] and findings.chain_ok
 
     with database.transaction() as session:
