@@ -119,6 +119,12 @@ BENCH_ARGS ?=
 bench: install services ## Run the benchmark (ops/bench/README.md); writes ops/bench/RESULTS.md, ends with a RESULT line
 	$(BIN)/python ops/bench/run.py $(BENCH_ARGS)
 
+# Not part of `make test` or CI either: it takes minutes (ops/chaos/README.md). It starts its own PostgreSQL and Redis.
+CHAOS_ARGS ?=
+.PHONY: chaos
+chaos: install ## The chaos run (ops/chaos/README.md): faults while N texts drain; writes ops/chaos/RESULTS.md, ends with a RESULT line
+	$(BIN)/python ops/chaos/run.py $(CHAOS_ARGS)
+
 # The settings are described once, in app/config.py; tests/unit/test_settings_reference.py fails until this is run.
 .PHONY: settings-docs
 settings-docs: install ## Regenerate .env.example and docs/configuration.md from app/config.py

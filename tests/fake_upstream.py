@@ -7,9 +7,11 @@ its categories to the listed scores, every other category of `CATEGORIES` scores
 category is flagged when its score is at least `FLAG_THRESHOLD`.
 
 The test thread scripts misbehaviour while the server runs: `fail_next` (error statuses, optionally with
-Retry-After), `malformed_next` (broken 200 answers), `hang_next` (slow answers, to trigger client timeouts)
-and `latency`. Optional `api_key`, `max_batch`, `rpm` and `tpm` make it enforce a bearer key, a batch limit
-and a provider-style sliding 60-second rate limit. Every request is recorded in `requests`.
+Retry-After), `malformed_next` (broken 200 answers), `hang_next` (slow answers, to trigger client timeouts) and
+`latency`. `fault_rate` (0..1) makes that share of moderation calls fail at random, without a script: an even mix of
+429 (with Retry-After), 500, 502, 503 and a hang of `fault_hang` seconds (longer than a client's timeout, so the
+client times out); `faults` counts what it did. Optional `api_key`, `max_batch`, `rpm` and `tpm` make it enforce a
+bearer key, a batch limit and a provider-style sliding 60-second rate limit. Every request is recorded in `requests`.
 
 Scripted behaviours (`fail_next`, `malformed_next`, `hang_next`) share one FIFO queue: each request to a
 moderation path takes the next scripted action, if any, in the order the calls made them.
@@ -17,6 +19,7 @@ moderation path takes the next scripted action, if any, in the order the calls m
 Standalone, for manual testing and benchmarks:
 
     python -m tests.fake_upstream --port 8089 [--latency 0.05] [--rpm 60] [--tpm 100000] [--api-key KEY]
+        [--fault-rate 0.3] [--fault-hang 5]
 
 Standard library only.
 """
@@ -28,6 +31,7 @@ import collections
 import contextlib
 import json
 import math
+import random
 import re
 import socket
 import socketserver
@@ -49,6 +53,7 @@ __all__ = [
     "MALFORMED_KINDS",
     "MODERATION_PATHS",
     "ONE_BAD_RESULT",
+    "RANDOM_FAULTS",
     "TRIGGERS",
     "UNTRIGGERED_SCORE",
     "FakeUpstream",
@@ -100,6 +105,8 @@ MALFORMED_KINDS: Final[frozenset[str]] = frozenset({"not_json", "wrong_shape", "
 # Only the first result is broken (its scores are strings): the rest of the batch is usable.
 ONE_BAD_RESULT: Final[str] = "one_bad_result"
 WINDOW_SECONDS: Final[float] = 60.0
+# The random faults of `fault_rate`, drawn with equal odds: an HTTP status, or "timeout" (a hang of `fault_hang`).
+RANDOM_FAULTS: Final[tuple[int | str, ...]] = (429, 500, 502, 503, "timeout")
 _DESCRIPTION: Final[str] = "A fake OpenAI-compatible moderation API, for tests and benchmarks."
 
 _WORD_RE: Final[re.Pattern[str]] = re.compile(r"[a-z0-9]+")
@@ -196,6 +203,7 @@ class _Malformed:
 @dataclass(frozen=True)
 class _Hang:
     seconds: float
+    then_fail: int | None = None  # answer this status after the hang instead of a normal answer
 
 
 _Action = _Fail | _Malformed | _Hang
@@ -396,7 +404,19 @@ class FakeUpstream:
         window: float = WINDOW_SECONDS,
         host: str = "127.0.0.1",
         port: int = 0,
+        fault_rate: float = 0.0,
+        fault_hang: float = 5.0,
+        seed: int | None = None,
     ) -> None:
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError("fault_rate must be between 0 and 1")
+        if fault_hang < 0 or not math.isfinite(fault_hang):
+            raise ValueError("fault_hang must be a finite number of seconds, at least 0")
+        # Random faults (the chaos run's flaky provider): plain attributes, read once per request.
+        self.fault_rate = float(fault_rate)
+        self.fault_hang = float(fault_hang)
+        self._random = random.Random(seed)  # noqa: S311 - a test double's dice, not cryptography
+        self._faults: collections.Counter[str] = collections.Counter()
         if rpm is not None and rpm < 1:
             raise ValueError("rpm must be at least 1")
         if tpm is not None and tpm < 1:
@@ -544,12 +564,19 @@ class FakeUpstream:
             self._request_window.clear()
             self._token_window.clear()
             self._rejected_429 = 0
+            self._faults.clear()
 
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every request received (any path), in arrival order. A snapshot: a new list on each access."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """How many random faults (`fault_rate`) of each kind were served: "429", "500", "502", "503", "timeout"."""
+        with self._lock:
+            return dict(self._faults)
 
     @property
     def rejected_429(self) -> int:
@@ -569,6 +596,15 @@ class FakeUpstream:
             raise ValueError("count must be at least 1")
         with self._lock:
             self._script.extend([action] * count)
+
+    def _random_fault(self) -> _Action:
+        """One fault of RANDOM_FAULTS (the lock is held). A timeout hangs and then answers 504, should the client
+        still be waiting."""
+        fault = self._random.choice(RANDOM_FAULTS)
+        self._faults[str(fault)] += 1
+        if fault == "timeout":
+            return _Hang(self.fault_hang, then_fail=504)
+        return _Fail(int(fault), 1.0 if fault == 429 else None, None)
 
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
@@ -592,11 +628,15 @@ class FakeUpstream:
 
         with self._lock:
             action = self._script.popleft() if self._script else None
+            if action is None and self.fault_rate > 0 and self._random.random() < self.fault_rate:
+                action = self._random_fault()
             latency = self._latency
             generation = self._generation
         self._sleep(latency)
         if isinstance(action, _Hang):
             self._sleep(action.seconds)
+            if action.then_fail is not None:
+                return _error_reply(action.then_fail, "Timed out.")
         if isinstance(action, _Fail):
             return self._scripted_failure(action)
 
@@ -772,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=None, help="most inputs per request")
     parser.add_argument("--window", type=float, default=WINDOW_SECONDS, help="rate-limit window in seconds")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of calls that fail at random (0..1)")
+    parser.add_argument("--fault-hang", type=float, default=5.0, help="seconds a random timeout fault hangs")
     args = parser.parse_args(argv)
     upstream = FakeUpstream(
         api_key=args.api_key,
@@ -782,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         window=args.window,
         host=args.host,
         port=args.port,
+        fault_rate=args.fault_rate,
+        fault_hang=args.fault_hang,
     )
     with upstream:
         print(f"fake upstream serving on {upstream.base_url} (Ctrl-C to stop)", flush=True)

@@ -7,9 +7,6 @@ SIGKILL the whole of it, against the same PostgreSQL database and Redis broker a
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ from app.db import Database
 from app.models import Submission, SubmissionStatus, utcnow
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
-from tests.integration.processes import stop_process_group
+from tests.integration.processes import WorkerProcess
 from tests.lanes import integration_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,54 +38,6 @@ WORKER_ENV = {
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",
 }
-
-
-class WorkerProcess:
-    """One `celery worker` process tree, started and stopped (or killed) by the test."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 2) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.concurrency = concurrency
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> WorkerProcess:
-        schedule = self.log_path.with_suffix(".schedule")
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "celery", "-A", "workers.entry", "worker", "--beat", "--schedule", str(schedule),
-             "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-             "--without-heartbeat"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-            if b" ready." in self.log_path.read_bytes():
-                return self
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process tree: no warm shutdown, no acknowledgements, no goodbyes."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            stop_process_group(self.process)
-        self.process = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def worker_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, str]:

@@ -6,15 +6,12 @@ breaker's shared state lives there too) and no pool process lost; the worker rec
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis
 from flask import Flask
 
 from app import create_app
@@ -22,53 +19,14 @@ from app.db import Database
 from tests.conftest import TenantKey, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env
-from tests.integration.processes import free_port
+from tests.integration.processes import PrivateRedis
 from tests.integration.test_pipeline import submit_batch, wait_all_final
 from tests.integration.test_recovery import assert_exactly_once, statuses, texts_for, wait_for
 from tests.lanes import integration_fixture
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # What a reconnect must never do to a task (Celery's and billiard's own words in the worker's log).
 FORBIDDEN = ("SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminating it instead", "WorkerLostError",
              "Process 'ForkPoolWorker", "raised unexpected")
-
-
-class PrivateRedis:
-    """A redis-server of the test's own, stopped and started again on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(  # noqa: S603
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        try:
-            wait_for(lambda: _pings(client), "the private redis-server", timeout=20)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # gone at once, with nothing saved: its messages are lost too
-            self.process.wait(timeout=10)
-        self.process = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 @integration_fixture

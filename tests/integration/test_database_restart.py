@@ -6,19 +6,10 @@ worker reconnects without a restart; after it is back every accepted submission 
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -31,59 +22,11 @@ from app.db import Database
 from tests.conftest import issue_key, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.integration.conftest import WorkerProcess, openai_worker_env
-from tests.integration.processes import free_port
+from tests.integration.processes import PrivatePostgres
 from tests.integration.test_api_auth import assert_envelope
 from tests.integration.test_pipeline import submit_batch, wait_all_final
 from tests.integration.test_recovery import assert_exactly_once, statuses, texts_for, wait_for
 from tests.lanes import integration_fixture
-
-
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name) or name]
-    return found[-1]
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of the test's own. PostgreSQL refuses to run as root, so under root its commands run as
-    the machine's `postgres` user, in a folder that user owns."""
-
-    def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="verdict-pg-"))
-        self.port = free_port()
-        self._as_postgres: list[str] = []
-        if os.geteuid() == 0:
-            user = pwd.getpwnam("postgres")
-            os.chown(self.directory, user.pw_uid, user.pw_gid)
-            self._as_postgres = ["runuser", "-u", "postgres", "--"]
-        self.data = self.directory / "data"
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/verdict"
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self._as_postgres, *args], check=True, capture_output=True, timeout=120)  # noqa: S603
-
-    def init(self) -> None:
-        self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
-        self.start()
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", autocommit=True) as conn:
-            conn.execute("CREATE DATABASE verdict")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} -c fsync=off"
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options,
-                  "-w", "-t", "60", "start")
-
-    def stop(self) -> None:
-        # Immediate: the server quits at once, as after a crash, and recovers from its WAL on the next start.
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
-            self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @integration_fixture

@@ -458,3 +458,47 @@ def test_runs_standalone_until_interrupted() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# -- random faults (the chaos run's flaky provider) --------------------------------------------------------
+
+
+# Each starts a server of its own (a seeded one, so the share of faults is the same on every run).
+@pytest.mark.integration
+def test_fault_rate_fails_about_that_share_of_calls_with_the_whole_mix() -> None:
+    with FakeUpstream(fault_rate=0.3, fault_hang=0.2, seed=11) as server, \
+            httpx.Client(base_url=server.base_url, timeout=0.1) as http:
+        answers: list[int | str] = []
+        for index in range(400):
+            try:
+                answers.append(moderate(http, f"text {index}").status_code)
+            except httpx.TimeoutException:
+                answers.append("timeout")
+        faults = server.faults
+    failed = [a for a in answers if a != 200]
+    assert 0.22 * 400 <= len(failed) <= 0.38 * 400, len(failed)
+    assert set(faults) == {"429", "500", "502", "503", "timeout"}, faults
+    assert sum(faults.values()) == len(failed)
+    assert faults["timeout"] == answers.count("timeout")
+    for status in (429, 500, 502, 503):
+        assert answers.count(status) == faults[str(status)]
+
+
+@pytest.mark.integration
+def test_a_random_429_says_when_to_retry_and_no_fault_rate_means_no_faults() -> None:
+    with FakeUpstream(fault_rate=1.0, seed=3) as server, httpx.Client(base_url=server.base_url, timeout=10) as http:
+        server.fault_hang = 0
+        statuses = set()
+        for _ in range(30):
+            response = moderate(http, "hello")
+            statuses.add(response.status_code)
+            if response.status_code == 429:
+                assert response.headers["Retry-After"] == "1"
+        assert 200 not in statuses and statuses <= {429, 500, 502, 503, 504}
+        server.fault_rate = 0.0
+        assert all(moderate(http, "hello").status_code == 200 for _ in range(20))
+
+
+def test_fault_rate_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="fault_rate"):
+        FakeUpstream(fault_rate=1.5)
