@@ -107,6 +107,11 @@ def guarded_upstream(provider: ModerationProvider) -> GuardedProvider | None:
     return upstream if isinstance(upstream, GuardedProvider) else None
 
 
+def fallback_of(provider: ModerationProvider) -> ModerationProvider | None:
+    """The provider that answers when `provider`'s upstream stayed unavailable through its retries, if any."""
+    return provider.fallback if isinstance(provider, GuardedProvider) else None
+
+
 def degrade(result: ProviderResult) -> ProviderResult:
     """A fallback's answer: kept, and marked as decided without the primary provider."""
     return dataclasses.replace(result, degraded=True)
