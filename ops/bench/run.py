@@ -97,6 +97,24 @@ class Proc:
                 continue
         return total_kb / 1024
 
+    def memory_per_process_mb(self) -> list[tuple[int, float, float]]:
+        """(pid, peak RSS = VmHWM, PSS now) in MB of every process in the group: PSS shares each page among the
+        processes that map it, so pages a preloaded parent shares with its forked children are counted once."""
+        found: list[tuple[int, float, float]] = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.process.pid:
+                    continue
+                hwm = next(int(line.split()[1]) for line in (stat.parent / "status").read_text().splitlines()
+                           if line.startswith("VmHWM:"))
+                pss = next((int(line.split()[1]) for line in (stat.parent / "smaps_rollup").read_text().splitlines()
+                            if line.startswith("Pss:")), 0)
+                found.append((int(stat.parent.name), hwm / 1024, pss / 1024))
+            except (OSError, IndexError, ValueError, StopIteration):
+                continue
+        return sorted(found)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -178,9 +196,9 @@ class Bench:
                            env, b" ready.")
                 for i in range(self.args.workers)]
 
-    def start_api(self, env: dict[str, str]) -> tuple[Proc, str]:
-        port = self.args.api_port
-        proc = self.start("api", [str(Path(sys.executable).with_name("verdict")), "api", "--bind",
+    def start_api(self, env: dict[str, str], name: str = "api", port: int | None = None) -> tuple[Proc, str]:
+        port = port or self.args.api_port
+        proc = self.start(name, [str(Path(sys.executable).with_name("verdict")), "api", "--bind",
                                   f"127.0.0.1:{port}", "--workers", "2", "--threads", "8"], env, b"Booting worker")
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -255,8 +273,10 @@ class Bench:
 
     # -- phase 2: intake -------------------------------------------------------------------------------------
 
-    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int) -> tuple[float, list[float]]:
-        duration, threads = self.args.intake_seconds, self.args.intake_threads
+    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int, *, seconds: float | None = None,
+             threads: int | None = None) -> tuple[float, list[float]]:
+        duration = self.args.intake_seconds if seconds is None else seconds
+        threads = self.args.intake_threads if threads is None else threads
         latencies: list[list[float]] = [[] for _ in range(threads)]
         errors: list[int] = []
         stop_at = time.monotonic() + duration
@@ -298,6 +318,44 @@ class Bench:
             f"(p50 {self.results['baseline_p50_ms']:.1f} ms, p99 {self.results['baseline_p99_ms']:.1f} ms)")
         self.abandon_unfinished()
 
+    # -- phase: the synchronous path -------------------------------------------------------------------------
+
+    def sync_path(self) -> None:
+        """`POST /v1/moderations` against the fake upstream answering in `--sync-latency`: client latency minus that
+        configured latency (the fake's own parsing and scoring, well under a millisecond, is counted as overhead), one
+        distinct text per request so every one goes upstream (no cache hit), `--sync-threads` clients. A second
+        API of its own (the OpenAI provider, the local engine as fallback: everything an API process can load)."""
+        args = self.args
+        key = self.new_key()
+        with FakeUpstream(api_key=UPSTREAM_KEY, latency=args.sync_latency) as fake:
+            env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
+                                UPSTREAM_API_KEY=UPSTREAM_KEY, MODERATION_FALLBACK_PROVIDER="local")
+            api, url = self.start_api(env, name="api-sync", port=args.api_port + 1)
+            headers = {"Authorization": f"Bearer {key}"}
+            counter = iter(range(10**9))
+
+            def moderate(http: httpx.Client) -> httpx.Response:
+                return http.post(f"{url}/v1/moderations", headers=headers,
+                                 json={"input": f"sync text {next(counter)}: have a lovely day"})
+
+            with httpx.Client(timeout=30) as http:  # warm: connections, the first policy load
+                for _ in range(5):
+                    moderate(http)
+            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
+            upstream_calls = len(fake.requests)
+            memory = api.memory_per_process_mb()
+            self.stop(api)
+        overhead = [ms - args.sync_latency * 1000 for ms in latencies]
+        self.results.update(sync_rps=rps, sync_p50_ms=percentile(latencies, 0.5),
+                            sync_p99_ms=percentile(latencies, 0.99), sync_overhead_p50_ms=percentile(overhead, 0.5),
+                            sync_overhead_p99_ms=percentile(overhead, 0.99), sync_upstream_calls=upstream_calls,
+                            sync_api_memory=memory)
+        log(f"sync: POST /v1/moderations {rps:.0f} req/s, p50 {self.results['sync_p50_ms']:.1f} ms, p99 "
+            f"{self.results['sync_p99_ms']:.1f} ms; minus the upstream's {args.sync_latency * 1000:.0f} ms: p50 "
+            f"{self.results['sync_overhead_p50_ms']:.1f} ms, p99 {self.results['sync_overhead_p99_ms']:.1f} ms "
+            f"({upstream_calls} upstream calls); per process (pid, VmHWM MB, PSS MB): {memory}")
+        self.abandon_unfinished()
+
     # -- phase 3: end to end ---------------------------------------------------------------------------------
 
     def end_to_end(self, url: str, api: Proc) -> None:
@@ -327,7 +385,11 @@ class Bench:
             self.stop(worker)
         self.results.update(e2e_tps=count / elapsed, e2e_p50_ms=percentile(latencies, 0.5),
                             e2e_p99_ms=percentile(latencies, 0.99), worker_rss_mb=worker_rss,
-                            api_rss_mb=api.peak_rss_mb())
+                            api_group_rss_mb=api.peak_rss_mb(), api_memory=api.memory_per_process_mb())
+        # Per API process (issue 15 item 4): the largest peak RSS of the gunicorn processes serving requests (the
+        # master only forks and watches them; its own figure is in the report).
+        serving = [hwm for pid, hwm, _ in self.results["api_memory"] if pid != api.process.pid]
+        self.results["api_rss_mb"] = max(serving) if serving else self.results["api_group_rss_mb"]
 
         counter = f"{self.prefix}noop-count"
         env = self.base_env(BENCH_BROKER_URL=REDIS_URL, BENCH_KEY_PREFIX=self.prefix, BENCH_COUNTER=counter)
@@ -359,6 +421,7 @@ class Bench:
                 f"intake_rps={r['intake_rps']:.1f} intake_ratio={r['intake_ratio']:.3f} "
                 f"intake_p99_ms={r['intake_p99_ms']:.1f} e2e_tps={r['e2e_tps']:.1f} e2e_ratio={r['e2e_ratio']:.3f} "
                 f"e2e_p50_ms={r['e2e_p50_ms']:.0f} e2e_p99_ms={r['e2e_p99_ms']:.0f} "
+                f"sync_overhead_p99_ms={r['sync_overhead_p99_ms']:.1f} "
                 f"api_rss_mb={r['api_rss_mb']:.0f} worker_rss_mb={r['worker_rss_mb']:.0f}")
 
     def write_report(self, line: str, started: datetime, seconds: float) -> None:
@@ -393,8 +456,16 @@ class Bench:
              f"{r['e2e_ratio']:.3f}"),
             ("end to end: submit-to-verdict latency",
              f"p50 {r['e2e_p50_ms']:.0f} ms, p99 {r['e2e_p99_ms']:.0f} ms", "", ""),
+            (f"sync: `POST /v1/moderations` (one distinct text), {a.sync_threads} clients, {a.sync_seconds:.0f} s, "
+             f"upstream answering in {a.sync_latency * 1000:.0f} ms",
+             f"{r['sync_rps']:.1f} req/s, p50 {r['sync_p50_ms']:.1f} ms, p99 {r['sync_p99_ms']:.1f} ms",
+             f"minus the configured upstream latency: p50 {r['sync_overhead_p50_ms']:.1f} ms",
+             f"**p99 overhead {r['sync_overhead_p99_ms']:.1f} ms**"),
+            ("peak RSS (VmHWM) per API process (gunicorn workers; master and PSS beside)",
+             f"**{r['api_rss_mb']:.0f} MB**", _memory_cell(r["api_memory"]) + "; sync API: "
+             + _memory_cell(r["sync_api_memory"]), ""),
             ("peak RSS (VmHWM summed over a process group)",
-             f"API {r['api_rss_mb']:.0f} MB, one worker {r['worker_rss_mb']:.0f} MB", "", ""),
+             f"API {r['api_group_rss_mb']:.0f} MB, one worker {r['worker_rss_mb']:.0f} MB", "", ""),
         ]
         table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
         report = f"""# Benchmark results
@@ -427,6 +498,10 @@ Written by `make bench` (ops/bench/run.py); how to run it and what each figure m
         Path(self.args.report).write_text(report)
 
 
+def _memory_cell(memory: list[tuple[int, float, float]]) -> str:
+    return ", ".join(f"pid {pid}: VmHWM {hwm:.0f} MB, PSS {pss:.0f} MB" for pid, hwm, pss in memory)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rpm", type=int, default=60, help="the fake upstream's requests per minute (R)")
@@ -439,7 +514,11 @@ def main() -> int:
     parser.add_argument("--intake-seconds", type=float, default=15)
     parser.add_argument("--intake-threads", type=int, default=8)
     parser.add_argument("--e2e-texts", type=int, default=2000)
-    parser.add_argument("--api-port", type=int, default=8791)
+    parser.add_argument("--sync-seconds", type=float, default=15, help="seconds the synchronous phase is measured")
+    parser.add_argument("--sync-threads", type=int, default=4, help="clients of the synchronous phase")
+    parser.add_argument("--sync-latency", type=float, default=0.02,
+                        help="the fake upstream's latency in the synchronous phase (subtracted from each request)")
+    parser.add_argument("--api-port", type=int, default=8791, help="the API's port (the synchronous phase's: +1)")
     parser.add_argument("--report", default=str(ROOT / "ops" / "bench" / "RESULTS.md"),
                         help="where the run's report is written ('' writes none: the smoke test's tiny runs)")
     args = parser.parse_args()
@@ -451,6 +530,7 @@ def main() -> int:
         api, url = bench.start_api(bench.base_env())
         bench.upstream(url)
         bench.intake(url)
+        bench.sync_path()
         bench.end_to_end(url, api)
     finally:
         bench.teardown()
