@@ -96,7 +96,6 @@ def moderate_now(
                                      degraded_reason=degraded_reason)
             if verdict is None:  # pragma: no cover - only if the lease ran out mid-request
                 raise Unavailable(UNAVAILABLE_MESSAGE, code="claim_lost")
-            session.refresh(submission)
     return submission, verdict
 
 
