@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import structlog
-from sqlalchemy import select
 
 from app import metrics
 from app.audit_chain import content_digest
 from app.config import Settings
 from app.db import Database
 from app.masking import Masker
-from app.models import Submission, Tenant, Verdict, utcnow
+from app.models import Submission, Verdict, utcnow
 from app.moderation.backoff import sync_retrying
 from app.moderation.cache import CacheScope, VerdictCache
 from app.moderation.circuit import degrade, fallback_of
@@ -22,6 +21,7 @@ from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Unavailable
 from app.use_cases.policies import default_policy_name, load_policy
+from app.use_cases.submissions import tenant_mask_default
 from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict
 
 log = structlog.get_logger(__name__)
@@ -47,14 +47,14 @@ def moderate_now(
         with session.begin():
             now = utcnow()
             masker = Masker.from_settings(settings)
-            mask = masker.applies(None, session.scalar(
-                select(Tenant.mask_by_default).where(Tenant.id == principal.tenant_id)))
+            mask = masker.applies(None, tenant_mask_default(session, principal))
             details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
             if mask:
                 texts, details["masked"] = masker.mask_all(texts)
             digest = content_digest(texts)
             # OpenAI's request names no policy: the tenant's default decides.
-            policy = load_policy(session, principal.tenant_id, default_policy_name(session, principal.tenant_id))
+            policy = load_policy(session, principal.tenant_id,
+                                 default_policy_name(session, principal.tenant_id, principal.tenant_defaults))
             submission = Submission(
                 tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
                 content=list(texts), content_digest=digest, text_count=len(texts), policy_name=policy.name,
