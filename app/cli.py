@@ -94,7 +94,9 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
     def _post_fork(self, _server: Any, _worker: Any) -> None:
         # A forked API process opens its own database connections, never the master's (it should hold none).
-        self._database.engine.dispose(close=False)
+        database = getattr(self, "_database", None)  # None without preload_app: the app is built after the fork
+        if database is not None:
+            database.engine.dispose(close=False)
 
 
 def _check_long_poll_bound(settings: Settings, threads: int) -> None:

@@ -323,7 +323,7 @@ class Bench:
     def sync_path(self) -> None:
         """`POST /v1/moderations` against the fake upstream answering in `--sync-latency`: client latency minus that
         configured latency (the fake's own parsing and scoring, well under a millisecond, is counted as overhead), one
-        distinct text per request so every one goes upstream (no cache hit), `--sync-threads` clients. A second
+        distinct text per request so every one goes upstream (no cache hit), one client, then `--sync-threads`. A second
         API of its own (the OpenAI provider, the local engine as fallback: everything an API process can load)."""
         args = self.args
         key = self.new_key()
@@ -341,7 +341,10 @@ class Bench:
             with httpx.Client(timeout=30) as http:  # warm: connections, the first policy load
                 for _ in range(5):
                     moderate(http)
-            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
+            # One client: the latency one call adds (the RESULT figure); then --sync-threads clients, where the
+            # two cores' queueing adds to it (in the report).
+            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=1)
+            loaded_rps, loaded = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
             upstream_calls = len(fake.requests)
             memory = api.memory_per_process_mb()
             self.stop(api)
@@ -349,11 +352,16 @@ class Bench:
         self.results.update(sync_rps=rps, sync_p50_ms=percentile(latencies, 0.5),
                             sync_p99_ms=percentile(latencies, 0.99), sync_overhead_p50_ms=percentile(overhead, 0.5),
                             sync_overhead_p99_ms=percentile(overhead, 0.99), sync_upstream_calls=upstream_calls,
-                            sync_api_memory=memory)
+                            sync_api_memory=memory, sync_loaded_rps=loaded_rps,
+                            sync_loaded_overhead_p50_ms=percentile(loaded, 0.5) - args.sync_latency * 1000,
+                            sync_loaded_overhead_p99_ms=percentile(loaded, 0.99) - args.sync_latency * 1000)
         log(f"sync: POST /v1/moderations {rps:.0f} req/s, p50 {self.results['sync_p50_ms']:.1f} ms, p99 "
             f"{self.results['sync_p99_ms']:.1f} ms; minus the upstream's {args.sync_latency * 1000:.0f} ms: p50 "
             f"{self.results['sync_overhead_p50_ms']:.1f} ms, p99 {self.results['sync_overhead_p99_ms']:.1f} ms "
-            f"({upstream_calls} upstream calls); per process (pid, VmHWM MB, PSS MB): {memory}")
+            f"(1 client); {args.sync_threads} clients: {loaded_rps:.0f} req/s, overhead p50 "
+            f"{self.results['sync_loaded_overhead_p50_ms']:.1f} ms, "
+            f"p99 {self.results['sync_loaded_overhead_p99_ms']:.1f} ms ({upstream_calls} upstream calls)"
+            f"; per process (pid, VmHWM MB, PSS MB): {memory}")
         self.abandon_unfinished()
 
     # -- phase 3: end to end ---------------------------------------------------------------------------------
@@ -456,11 +464,14 @@ class Bench:
              f"{r['e2e_ratio']:.3f}"),
             ("end to end: submit-to-verdict latency",
              f"p50 {r['e2e_p50_ms']:.0f} ms, p99 {r['e2e_p99_ms']:.0f} ms", "", ""),
-            (f"sync: `POST /v1/moderations` (one distinct text), {a.sync_threads} clients, {a.sync_seconds:.0f} s, "
+            (f"sync: `POST /v1/moderations` (one distinct text), 1 client, {a.sync_seconds:.0f} s, "
              f"upstream answering in {a.sync_latency * 1000:.0f} ms",
              f"{r['sync_rps']:.1f} req/s, p50 {r['sync_p50_ms']:.1f} ms, p99 {r['sync_p99_ms']:.1f} ms",
              f"minus the configured upstream latency: p50 {r['sync_overhead_p50_ms']:.1f} ms",
              f"**p99 overhead {r['sync_overhead_p99_ms']:.1f} ms**"),
+            (f"sync: the same, {a.sync_threads} clients", f"{r['sync_loaded_rps']:.1f} req/s",
+             f"overhead p50 {r['sync_loaded_overhead_p50_ms']:.1f} ms",
+             f"p99 overhead {r['sync_loaded_overhead_p99_ms']:.1f} ms"),
             ("peak RSS (VmHWM) per API process (gunicorn workers; master and PSS beside)",
              f"**{r['api_rss_mb']:.0f} MB**", _memory_cell(r["api_memory"]) + "; sync API: "
              + _memory_cell(r["sync_api_memory"]), ""),
@@ -515,7 +526,7 @@ def main() -> int:
     parser.add_argument("--intake-threads", type=int, default=8)
     parser.add_argument("--e2e-texts", type=int, default=2000)
     parser.add_argument("--sync-seconds", type=float, default=15, help="seconds the synchronous phase is measured")
-    parser.add_argument("--sync-threads", type=int, default=4, help="clients of the synchronous phase")
+    parser.add_argument("--sync-threads", type=int, default=4, help="clients of the synchronous phase's loaded run")
     parser.add_argument("--sync-latency", type=float, default=0.02,
                         help="the fake upstream's latency in the synchronous phase (subtracted from each request)")
     parser.add_argument("--api-port", type=int, default=8791, help="the API's port (the synchronous phase's: +1)")
