@@ -1,4 +1,5 @@
-"""Verdict's benchmark (`make bench`; see ops/bench/README.md): upstream efficiency, intake, end to end.
+"""Verdict's benchmark (`make bench`; see ops/bench/README.md): upstream efficiency, intake, the synchronous path,
+end to end.
 
 Everything is real except the upstream moderation API, which is `tests.fake_upstream.FakeUpstream` (in this
 process, enforcing a provider's requests-per-minute limit): a scratch PostgreSQL database, the Redis broker, the
