@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from gunicorn.app.base import BaseApplication
 
 from app.config import Settings
 from app.use_cases.authentication import DEFAULT_SCOPES, SCOPES
 
 if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
     from app.audit_chain import Verification
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,9 @@ def _keep_metrics(settings: Settings, kind: str) -> Path:
 
 
 def _alembic_config(settings: Settings) -> AlembicConfig:
+    # Imported here, not at the top: an API process never migrates, and Alembic is about 10 MB of it (issue 15).
+    from alembic.config import Config as AlembicConfig  # noqa: PLC0415
+
     # The migrations live beside the package in a checkout; an installed copy finds them in the working directory.
     root = _ROOT if (_ROOT / "migrations").is_dir() else Path.cwd()
     config = AlembicConfig(str(root / "alembic.ini"))
@@ -59,6 +62,8 @@ def migrate_database(settings: Settings) -> None:
     from app.secrets_at_rest import load_box
 
     settings.ensure_var_dir()
+    from alembic import command  # noqa: PLC0415 - see _alembic_config
+
     config = _alembic_config(settings)
     # Revision 0006 encrypts webhook secrets stored before it, with this deployment's key.
     config.attributes["webhook_secret_box"] = load_box(settings)
@@ -73,16 +78,25 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        self.cfg.set("post_fork", self._post_fork)
 
     def load(self) -> Any:
         from app import create_app
-        from app.extensions import PROVIDER
+        from app.extensions import DATABASE, PROVIDER
 
         # The app bounds its open long-polls below the threads it is given (app/api/long_polls.py).
         app = create_app(server_threads=self.options["threads"])
-        # Each API process loads the moderation model as it starts, not on its first /v1/moderations request.
+        # Loaded once, in gunicorn's master before it forks (preload_app): every API process shares the model's and
+        # the libraries' pages instead of holding copies, and none loads it on its first /v1/moderations request.
         app.extensions[PROVIDER].warm_up()
+        self._database = app.extensions[DATABASE]
         return app
+
+    def _post_fork(self, _server: Any, _worker: Any) -> None:
+        # A forked API process opens its own database connections, never the master's (it should hold none).
+        database = getattr(self, "_database", None)  # None without preload_app: the app is built after the fork
+        if database is not None:
+            database.engine.dispose(close=False)
 
 
 def _check_long_poll_bound(settings: Settings, threads: int) -> None:
@@ -101,7 +115,7 @@ def _serve_api(bind: str, workers: int, threads: int) -> None:
     # longest request line it reads is gunicorn's maximum, so any path a client may send reaches the API's routing.
     _Gunicorn({"bind": bind, "workers": workers, "worker_class": "app.http_server.JsonErrorsWorker",
                "threads": threads, "limit_request_line": 8190, "accesslog": None, "timeout": 60,
-               "graceful_timeout": 20, "control_socket_disable": True}).run()
+               "graceful_timeout": 20, "control_socket_disable": True, "preload_app": True}).run()
 
 
 def _die_with_parent() -> None:

@@ -14,7 +14,7 @@ from app.api.auth import current_principal, require_scope
 from app.api.body import current_limits, read_json_object
 from app.api.rate_limits import charge_tokens
 from app.api.request_context import current_request_id
-from app.extensions import current_database, current_provider, current_settings
+from app.extensions import current_cache, current_database, current_provider, current_settings
 from app.schemas.moderations import (
     ImagePart,
     ModelList,
@@ -47,7 +47,7 @@ def create_moderation() -> Response:
     # A command with transactions of its own: none is open while the provider works.
     submission, verdict = moderate_now(
         current_database(), current_provider(), current_principal(), texts, model=parsed.model,
-        request_id=current_request_id(), settings=current_settings(),
+        request_id=current_request_id(), settings=current_settings(), cache=current_cache(),
     )
     response = ModerationResponse(
         id=f"modr-{submission.id.removeprefix('sub_')}",

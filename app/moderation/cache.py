@@ -13,7 +13,7 @@ import redis
 import structlog
 
 from app.config import Settings
-from app.moderation.providers import TextScores
+from app.moderation.providers import ProviderResult, TextScores
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,16 @@ class VerdictCache:
                                       scores=TextScores(scores=entry["scores"], provider_flagged=entry["flagged"],
                                                         decided_by=entry.get("decided_by"))))
         return found
+
+    def answer(self, scope: CacheScope, texts: Sequence[str]) -> ProviderResult | None:
+        """The provider's answer for all of `texts` from the cache (a call that took no time), or None unless every
+        one of them is cached: what the worker's batches and the synchronous endpoint both ask first."""
+        cached = self.get_all(scope, texts)
+        if cached is None:
+            return None
+        results = [hit.scores for hit in cached]
+        return ProviderResult(provider=cached[0].provider, model=cached[0].model, results=results,
+                              judged=frozenset().union(*(r.scores for r in results)), latency_ms=0)
 
     def put(self, scope: CacheScope, provider: str, model: str, answers: Sequence[tuple[str, TextScores]]) -> None:
         try:

@@ -50,15 +50,16 @@ class GuardedProvider:
         self.name = primary.name
         self.max_batch = primary.max_batch if fallback is None else min(primary.max_batch, fallback.max_batch)
         self._make_breaker = breaker
-        self._breaker: Breaker | None = None
-        self._lock = threading.Lock()
+        # One breaker object per thread over the one shared state: pybreaker holds its breaker's lock for the whole
+        # call, so an API process's request threads sharing one would wait in line for each other's upstream calls.
+        self._local = threading.local()
         self._reset_seconds = reset_seconds
 
     def breaker(self) -> Breaker:
-        with self._lock:
-            if self._breaker is None:
-                self._breaker = self._make_breaker()
-            return self._breaker
+        made: Breaker | None = getattr(self._local, "breaker", None)
+        if made is None:
+            made = self._local.breaker = self._make_breaker()
+        return made
 
     def warm_up(self) -> None:
         self.primary.warm_up()
@@ -107,6 +108,11 @@ def guarded_upstream(provider: ModerationProvider) -> GuardedProvider | None:
     return upstream if isinstance(upstream, GuardedProvider) else None
 
 
+def fallback_of(provider: ModerationProvider) -> ModerationProvider | None:
+    """The provider that answers when `provider`'s upstream stayed unavailable through its retries, if any."""
+    return provider.fallback if isinstance(provider, GuardedProvider) else None
+
+
 def degrade(result: ProviderResult) -> ProviderResult:
     """A fallback's answer: kept, and marked as decided without the primary provider."""
     return dataclasses.replace(result, degraded=True)
@@ -119,14 +125,24 @@ class Breaker:
 
 
 def shared_breaker(settings: Settings, namespace: str) -> Callable[[], Breaker]:
+    """A builder of breakers over one state: in Redis (every process on every host), or in this process without it.
+    Each call makes a new breaker object (one per thread, see GuardedProvider) over the state made the first time."""
+    made: list[pybreaker.CircuitBreakerStorage] = []
+    lock = threading.Lock()
+
+    def shared_storage() -> pybreaker.CircuitBreakerStorage:
+        with lock:
+            if not made:
+                url = settings.shared_redis_url
+                if url is None:
+                    made.append(pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
+                else:
+                    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+                    made.append(pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=namespace))
+            return made[0]
+
     def build() -> Breaker:
-        storage: pybreaker.CircuitBreakerStorage
-        url = settings.shared_redis_url
-        if url is None:
-            storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        else:
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=namespace)
+        storage = shared_storage()
         circuit = pybreaker.CircuitBreaker(
             fail_max=settings.circuit_failure_threshold, reset_timeout=settings.circuit_reset_seconds,
             exclude=[_not_an_outage], state_storage=storage, name=namespace, listeners=[_LogTransitions()],

@@ -31,6 +31,15 @@ class Principal:
     # The key's own rate limits, else its tenant's; None: the deployment's (app/api/rate_limits.py).
     rate_limit_rpm: int | None = None
     rate_limit_tpm: int | None = None
+    # The tenant's defaults, read with the key (its tenant row comes in the same query): what a submission that
+    # names no policy or mask gets, without asking again. None: not read, the use case asks.
+    tenant_defaults: TenantDefaults | None = None
+
+
+@dataclass(frozen=True)
+class TenantDefaults:
+    policy: str | None  # None: the built-in policy
+    mask: bool | None  # None: the deployment's MASK_BY_DEFAULT
 
 
 def hash_key(plaintext: str) -> str:
@@ -72,7 +81,9 @@ def authenticate(session: Session, token: str) -> Principal:
         key.last_used_at = now
     return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes),
                      rate_limit_rpm=key.rate_limit_rpm or key.tenant.rate_limit_rpm,
-                     rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm)
+                     rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm,
+                     tenant_defaults=TenantDefaults(policy=key.tenant.default_policy,
+                                                    mask=key.tenant.mask_by_default))
 
 
 def _refused(message: str, reason: str, key: ApiKey | None) -> AuthenticationFailed:

@@ -18,7 +18,7 @@ from app.db import Database
 from app.models import Decision, Submission, SubmissionStatus, Tenant, Verdict, utcnow
 from app.moderation.backoff import retry_delay
 from app.moderation.cache import CacheScope, VerdictCache
-from app.moderation.circuit import GuardedProvider, degrade
+from app.moderation.circuit import degrade, fallback_of
 from app.moderation.policy import Policy
 from app.moderation.providers import (
     ModerationProvider,
@@ -172,13 +172,11 @@ def _cached_answers(provider: ModerationProvider, cache: VerdictCache,
     hits: list[tuple[Work, ProviderResult]] = []
     rest: list[Work] = []
     for work in batch:
-        cached = cache.get_all(work.cache_scope(provider), work.texts)
-        if cached is None:
+        answer = cache.answer(work.cache_scope(provider), work.texts)
+        if answer is None:
             rest.append(work)
-            continue
-        results = [hit.scores for hit in cached]
-        hits.append((work, ProviderResult(provider=cached[0].provider, model=cached[0].model, results=results,
-                                          judged=frozenset().union(*(r.scores for r in results)), latency_ms=0)))
+        else:
+            hits.append((work, answer))
     return hits, rest
 
 
@@ -225,7 +223,7 @@ def _fallback_answer(provider: ModerationProvider, work: Work, exc: ProviderErro
                      settings: Settings) -> ProviderResult | None:
     """The fallback provider's answer, when the provider stayed unavailable through every retry and a fallback is
     configured (asked with no transaction open); None otherwise, or if the fallback failed too."""
-    fallback = provider.fallback if isinstance(provider, GuardedProvider) else None
+    fallback = fallback_of(provider)
     if fallback is None or not exc.transient or _retries_left(work.claim, exc, settings):
         return None
     try:

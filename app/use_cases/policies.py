@@ -37,6 +37,7 @@ from app.moderation.terms import TermMatcher, check_pattern, compile_terms, norm
 from app.outbox import RUN_BACKTEST, Message, send_after_commit
 from app.schemas.policies import BacktestIn, PolicyDocument, TermListIn
 from app.use_cases.audit import record_event
+from app.use_cases.authentication import TenantDefaults
 from app.use_cases.errors import Conflict, DomainError, InvalidInput, NotFound, PreconditionFailed
 
 log = structlog.get_logger(__name__)
@@ -290,7 +291,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 # ---- the tenant's default --------------------------------------------------------------------------------------
 
 
-def default_policy_name(session: Session, tenant_id: str) -> str:
+def default_policy_name(session: Session, tenant_id: str, known: TenantDefaults | None = None) -> str:
+    """The tenant's default policy: from `known` (read with the caller's key) when given, else from the database."""
+    if known is not None:
+        return known.policy or BUILTIN
     return session.scalar(select(Tenant.default_policy).where(Tenant.id == tenant_id)) or BUILTIN
 
 

@@ -38,7 +38,7 @@ def submit_content(
     the masked text.
     """
     # A submission that names no policy is decided under its tenant's default (the built-in one unless set).
-    default_policy = default_policy_name(session, principal.tenant_id) if any(
+    default_policy = default_policy_name(session, principal.tenant_id, principal.tenant_defaults) if any(
         item.policy is None for item in items) else BUILTIN
     policy_names = [item.policy or default_policy for item in items]
     checked: set[str] = set()
@@ -49,8 +49,7 @@ def submit_content(
             checked.add(name)
 
     now = utcnow()
-    tenant_default = _tenant_mask_default(session, principal.tenant_id) if any(
-        item.mask is None for item in items) else None
+    tenant_default = tenant_mask_default(session, principal) if any(item.mask is None for item in items) else None
     submissions: list[Submission] = []
     masked_counts: list[dict[str, int] | None] = []
     for item, policy_name in zip(items, policy_names, strict=True):
@@ -98,8 +97,11 @@ def submit_content(
     return submissions
 
 
-def _tenant_mask_default(session: Session, tenant_id: str) -> bool | None:
-    return session.scalar(select(Tenant.mask_by_default).where(Tenant.id == tenant_id))
+def tenant_mask_default(session: Session, principal: Principal) -> bool | None:
+    """Whether the caller's tenant masks by default (None: the deployment decides), as read with its key if it was."""
+    if principal.tenant_defaults is not None:
+        return principal.tenant_defaults.mask
+    return session.scalar(select(Tenant.mask_by_default).where(Tenant.id == principal.tenant_id))
 
 
 def get_submission(session: Session, tenant_id: str, submission_id: str) -> Submission:

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+import structlog
 
 from app import metrics
 from app.audit_chain import content_digest
 from app.config import Settings
 from app.db import Database
 from app.masking import Masker
-from app.models import Submission, Tenant, Verdict, utcnow
+from app.models import Submission, Verdict, utcnow
 from app.moderation.backoff import sync_retrying
-from app.moderation.providers import ModerationProvider, ProviderError
+from app.moderation.cache import CacheScope, VerdictCache
+from app.moderation.circuit import degrade, fallback_of
+from app.moderation.providers import ModerationProvider, ProviderError, ProviderResult, TransientProviderError
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Unavailable
 from app.use_cases.policies import default_policy_name, load_policy
+from app.use_cases.submissions import tenant_mask_default
 from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict
+
+log = structlog.get_logger(__name__)
 
 # The synchronous endpoint's own retries: a few, within a few seconds, because a client holds the connection open.
 SYNC_ATTEMPTS = 3
@@ -29,26 +34,27 @@ UNAVAILABLE_MESSAGE = "The moderation provider is unavailable; try again later."
 
 def moderate_now(
     database: Database, provider: ModerationProvider, principal: Principal, texts: Sequence[str],
-    *, model: str | None, request_id: str | None, settings: Settings,
+    *, model: str | None, request_id: str | None, settings: Settings, cache: VerdictCache | None = None,
 ) -> tuple[Submission, Verdict]:
     """Moderate `texts` while the caller waits; Unavailable if the provider cannot answer (the submission is then
     stored as failed). OpenAI's request has no `mask`; a tenant (or deployment) that masks by default is masked here.
 
-    A command in three steps: store and claim the submission (one transaction), ask the provider with no
-    transaction open (retrying briefly), then record the verdict or the failure.
+    A command in three steps: store and claim the submission (one transaction); with no transaction open, ask the
+    cache, then the provider (under the shared upstream budget and circuit breaker, retrying briefly), then the
+    fallback if the provider stayed unavailable; record the verdict or the failure.
     """
     with database.session() as session:
         with session.begin():
             now = utcnow()
             masker = Masker.from_settings(settings)
-            mask = masker.applies(None, session.scalar(
-                select(Tenant.mask_by_default).where(Tenant.id == principal.tenant_id)))
+            mask = masker.applies(None, tenant_mask_default(session, principal))
             details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
             if mask:
                 texts, details["masked"] = masker.mask_all(texts)
             digest = content_digest(texts)
             # OpenAI's request names no policy: the tenant's default decides.
-            policy = load_policy(session, principal.tenant_id, default_policy_name(session, principal.tenant_id))
+            policy = load_policy(session, principal.tenant_id,
+                                 default_policy_name(session, principal.tenant_id, principal.tenant_defaults))
             submission = Submission(
                 tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
                 content=list(texts), content_digest=digest, text_count=len(texts), policy_name=policy.name,
@@ -65,20 +71,61 @@ def moderate_now(
             if claim is None:  # pragma: no cover - the row is this transaction's own
                 raise RuntimeError("could not claim a fresh submission")
 
-        try:
-            # The caller waits for this answer, so transient failures are retried here, briefly, not through the
-            # queue.
-            retrying = sync_retrying(attempts=SYNC_ATTEMPTS, budget_seconds=SYNC_RETRY_BUDGET_SECONDS,
-                                     cap=SYNC_RETRY_BUDGET_SECONDS)
-            outcome = retrying(provider.moderate, texts, model)
-        except ProviderError as exc:
-            with session.begin():
-                fail_submission(session, claim, code=exc.code, message=exc.message)
-            raise Unavailable(UNAVAILABLE_MESSAGE, code=exc.code, retry_after=exc.retry_after) from exc
+        scope = CacheScope(tenant_id=principal.tenant_id, provider=provider.name, model=model,
+                           policy_name=policy.name, policy_version=policy.version,
+                           lists_version=policy.lists_version)
+        outcome = cache.answer(scope, texts) if cache is not None else None
+        cached, degraded_reason = outcome is not None, None
+        if outcome is None:
+            try:
+                outcome = _ask(provider, texts, model)
+            except ProviderError as exc:
+                # Like a queued submission whose retries ran out: the fallback answers, degraded, if there is one.
+                outcome = _fallback_answer(provider, texts, exc, request_id)
+                if outcome is None:
+                    with session.begin():
+                        fail_submission(session, claim, code=exc.code, message=exc.message)
+                    raise Unavailable(UNAVAILABLE_MESSAGE, code=exc.code, retry_after=exc.retry_after) from exc
+                degraded_reason = exc.code
+            else:
+                if cache is not None and not outcome.degraded:
+                    cache.put(scope, outcome.provider, outcome.model, list(zip(texts, outcome.results, strict=True)))
 
         with session.begin():
-            verdict = record_verdict(session, claim, outcome, policy, submission=submission)
+            verdict = record_verdict(session, claim, outcome, policy, submission=submission, cached=cached,
+                                     degraded_reason=degraded_reason)
             if verdict is None:  # pragma: no cover - only if the lease ran out mid-request
                 raise Unavailable(UNAVAILABLE_MESSAGE, code="claim_lost")
-            session.refresh(submission)
     return submission, verdict
+
+
+def _ask(provider: ModerationProvider, texts: Sequence[str], model: str | None) -> ProviderResult:
+    """The provider's answer for every text. The caller waits for it, so transient failures (an answer with an
+    unusable result among them) are retried here, briefly, not through the queue."""
+
+    def ask_once() -> ProviderResult:
+        result = provider.moderate(texts, model)
+        if result.defective:
+            raise TransientProviderError("upstream_malformed", "the provider's answer for a text was unusable")
+        return result
+
+    retrying = sync_retrying(attempts=SYNC_ATTEMPTS, budget_seconds=SYNC_RETRY_BUDGET_SECONDS,
+                             cap=SYNC_RETRY_BUDGET_SECONDS)
+    answer: ProviderResult = retrying(ask_once)
+    return answer
+
+
+def _fallback_answer(provider: ModerationProvider, texts: Sequence[str], exc: ProviderError,
+                     request_id: str | None) -> ProviderResult | None:
+    """The fallback's answer when the provider stayed unavailable (a transient error through every try) and one is
+    configured; None otherwise, or if the fallback failed too."""
+    fallback = fallback_of(provider)
+    if fallback is None or not exc.transient:
+        return None
+    try:
+        answer = degrade(fallback.moderate(texts, None))
+    except ProviderError as fallback_error:
+        log.warning("fallback_failed", request_id=request_id, code=fallback_error.code)
+        return None
+    log.warning("verdict_degraded", provider=answer.provider, reason=exc.code, request_id=request_id)
+    return answer

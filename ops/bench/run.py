@@ -1,4 +1,5 @@
-"""Verdict's benchmark (`make bench`; see ops/bench/README.md): upstream efficiency, intake, end to end.
+"""Verdict's benchmark (`make bench`; see ops/bench/README.md): upstream efficiency, intake, the synchronous path,
+end to end.
 
 Everything is real except the upstream moderation API, which is `tests.fake_upstream.FakeUpstream` (in this
 process, enforcing a provider's requests-per-minute limit): a scratch PostgreSQL database, the Redis broker, the
@@ -102,18 +103,25 @@ class Proc:
     def pss_mb(self) -> float:
         """The sum of the proportional set sizes (Pss of /proc/PID/smaps_rollup) of every process in the group, now:
         a page the pool processes share with the main process since the fork counts once, split among them."""
-        total_kb = 0
+        return sum(pss for _, _, pss in self.memory_per_process_mb())
+
+    def memory_per_process_mb(self) -> list[tuple[int, float, float]]:
+        """(pid, peak RSS = VmHWM, PSS now) in MB of every process in the group: PSS shares each page among the
+        processes that map it, so pages a preloaded parent shares with its forked children are counted once."""
+        found: list[tuple[int, float, float]] = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
                 if int(fields[2]) != self.process.pid:
                     continue
-                for line in (stat.parent / "smaps_rollup").read_text().splitlines():
-                    if line.startswith("Pss:"):
-                        total_kb += int(line.split()[1])
-            except (OSError, IndexError, ValueError):
+                hwm = next(int(line.split()[1]) for line in (stat.parent / "status").read_text().splitlines()
+                           if line.startswith("VmHWM:"))
+                pss = next((int(line.split()[1]) for line in (stat.parent / "smaps_rollup").read_text().splitlines()
+                            if line.startswith("Pss:")), 0)
+                found.append((int(stat.parent.name), hwm / 1024, pss / 1024))
+            except (OSError, IndexError, ValueError, StopIteration):
                 continue
-        return total_kb / 1024
+        return sorted(found)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -198,9 +206,9 @@ class Bench:
                            env, b" ready.")
                 for i in range(self.args.workers if count is None else count)]
 
-    def start_api(self, env: dict[str, str]) -> tuple[Proc, str]:
-        port = self.args.api_port
-        proc = self.start("api", [str(Path(sys.executable).with_name("verdict")), "api", "--bind",
+    def start_api(self, env: dict[str, str], name: str = "api", port: int | None = None) -> tuple[Proc, str]:
+        port = port or self.args.api_port
+        proc = self.start(name, [str(Path(sys.executable).with_name("verdict")), "api", "--bind",
                                   f"127.0.0.1:{port}", "--workers", "2", "--threads", "8"], env, b"Booting worker")
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -275,8 +283,10 @@ class Bench:
 
     # -- phase 2: intake -------------------------------------------------------------------------------------
 
-    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int) -> tuple[float, list[float]]:
-        duration, threads = self.args.intake_seconds, self.args.intake_threads
+    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int, *, seconds: float | None = None,
+             threads: int | None = None) -> tuple[float, list[float]]:
+        duration = self.args.intake_seconds if seconds is None else seconds
+        threads = self.args.intake_threads if threads is None else threads
         latencies: list[list[float]] = [[] for _ in range(threads)]
         errors: list[int] = []
         stop_at = time.monotonic() + duration
@@ -316,6 +326,52 @@ class Bench:
         log(f"intake: POST /v1/submissions {rps:.0f} req/s (p50 {self.results['intake_p50_ms']:.1f} ms, "
             f"p99 {self.results['intake_p99_ms']:.1f} ms); GET /v1/models {base_rps:.0f} req/s "
             f"(p50 {self.results['baseline_p50_ms']:.1f} ms, p99 {self.results['baseline_p99_ms']:.1f} ms)")
+        self.abandon_unfinished()
+
+    # -- phase: the synchronous path -------------------------------------------------------------------------
+
+    def sync_path(self) -> None:
+        """`POST /v1/moderations` against the fake upstream answering in `--sync-latency`: client latency minus that
+        configured latency (the fake's own parsing and scoring, well under a millisecond, is counted as overhead), one
+        distinct text per request so every one goes upstream (no cache hit), one client, then `--sync-threads`. A second
+        API of its own (the OpenAI provider, the local engine as fallback: everything an API process can load)."""
+        args = self.args
+        key = self.new_key()
+        with FakeUpstream(api_key=UPSTREAM_KEY, latency=args.sync_latency) as fake:
+            env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
+                                UPSTREAM_API_KEY=UPSTREAM_KEY, MODERATION_FALLBACK_PROVIDER="local")
+            api, url = self.start_api(env, name="api-sync", port=args.api_port + 1)
+            headers = {"Authorization": f"Bearer {key}"}
+            counter = iter(range(10**9))
+
+            def moderate(http: httpx.Client) -> httpx.Response:
+                return http.post(f"{url}/v1/moderations", headers=headers,
+                                 json={"input": f"sync text {next(counter)}: have a lovely day"})
+
+            with httpx.Client(timeout=30) as http:  # warm: connections, the first policy load
+                for _ in range(5):
+                    moderate(http)
+            # One client: the latency one call adds (the RESULT figure); then --sync-threads clients, where the
+            # two cores' queueing adds to it (in the report).
+            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=1)
+            loaded_rps, loaded = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
+            upstream_calls = len(fake.requests)
+            memory = api.memory_per_process_mb()
+            self.stop(api)
+        overhead = [ms - args.sync_latency * 1000 for ms in latencies]
+        self.results.update(sync_rps=rps, sync_p50_ms=percentile(latencies, 0.5),
+                            sync_p99_ms=percentile(latencies, 0.99), sync_overhead_p50_ms=percentile(overhead, 0.5),
+                            sync_overhead_p99_ms=percentile(overhead, 0.99), sync_upstream_calls=upstream_calls,
+                            sync_api_memory=memory, sync_loaded_rps=loaded_rps,
+                            sync_loaded_overhead_p50_ms=percentile(loaded, 0.5) - args.sync_latency * 1000,
+                            sync_loaded_overhead_p99_ms=percentile(loaded, 0.99) - args.sync_latency * 1000)
+        log(f"sync: POST /v1/moderations {rps:.0f} req/s, p50 {self.results['sync_p50_ms']:.1f} ms, p99 "
+            f"{self.results['sync_p99_ms']:.1f} ms; minus the upstream's {args.sync_latency * 1000:.0f} ms: p50 "
+            f"{self.results['sync_overhead_p50_ms']:.1f} ms, p99 {self.results['sync_overhead_p99_ms']:.1f} ms "
+            f"(1 client); {args.sync_threads} clients: {loaded_rps:.0f} req/s, overhead p50 "
+            f"{self.results['sync_loaded_overhead_p50_ms']:.1f} ms, "
+            f"p99 {self.results['sync_loaded_overhead_p99_ms']:.1f} ms ({upstream_calls} upstream calls)"
+            f"; per process (pid, VmHWM MB, PSS MB): {memory}")
         self.abandon_unfinished()
 
     # -- phase 3: end to end ---------------------------------------------------------------------------------
@@ -358,7 +414,11 @@ class Bench:
         drained = self.drain(url, count, "e2e")
         self.results.update(e2e_tps=drained["tps"], e2e_p50_ms=drained["p50_ms"], e2e_p99_ms=drained["p99_ms"],
                             worker_rss_mb=drained["pss_mb"], worker_hwm_mb=drained["rss_mb"],
-                            api_rss_mb=api.peak_rss_mb())
+                            api_group_rss_mb=api.peak_rss_mb(), api_memory=api.memory_per_process_mb())
+        # Per API process (issue 15 item 4): the largest peak RSS of the gunicorn processes serving requests (the
+        # master only forks and watches them; its own figure is in the report).
+        serving = [hwm for pid, hwm, _ in self.results["api_memory"] if pid != api.process.pid]
+        self.results["api_rss_mb"] = max(serving) if serving else self.results["api_group_rss_mb"]
 
         counter = f"{self.prefix}noop-count"
         env = self.base_env(BENCH_BROKER_URL=REDIS_URL, BENCH_KEY_PREFIX=self.prefix, BENCH_COUNTER=counter)
@@ -512,6 +572,7 @@ class Bench:
                 f"e2e_p50_ms={r['e2e_p50_ms']:.0f} e2e_p99_ms={r['e2e_p99_ms']:.0f} "
                 f"steady_p50_ms={r['steady_p50_ms']:.0f} steady_p99_ms={r['steady_p99_ms']:.0f} "
                 f"webhook_p99_ms={r['webhook_p99_ms']:.0f} "
+                f"sync_overhead_p99_ms={r['sync_overhead_p99_ms']:.1f} "
                 f"api_rss_mb={r['api_rss_mb']:.0f} worker_rss_mb={r['worker_rss_mb']:.0f}")
 
     def scale_rows(self) -> list[tuple[str, str, str, str]]:
@@ -567,8 +628,19 @@ class Bench:
              f"p99 **{r['steady_p99_ms']:.0f}** ms", f"to webhook delivered p50 {r['webhook_p50_ms']:.0f} ms, "
              f"p99 {r['webhook_p99_ms']:.0f} ms", "target p99 <= 250 ms"),
             *self.scale_rows(),
+            (f"sync: `POST /v1/moderations` (one distinct text), 1 client, {a.sync_seconds:.0f} s, "
+             f"upstream answering in {a.sync_latency * 1000:.0f} ms",
+             f"{r['sync_rps']:.1f} req/s, p50 {r['sync_p50_ms']:.1f} ms, p99 {r['sync_p99_ms']:.1f} ms",
+             f"minus the configured upstream latency: p50 {r['sync_overhead_p50_ms']:.1f} ms",
+             f"**p99 overhead {r['sync_overhead_p99_ms']:.1f} ms**"),
+            (f"sync: the same, {a.sync_threads} clients", f"{r['sync_loaded_rps']:.1f} req/s",
+             f"overhead p50 {r['sync_loaded_overhead_p50_ms']:.1f} ms",
+             f"p99 overhead {r['sync_loaded_overhead_p99_ms']:.1f} ms"),
+            ("peak RSS (VmHWM) per API process (gunicorn workers; master and PSS beside)",
+             f"**{r['api_rss_mb']:.0f} MB**", _memory_cell(r["api_memory"]) + "; sync API: "
+             + _memory_cell(r["sync_api_memory"]), ""),
             ("peak RSS (VmHWM summed over a process group)",
-             f"API {r['api_rss_mb']:.0f} MB, one worker {r['worker_hwm_mb']:.0f} MB", "", ""),
+             f"API {r['api_group_rss_mb']:.0f} MB, one worker {r['worker_hwm_mb']:.0f} MB", "", ""),
             ("one worker's memory, PSS summed over its process group (`worker_rss_mb`), largest sample",
              f"{r['worker_rss_mb']:.0f} MB", "", "target <= 200 MB"),
         ]
@@ -603,6 +675,10 @@ Written by `make bench` (ops/bench/run.py); how to run it and what each figure m
         Path(self.args.report).write_text(report)
 
 
+def _memory_cell(memory: list[tuple[int, float, float]]) -> str:
+    return ", ".join(f"pid {pid}: VmHWM {hwm:.0f} MB, PSS {pss:.0f} MB" for pid, hwm, pss in memory)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rpm", type=int, default=60, help="the fake upstream's requests per minute (R)")
@@ -624,7 +700,11 @@ def main() -> int:
     parser.add_argument("--scale", action="store_true",
                         help="also run end to end with 1, 2 and 4 workers and measure the chain lock's hold time")
     parser.add_argument("--scale-texts", type=int, default=1000, help="texts per --scale run")
-    parser.add_argument("--api-port", type=int, default=8791)
+    parser.add_argument("--sync-seconds", type=float, default=15, help="seconds the synchronous phase is measured")
+    parser.add_argument("--sync-threads", type=int, default=4, help="clients of the synchronous phase's loaded run")
+    parser.add_argument("--sync-latency", type=float, default=0.02,
+                        help="the fake upstream's latency in the synchronous phase (subtracted from each request)")
+    parser.add_argument("--api-port", type=int, default=8791, help="the API's port (the synchronous phase's: +1)")
     parser.add_argument("--report", default=str(ROOT / "ops" / "bench" / "RESULTS.md"),
                         help="where the run's report is written ('' writes none: the smoke test's tiny runs)")
     args = parser.parse_args()
@@ -636,6 +716,7 @@ def main() -> int:
         api, url = bench.start_api(bench.base_env())
         bench.upstream(url)
         bench.intake(url)
+        bench.sync_path()
         bench.end_to_end(url, api)
         bench.steady(url)
         if args.scale:

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Every figure of the RESULT line (ops/bench/README.md), in its order.
 RESULT_FIELDS = [
     "upstream_ratio", "upstream_429", "intake_rps", "intake_ratio", "intake_p99_ms", "e2e_tps", "e2e_ratio",
-    "e2e_p50_ms", "e2e_p99_ms", "steady_p50_ms", "steady_p99_ms", "webhook_p99_ms", "api_rss_mb", "worker_rss_mb",
+    "e2e_p50_ms", "e2e_p99_ms", "steady_p50_ms", "steady_p99_ms", "webhook_p99_ms",
+    "sync_overhead_p99_ms", "api_rss_mb", "worker_rss_mb",
 ]
 
 # The bench runs Celery workers and an API of its own (grandchildren the guard does not see): serial, integration.
@@ -38,8 +39,8 @@ def test_the_benchmark_completes_and_prints_its_result_line(tmp_path: Path) -> N
     process = subprocess.run(  # noqa: S603
         [sys.executable, "ops/bench/run.py", "--window", "2", "--rpm", "60", "--batch", "4", "--latency", "0.01",
          "--workers", "1", "--concurrency", "1", "--intake-seconds", "1", "--intake-threads", "2",
-         "--e2e-texts", "40", "--steady-rate", "10", "--steady-seconds", "1", "--steady-latency", "0.01",
-         "--steady-drain-seconds", "60",
+         "--e2e-texts", "40", "--sync-seconds", "1", "--sync-threads", "1", "--steady-rate", "10",
+         "--steady-seconds", "1", "--steady-latency", "0.01", "--steady-drain-seconds", "60",
          "--scale", "--scale-texts", "8", "--api-port", str(free_port()), "--report", str(report)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )

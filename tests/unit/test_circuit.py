@@ -3,11 +3,13 @@ of reach (Redis down at the moment the breaker is first built), and builds the b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import redis
 
-from app.moderation.circuit import Breaker, GuardedProvider
+from app.config import Settings
+from app.moderation.circuit import Breaker, GuardedProvider, shared_breaker
 from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 
 
@@ -42,3 +44,48 @@ def test_a_breaker_that_cannot_reach_redis_does_not_fail_the_call() -> None:
     assert len(guarded.moderate(["a", "b"]).results) == 2
     assert len(guarded.moderate(["c"]).results) == 1
     assert primary.calls == 2 and len(builds) == 2  # asked each time, and the breaker tried again each time
+
+
+class _Meeting(_Counting):
+    """Answers only once `parties` calls are inside it at the same time."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
+        self.barrier.wait()  # BrokenBarrierError if the other call cannot get in meanwhile
+        return super().moderate(texts, model)
+
+
+def test_threads_of_one_process_call_the_provider_side_by_side() -> None:
+    # pybreaker holds its breaker's lock for the whole call: with one breaker shared by the API's request threads,
+    # the second call would wait for the first, which waits for the second.
+    settings = Settings(_env_file=None, broker_url="sqla+sqlite:///:memory:")  # type: ignore[call-arg]
+    assert settings.shared_redis_url is None
+    primary = _Meeting(parties=2)
+    guarded = GuardedProvider(primary, breaker=shared_breaker(settings, "test"), fallback=None, reset_seconds=30)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            guarded.moderate(["a"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and primary.calls == 2
+    # One state for the process, whichever thread's breaker is asked.
+    assert guarded.breaker().storage is shared_breaker_storage(guarded)
+
+
+def shared_breaker_storage(guarded: GuardedProvider) -> object:
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(guarded.breaker().storage))
+    thread.start()
+    thread.join()
+    return seen[0]
