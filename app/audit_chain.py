@@ -102,6 +102,18 @@ def hash_fields(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_bytes(fields)).hexdigest()
 
 
+def canonical_members(fields: Mapping[str, Any]) -> dict[str, bytes]:
+    """Each member of the canonical object serialized on its own (`"key":value`, RFC 8785), so an event is
+    serialized before its `seq` and `prev_hash` are known (before the chain is locked) and hashed once they are.
+    `hash_members` of these equals `hash_fields` of the same fields: JCS writes an object's members in sorted key
+    order (every canonical key is ASCII), joined by commas, within braces."""
+    return {key: rfc8785.dumps(key) + b":" + rfc8785.dumps(value) for key, value in fields.items()}
+
+
+def hash_members(members: Mapping[str, bytes]) -> str:
+    return hashlib.sha256(b"{" + b",".join(members[key] for key in sorted(members)) + b"}").hexdigest()
+
+
 def export_line(event: Any) -> bytes:
     """One NDJSON export line: the canonical object plus its hash, itself in canonical form."""
     fields = canonical_fields(event)

@@ -23,9 +23,10 @@ from app.audit_chain import (
     ChainVerifier,
     Verification,
     canonical_fields,
+    canonical_members,
     chain_of,
     format_timestamp,
-    hash_fields,
+    hash_members,
     plain_json,
     span,
 )
@@ -112,6 +113,8 @@ def _append_collected(session: Session) -> None:
         return
     # The transaction's other writes go out first, so the lock below is held only for the events and the commit.
     session.flush()
+    # Serialized before any lock is taken; only `seq`, `prev_hash` (and a clamped time) are filled in under it.
+    members = {id(event): canonical_members(canonical_fields(event)) for event in collected}
     by_chain: dict[str, list[AuditEvent]] = {}
     for event in collected:
         by_chain.setdefault(event.chain_id, []).append(event)
@@ -122,11 +125,14 @@ def _append_collected(session: Session) -> None:
         for event in by_chain[chain_id]:
             # Time never goes backwards within a chain (a writer on a machine whose clock lags takes the head's
             # time), so `seq` order is time order and a time range is one `seq` range.
+            own = members[id(event)]
             if last_time is not None and event.occurred_at < last_time:
                 event.occurred_at = last_time
+                own.update(canonical_members({"occurred_at": format_timestamp(last_time)}))
             seq += 1
             event.seq, event.prev_hash = seq, prev_hash
-            event.hash = hash_fields(canonical_fields(event))
+            own.update(canonical_members({"seq": seq, "prev_hash": prev_hash}))
+            event.hash = hash_members(own)
             prev_hash, last_time = event.hash, event.occurred_at
             categories.extend(AuditEventCategory(chain_id=chain_id, category=category, seq=seq)
                               for category in event.categories or ())

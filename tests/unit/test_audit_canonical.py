@@ -16,9 +16,11 @@ from app.audit_chain import (
     ChainVerifier,
     canonical_bytes,
     canonical_fields,
+    canonical_members,
     export_line,
     format_timestamp,
     hash_fields,
+    hash_members,
     verify_export,
 )
 
@@ -176,3 +178,15 @@ def test_head_check_finds_events_cut_off_the_end() -> None:
     verifier.check_head(5, events[-1].hash)
     assert verifier.broken is not None
     assert (verifier.broken.seq, verifier.broken.code) == (4, "missing")
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"details": {}, "categories": None, "turn_id": "t-\u2028", "subject_id": "sub_😀"},
+    {"details": {"big": 2**53 - 1, "neg": -0.5, "list": [1, "x", None, {"b": True, "a": 1e21}]}},
+])
+def test_hashing_an_events_members_one_by_one_is_hashing_its_canonical_form(overrides: dict[str, Any]) -> None:
+    # The chain writer serializes members before it locks the head, then adds seq and prev_hash (issue 15).
+    fields = canonical_fields(event(7, "cd" * 32, **overrides))
+    members = canonical_members({key: value for key, value in fields.items() if key not in ("seq", "prev_hash")})
+    members.update(canonical_members({"seq": 7, "prev_hash": "cd" * 32}))
+    assert hash_members(members) == hash_fields(fields)
