@@ -409,7 +409,7 @@ def write_report(path: Path, chaos: Chaos, line: str, details: list[str], starte
         f"- machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
         f"load average at the end {load} (the machine is shared: other runs may have been running)",
         f"- command: `make chaos CHAOS_ARGS='{args}'`",
-        f"- settings: {', '.join(f'{k}={v}' for k, v in RUN_ENV.items() if k.isupper() and 'KEY' not in k)}",
+        f"- settings: {', '.join(f'{k}={chaos.env()[k]}' for k in RUN_ENV if 'KEY' not in k)}",
         "",
         "## Faults, in order",
         "",
