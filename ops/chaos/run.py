@@ -120,6 +120,7 @@ class Chaos:
         self.beat: BeatProcess | None = None
         self.database: Database | None = None
         self.tenant_id = ""
+        self.used_env: dict[str, str] = {}
         self.key = ""
         self.outcomes: list[KeyOutcome] = []
         self.kills: list[Kill] = []
@@ -154,6 +155,7 @@ class Chaos:
             self.tenant_id = issued.key.tenant_id
         self.redis.start()
         self.upstream.start()
+        self.used_env = self.env()  # what the report says the run used (the upstream's port is gone by then)
         self.start_api()
         self.beat = BeatProcess(self.env(), self.logs / "beat.log").start()
         for index in range(2):
@@ -411,7 +413,7 @@ def write_report(path: Path, chaos: Chaos, line: str, details: list[str], starte
         f"- machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
         f"load average at the end {load} (the machine is shared: other runs may have been running)",
         f"- command: `make chaos CHAOS_ARGS='{args}'`",
-        f"- settings: {', '.join(f'{k}={chaos.env()[k]}' for k in RUN_ENV if 'KEY' not in k)}",
+        f"- settings: {', '.join(f'{k}={chaos.used_env[k]}' for k in RUN_ENV if 'KEY' not in k)}",
         "",
         "## Faults, in order",
         "",
