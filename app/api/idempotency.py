@@ -9,7 +9,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
+from sqlalchemy.orm import Session
 
 from app.api.errors import ApiError, error_response
 from app.extensions import current_database, current_settings
@@ -25,8 +26,11 @@ _KEPT_HEADERS = ("Content-Type", "Location")
 
 
 def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
-    """Claim the key, run the view, keep its answer: each in a transaction of its own, so the claim is seen by a
-    racing request at once and the kept answer outlives a view that rolled back."""
+    """Claim the key (a transaction of its own, so a racing request sees the claim at once), run the view, keep its
+    answer. A view in `@transaction` keeps a success in its own transaction, so what it created and the answer a
+    retry replays commit together (issue 11: neither a crash nor a database outage after the view's commit may let
+    a retry run it again); any other answer is kept (or the claim released) in a transaction of its own afterwards,
+    so it outlives a view that rolled back."""
     key = request.headers.get(IDEMPOTENCY_HEADER, "")
     if not _KEY.match(key):
         raise InvalidInput(f"{IDEMPOTENCY_HEADER}: must be 1 to 255 printable ASCII characters without spaces.",
@@ -51,9 +55,19 @@ def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
         return replay
     assert isinstance(outcome, Claimed)
 
+    kept_with_the_view: list[bool] = []
+
+    def keep(session: Session, result: Any) -> None:
+        response = current_app.make_response(result)
+        if _worth_keeping(response):
+            idempotency.store_response(session, principal.tenant_id, key, _kept(response))
+            kept_with_the_view.append(True)
+
+    g.idempotency_keep = keep
     try:
         response = current_app.make_response(view())
     except Exception as exc:
+        kept_with_the_view.clear()  # the view's transaction rolled back (or never committed), the answer with it
         try:
             # The app's own error handlers shape it, exactly as they would outside this wrapper.
             response = current_app.make_response(current_app.handle_user_exception(exc))
@@ -61,12 +75,21 @@ def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
             with database.transaction() as session:
                 idempotency.release(session, principal.tenant_id, key)
             raise
+    finally:
+        g.pop("idempotency_keep", None)
+    if kept_with_the_view:
+        return response
     with database.transaction() as session:
-        if response.status_code >= 500 or response.status_code == 429 or response.is_streamed:
-            idempotency.release(session, principal.tenant_id, key)
-        else:
+        if _worth_keeping(response):
             idempotency.store_response(session, principal.tenant_id, key, _kept(response))
+        else:
+            idempotency.release(session, principal.tenant_id, key)
     return response
+
+
+def _worth_keeping(response: Response) -> bool:
+    """A 5xx or a 429 is not replayed: the claim is released so a retry can run."""
+    return not (response.status_code >= 500 or response.status_code == 429 or response.is_streamed)
 
 
 def _kept(response: Response) -> StoredResponse:

@@ -29,12 +29,19 @@ def request_session() -> Session:
 
 def transaction(view: F) -> F:
     """Run the view in one transaction on the request's session: committed when it returns (and only then are its
-    outbox messages sent), rolled back if it raises. Put it below `require_scope`, whose gate has its own."""
+    outbox messages sent), rolled back if it raises. Put it below `require_scope`, whose gate has its own. A request
+    with a claimed Idempotency-Key keeps its answer in this same transaction (app/api/idempotency.py), so what the
+    view created is never committed without the answer a retry replays."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with request_session().begin():
-            return view(*args, **kwargs)
+        session = request_session()
+        with session.begin():
+            result = view(*args, **kwargs)
+            keep: Callable[[Session, Any], None] | None = g.pop("idempotency_keep", None)
+            if keep is not None:
+                keep(session, result)
+            return result
 
     return wrapper  # type: ignore[return-value]
 

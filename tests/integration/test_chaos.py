@@ -32,8 +32,8 @@ def test_a_short_chaos_run_loses_nothing_doubles_nothing_and_strands_no_key(tmp_
     process = subprocess.run(  # noqa: S603
         [sys.executable, "ops/chaos/run.py", "--texts", "300", "--batch", "20", "--submit-seconds", "15",
          "--kill-interval", "8", "--max-kills", "1", "--api-kill-at", "4", "--pg-restart-at", "9",
-         "--redis-restart-at", "17", "--outage", "4", "--drain-timeout", "240", "--log-dir", str(tmp_path / "logs"),
-         "--report", str(tmp_path / "RESULTS.md")],
+         "--redis-restart-at", "17", "--outage", "4", "--lease", "20", "--drain-timeout", "240",
+         "--log-dir", str(tmp_path / "logs"), "--report", str(tmp_path / "RESULTS.md")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     output = process.stdout + process.stderr

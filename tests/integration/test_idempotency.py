@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from app.db import Database
 from app.models import ApiKey, IdempotencyRecord, Submission, utcnow
@@ -154,3 +155,35 @@ def test_an_expired_key_runs_again_and_is_purged(client: FlaskClient, database: 
         assert purge_expired(session) >= 1
     with database.transaction() as session:
         assert session.get(IdempotencyRecord, (tenant.tenant_id, key)) is None
+
+
+class _GoneAfterTheView:
+    """The request's database, except that every transaction run_once opens after its claim fails, as when
+    PostgreSQL goes away just after the view committed (what the chaos run saw: issue 11 item 9)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.opened = 0
+
+    def transaction(self) -> Any:
+        self.opened += 1
+        if self.opened > 1:
+            raise OperationalError("UPDATE idempotency_records", None, ConnectionError("server closed the connection"))
+        return self.database.transaction()
+
+
+def test_a_success_is_kept_with_what_it_created_so_an_outage_after_the_commit_cannot_run_it_twice(
+    client: FlaskClient, database: Database, tenant: TenantKey, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = str(uuid.uuid4())
+    body = {"items": [{"input": "kept with the view"}, {"input": "and its sibling"}]}
+    monkeypatch.setattr("app.api.idempotency.current_database", lambda: _GoneAfterTheView(database))
+    first = client.post("/v1/submissions", json=body, headers={**tenant.headers, "Idempotency-Key": key})
+    # Before the fix the answer was kept in a third transaction: it failed, the client got 503 for submissions that
+    # existed, and its retry (once the claim's lease ran out) created them a second time.
+    assert first.status_code == 202, first.get_json()
+    monkeypatch.undo()
+    again = client.post("/v1/submissions", json=body, headers={**tenant.headers, "Idempotency-Key": key})
+    assert again.status_code == 202 and again.headers.get("Idempotent-Replayed") == "true"
+    assert again.get_json() == first.get_json()
+    assert count(database, Submission, tenant) == 2
