@@ -15,6 +15,7 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init
 from flask import Flask
 from kombu.entity import Queue
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from app.config import Settings
 from app.db import Database
@@ -49,8 +50,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         if settings.broker_key_prefix:
             transport_options["global_keyprefix"] = settings.broker_key_prefix
     elif settings.broker_url.startswith("sqla+"):
-        # The SQLAlchemy transport polls (kombu's default: once a second, most of an idle verdict's time).
-        transport_options["polling_interval"] = settings.broker_polling_interval
+        # The SQLAlchemy transport polls (kombu's default: once a second, most of an idle verdict's time). Not as a
+        # transport option: that transport hands every option it does not know to create_engine(), which refuses
+        # `polling_interval`; kombu's virtual transports read the interval from their class otherwise.
+        kombu_sqlalchemy.Transport.polling_interval = settings.broker_polling_interval
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,

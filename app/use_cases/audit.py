@@ -94,6 +94,10 @@ def record_event(
     )
     session.info.setdefault(_COLLECTED, []).append(event)
     metrics.audit_event_written(session, action, tenant_id)
+    # What the caller added before the event goes out now (nothing is sent when nothing is pending), as it did when
+    # the chain's head was locked here: callers read what the database fills in (ids, created_at, defaults) of the
+    # objects their event is about.
+    session.flush()
     return event
 
 

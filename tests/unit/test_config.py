@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from pydantic import ValidationError
 
 from app.config import Settings
@@ -151,9 +152,14 @@ def test_nothing_set_is_the_embedded_default(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
     assert redis_roles(settings) == (f"sqla+sqlite:///{tmp_path.resolve() / 'broker.db'}", None, "memory://")
     # The SQLAlchemy transport polls: BROKER_POLLING_INTERVAL, not kombu's one second, says how often (issue 15).
-    assert celery_config(settings)["broker_transport_options"] == {"polling_interval": 0.1}
+    # On the transport's class: kombu's SQLAlchemy transport would hand a transport option to create_engine(), which
+    # refuses it (tests/unit/test_queue_declare.py opens a real connection with these settings).
+    assert celery_config(settings)["broker_transport_options"] == {}
+    assert kombu_sqlalchemy.Transport.polling_interval == 0.1
     tuned = Settings(_env_file=None, var_dir=tmp_path, broker_polling_interval=0.5)  # type: ignore[call-arg]
-    assert celery_config(tuned)["broker_transport_options"] == {"polling_interval": 0.5}
+    celery_config(tuned)
+    assert kombu_sqlalchemy.Transport.polling_interval == 0.5
+    celery_config(settings)
 
 
 def test_redis_url_alone_is_the_broker_the_shared_state_and_the_rate_limits(monkeypatch: pytest.MonkeyPatch) -> None:
