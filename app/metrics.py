@@ -57,7 +57,8 @@ SUBMIT_TO_VERDICT = Histogram(
 MODERATION_FAILURES = Counter(
     "verdict_moderation_failures", "Submissions failed (no verdict), by error code.", ["code"])
 MODERATION_RETRIES = Counter(
-    "verdict_moderation_retries", "Submissions given back to the queue to be tried again, by error code.", ["code"])
+    "verdict_moderation_retries", "Provider answers tried again, by error code and source: a queued submission given "
+    "back to the queue (async), or a synchronous call asked again in place (sync).", ["code", "source"])
 
 # ---- the upstream provider --------------------------------------------------------------------------------------
 UPSTREAM_CALLS = Counter(

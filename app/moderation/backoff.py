@@ -3,6 +3,8 @@ backoff with full jitter, capped below the broker's visibility timeout. See docs
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -46,11 +48,14 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, ProviderError) and error.transient
 
 
-def sync_retrying(*, attempts: int, budget_seconds: float, cap: float) -> Retrying:
-    """In-place retries for a caller that waits for the answer: transient errors only, within `budget_seconds`."""
+def sync_retrying(*, attempts: int, budget_seconds: float, cap: float,
+                  before_sleep: Callable[[RetryCallState], None] | None = None) -> Retrying:
+    """In-place retries for a caller that waits for the answer: transient errors only, within `budget_seconds`;
+    `before_sleep` is told of each retry before its wait."""
     return Retrying(
         retry=retry_if_exception(_transient),
         stop=stop_after_attempt(attempts) | stop_before_delay(budget_seconds),
         wait=provider_wait(cap),
+        before_sleep=before_sleep,
         reraise=True,
     )

@@ -248,7 +248,7 @@ def _settle_failure(session: Session, work: Work, exc: ProviderError, settings: 
             return "skipped"
         log_.warning("moderation_retry", attempt=claim.attempt, code=exc.code, retry_in=round(delay, 2))
         code = exc.code
-        metrics.after_commit(session, lambda: metrics.MODERATION_RETRIES.labels(code).inc())
+        metrics.after_commit(session, lambda: metrics.MODERATION_RETRIES.labels(code, "async").inc())
         return "retry"
     if exc.transient and fallback_answer is not None:
         verdict = record_verdict(session, claim, fallback_answer, work.policy, degraded_reason=exc.code,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import structlog
+from tenacity import RetryCallState
 
 from app import metrics
 from app.audit_chain import content_digest
@@ -109,8 +110,12 @@ def _ask(provider: ModerationProvider, texts: Sequence[str], model: str | None) 
             raise TransientProviderError("upstream_malformed", "the provider's answer for a text was unusable")
         return result
 
+    def count_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        metrics.MODERATION_RETRIES.labels(getattr(error, "code", "unknown"), "sync").inc()
+
     retrying = sync_retrying(attempts=SYNC_ATTEMPTS, budget_seconds=SYNC_RETRY_BUDGET_SECONDS,
-                             cap=SYNC_RETRY_BUDGET_SECONDS)
+                             cap=SYNC_RETRY_BUDGET_SECONDS, before_sleep=count_retry)
     answer: ProviderResult = retrying(ask_once)
     return answer
 

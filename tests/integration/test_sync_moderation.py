@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 
 from app import create_app
 from app.moderation.registry import build_rate_limiter
@@ -82,10 +83,14 @@ def test_an_unusable_result_is_asked_again_not_decided(database_url: str, redis_
                                                        tenant: TenantKey) -> None:
     client = openai_app(database_url, redis_url, upstream).test_client()
     upstream.malformed_next(ONE_BAD_RESULT)
+    retried = {"code": "upstream_malformed", "source": "sync"}
+    before = REGISTRY.get_sample_value("verdict_moderation_retries_total", retried) or 0.0
     response = client.post("/v1/moderations", json={"input": ["you idiot", "have a lovely day"]},
                            headers=tenant.headers)
     assert response.status_code == 200, response.get_json()
     assert len(moderation_calls(upstream)) == 2
+    # The one retry is counted, as a synchronous one.
+    assert REGISTRY.get_sample_value("verdict_moderation_retries_total", retried) == before + 1
     assert [r["flagged"] for r in response.get_json()["results"]] == [True, False]
     assert stored_verdict(client, tenant, response.get_json()["id"])["degraded"] is False
 
