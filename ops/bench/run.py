@@ -2,7 +2,8 @@
 end to end.
 
 Everything is real except the upstream moderation API, which is `tests.fake_upstream.FakeUpstream` (in this
-process, enforcing a provider's requests-per-minute limit): a scratch PostgreSQL database, the Redis broker, the
+process for the upstream phase, enforcing a provider's requests-per-minute limit; a process of its own for the phases
+that measure latency): a scratch PostgreSQL database, the Redis broker, the
 API under gunicorn and Celery worker processes. Each figure comes with a baseline measured in the same run. The
 last line printed is the RESULT line; ops/bench/RESULTS.md gets the run's report.
 """
@@ -51,6 +52,16 @@ LOG_DIR = Path(os.environ.get("BENCH_LOG_DIR", ROOT / "var" / "bench"))
 # The bench's own keys carry limits far above what its clients can send (the per-key limit stays on, as in
 # production, and is checked on every request; it just never refuses the benchmark's clients).
 BENCH_KEY_LIMITS = KeyLimits(rpm=1_000_000_000, tpm=1_000_000_000)
+
+
+# The RESULT line's figures, in order, with their formats.
+RESULT_FIELDS = (
+    ("upstream_ratio", ".3f"), ("upstream_429", "d"), ("intake_rps", ".1f"), ("intake_ratio", ".3f"),
+    ("intake_p99_ms", ".1f"), ("e2e_tps", ".1f"), ("e2e_ratio", ".3f"), ("e2e_p50_ms", ".0f"), ("e2e_p99_ms", ".0f"),
+    ("steady_p50_ms", ".0f"), ("steady_p99_ms", ".0f"), ("webhook_p99_ms", ".0f"), ("sync_overhead_p99_ms", ".1f"),
+    ("api_rss_mb", ".0f"), ("worker_rss_mb", ".0f"),
+)
+PHASES = ("upstream", "intake", "sync", "e2e", "steady")
 
 
 def log(message: str) -> None:
@@ -131,6 +142,48 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+
+
+class UpstreamProcess:
+    """The fake upstream in a process of its own (`python -m tests.fake_upstream`), for the phases that measure latency:
+    in the benchmark's process its answers would wait for the GIL behind the benchmark's own client threads."""
+
+    def __init__(self, bench: Bench, name: str, *, latency: float, rpm: int | None = None,
+                 max_batch: int | None = None) -> None:
+        argv = [sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--api-key", UPSTREAM_KEY,
+                "--latency", str(latency)]
+        if rpm is not None:
+            argv += ["--rpm", str(rpm)]
+        if max_batch is not None:
+            argv += ["--max-batch", str(max_batch)]
+        self.bench = bench
+        self.proc = bench.start(name, argv, {**os.environ, "PYTHONUNBUFFERED": "1"}, ready=b"serving on ")
+        self.base_url = self.proc.log_path.read_text().split("serving on ", 1)[1].split()[0]
+        self.requests = 0
+        self.rejected_429 = 0
+
+    def __enter__(self) -> UpstreamProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Interrupt it (it prints what it answered as it stops) and read its counts."""
+        process = self.proc.process
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        if self.proc in self.bench.procs:
+            self.bench.procs.remove(self.proc)
+        tail = self.proc.log_path.read_text(errors="replace").rsplit("fake upstream stopped:", 1)
+        if len(tail) == 2:
+            counts = dict(field.split("=", 1) for field in tail[1].split())
+            self.requests, self.rejected_429 = int(counts["requests"]), int(counts["rejected_429"])
 
 
 class Bench:
@@ -337,7 +390,7 @@ class Bench:
         API of its own (the OpenAI provider, the local engine as fallback: everything an API process can load)."""
         args = self.args
         key = self.new_key()
-        with FakeUpstream(api_key=UPSTREAM_KEY, latency=args.sync_latency) as fake:
+        with UpstreamProcess(self, "upstream-sync", latency=args.sync_latency) as fake:
             env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
                                 UPSTREAM_API_KEY=UPSTREAM_KEY, MODERATION_FALLBACK_PROVIDER="local")
             api, url = self.start_api(env, name="api-sync", port=args.api_port + 1)
@@ -355,9 +408,9 @@ class Bench:
             # two cores' queueing adds to it (in the report).
             rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=1)
             loaded_rps, loaded = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
-            upstream_calls = len(fake.requests)
             memory = api.memory_per_process_mb()
             self.stop(api)
+        upstream_calls = fake.requests
         overhead = [ms - args.sync_latency * 1000 for ms in latencies]
         self.results.update(sync_rps=rps, sync_p50_ms=percentile(latencies, 0.5),
                             sync_p99_ms=percentile(latencies, 0.99), sync_overhead_p50_ms=percentile(overhead, 0.5),
@@ -454,8 +507,8 @@ class Bench:
         key = self.new_key(scopes=("submit", "read", "admin"))
         headers = {"Authorization": f"Bearer {key}"}
         count = max(1, int(a.steady_rate * a.steady_seconds))
-        with WebhookReceiver() as receiver, FakeUpstream(api_key=UPSTREAM_KEY, rpm=1_000_000, max_batch=a.batch,
-                                                         latency=a.steady_latency) as fake:
+        with WebhookReceiver() as receiver, UpstreamProcess(self, "upstream-steady", rpm=1_000_000, max_batch=a.batch,
+                                                            latency=a.steady_latency) as fake:
             created = httpx.post(f"{url}/v1/webhooks", json={"url": receiver.url, "events": ["submission.completed"]},
                                  headers=headers, timeout=30)
             if created.status_code != 201:
@@ -565,15 +618,10 @@ class Bench:
     # -- report ----------------------------------------------------------------------------------------------
 
     def result_line(self) -> str:
+        """The RESULT line: every figure of the phases that ran (all of them unless `--phases` chose fewer)."""
         r = self.results
-        return (f"RESULT upstream_ratio={r['upstream_ratio']:.3f} upstream_429={r['upstream_429']} "
-                f"intake_rps={r['intake_rps']:.1f} intake_ratio={r['intake_ratio']:.3f} "
-                f"intake_p99_ms={r['intake_p99_ms']:.1f} e2e_tps={r['e2e_tps']:.1f} e2e_ratio={r['e2e_ratio']:.3f} "
-                f"e2e_p50_ms={r['e2e_p50_ms']:.0f} e2e_p99_ms={r['e2e_p99_ms']:.0f} "
-                f"steady_p50_ms={r['steady_p50_ms']:.0f} steady_p99_ms={r['steady_p99_ms']:.0f} "
-                f"webhook_p99_ms={r['webhook_p99_ms']:.0f} "
-                f"sync_overhead_p99_ms={r['sync_overhead_p99_ms']:.1f} "
-                f"api_rss_mb={r['api_rss_mb']:.0f} worker_rss_mb={r['worker_rss_mb']:.0f}")
+        fields = [f"{name}={r[name]:{spec}}" for name, spec in RESULT_FIELDS if name in r]
+        return " ".join(["RESULT", *fields])
 
     def scale_rows(self) -> list[tuple[str, str, str, str]]:
         r = self.results
@@ -660,7 +708,7 @@ Written by `make bench` (ops/bench/run.py); how to run it and what each figure m
 - command: `make bench BENCH_ARGS='{" ".join(sys.argv[1:])}'`
 - setup: {a.workers} Celery workers (`celery worker -c {a.concurrency}` each), the API under gunicorn
   (2 processes x 8 threads), PostgreSQL and Redis on this machine; the fake upstream (tests/fake_upstream.py)
-  in the benchmark's process
+  in the benchmark's process for the upstream phase, a process of its own for the sync and steady phases
 
 ## Figures
 
@@ -707,18 +755,32 @@ def main() -> int:
     parser.add_argument("--api-port", type=int, default=8791, help="the API's port (the synchronous phase's: +1)")
     parser.add_argument("--report", default=str(ROOT / "ops" / "bench" / "RESULTS.md"),
                         help="where the run's report is written ('' writes none: the smoke test's tiny runs)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated phases to run (default all: {','.join(PHASES)}); fewer than all "
+                             "needs --report '' (a report is of a whole run)")
     args = parser.parse_args()
+    phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {list(PHASES)}")
+    if set(phases) != set(PHASES) and args.report:
+        parser.error("--phases with fewer than every phase writes no report: add --report ''")
 
     bench = Bench(args)
     started, began = datetime.now(UTC), time.monotonic()
     bench.setup()
     try:
         api, url = bench.start_api(bench.base_env())
-        bench.upstream(url)
-        bench.intake(url)
-        bench.sync_path()
-        bench.end_to_end(url, api)
-        bench.steady(url)
+        if "upstream" in phases:
+            bench.upstream(url)
+        if "intake" in phases:
+            bench.intake(url)
+        if "sync" in phases:
+            bench.sync_path()
+        if "e2e" in phases:
+            bench.end_to_end(url, api)
+        if "steady" in phases:
+            bench.steady(url)
         if args.scale:
             bench.scale(url)
     finally:

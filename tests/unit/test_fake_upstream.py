@@ -452,7 +452,7 @@ def test_runs_standalone_until_interrupted() -> None:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=5)
         assert process.returncode == 0, err
-        assert "stopped" in out
+        assert "fake upstream stopped: requests=1 rejected_429=0" in out
         assert err == ""
     finally:
         if process.poll() is None:
