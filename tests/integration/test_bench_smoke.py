@@ -61,3 +61,14 @@ def test_the_benchmark_completes_and_prints_its_result_line(tmp_path: Path) -> N
     assert "1 / 2 / 4 workers" in written and "one tenant's ceiling" in written, written
     # Every steady-phase text got its verdict (a slow pipeline is reported, not failed: here nothing may be missing).
     assert "0 of 10 without a verdict" in written, written
+
+
+def test_some_phases_only_print_their_figures_and_need_no_report() -> None:
+    # Refused before it starts anything: a report is of a whole run.
+    refused = subprocess.run(  # noqa: S603
+        [sys.executable, "ops/bench/run.py", "--phases", "sync"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--report ''" in refused.stderr, refused.stderr
+    unknown = subprocess.run(  # noqa: S603
+        [sys.executable, "ops/bench/run.py", "--phases", "sync,warp", "--report", ""], cwd=ROOT, capture_output=True,
+        text=True, timeout=60)
+    assert unknown.returncode == 2 and "warp" in unknown.stderr, unknown.stderr
