@@ -296,7 +296,7 @@ class Settings(BaseSettings):
     rate_limit_rpm: int = Field(
         default=600, gt=0, json_schema_extra=_in(KEY_LIMITS),
         description=(
-            "Requests per minute for each API key, in a moving one-minute window; a request over it gets 429 with "
+            "Requests per minute for each API key, in a sliding one-minute window; a request over it gets 429 with "
             "Retry-After. A tenant may have its own (`verdict tenants configure NAME --rate-limit-rpm N`), and a key "
             "its own, no higher than its tenant's (`rate_limit_rpm` in `POST /v1/keys`)."
         ),
@@ -336,7 +336,7 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(
         default=30, gt=0, json_schema_extra=_in(KEY_LIMITS),
         description=(
-            "Failed authentications allowed per minute from one client address, and for one key id, in a moving "
+            "Failed authentications allowed per minute from one client address, and for one key id, in a sliding "
             "window; past it a failing request gets 429 with Retry-After instead of 401. A valid key is never "
             "refused for others' failures. The client address is the connection's, or behind reverse proxies the "
             "one TRUSTED_PROXY_COUNT says."

@@ -50,16 +50,18 @@ class _Head:
 
 def _lock_head(session: Session, chain_id: str) -> _Head:
     """Lock the chain's head row until the caller's transaction ends, creating it race-free on first use."""
-    insert = insert_for(session)
-    # On SQLite this write also takes the database write lock, which serializes every writer, chain or not.
-    session.execute(
-        insert(AuditChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
-        .on_conflict_do_nothing(index_elements=["chain_id"])
-    )
-    row = session.execute(
-        select(AuditChainHead.seq, AuditChainHead.hash, AuditChainHead.occurred_at)
-        .where(AuditChainHead.chain_id == chain_id).with_for_update()
-    ).one()
+    locked = (select(AuditChainHead.seq, AuditChainHead.hash, AuditChainHead.occurred_at)
+              .where(AuditChainHead.chain_id == chain_id).with_for_update())
+    # On PostgreSQL the row lock alone serializes the chain's writers, so a chain whose head exists (every chain
+    # after its first event) is locked in one statement. SQLite has no row locks: there the write below takes the
+    # database write lock first, which serializes every writer, chain or not.
+    row = session.execute(locked).one_or_none() if session.get_bind().dialect.name == "postgresql" else None
+    if row is None:
+        session.execute(
+            insert_for(session)(AuditChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
+            .on_conflict_do_nothing(index_elements=["chain_id"])
+        )
+        row = session.execute(locked).one()
     return _Head(seq=row.seq, hash=row.hash, occurred_at=row.occurred_at)
 
 
