@@ -352,6 +352,16 @@ class Settings(BaseSettings):
             "proxies there really are: the extra hop would let clients forge their address."
         ),
     )
+    api_key_cache_seconds: float = Field(
+        default=5, ge=0, le=60, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "How long an API process trusts a key it has checked against the database: within this many seconds a "
+            "key revoked (or deleted) elsewhere is refused by every API process, and a change to its or its tenant's "
+            "limits or defaults reaches them (the process that revokes a key refuses it at once; expiry is always "
+            "exact). Meanwhile a request with that key reads nothing from the database to authenticate. 0: every "
+            "request reads its key."
+        ),
+    )
     auth_failure_window_seconds: int = Field(
         default=60, ge=10, json_schema_extra=_in(KEY_LIMITS),
         description=(

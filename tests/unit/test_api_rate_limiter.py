@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -65,11 +66,11 @@ def test_one_call_is_one_round_trip(prefix: str, monkeypatch: pytest.MonkeyPatch
     limiter = RateLimiter(TEST_REDIS_URL, key_prefix=prefix, clock=Clock())
     limiter.hit(Charge("rpm", "key_a", 10, 1))  # the script is loaded on first use
     sent: list[object] = []
-    original = redis.connection.AbstractConnection.send_packed_command
+    original: Any = redis.connection.AbstractConnection.send_packed_command
 
     def counting(self: redis.connection.AbstractConnection, command: object, check_health: bool = True) -> None:
         sent.append(command)
-        original(self, command, check_health)  # type: ignore[arg-type]
+        original(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
     requests, tokens = limiter.hit(Charge("rpm", "key_a", 10, 1), Charge("tpm", "key_a", 100, 0))
