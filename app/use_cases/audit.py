@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, select, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -42,6 +42,11 @@ ANONYMOUS_ACTOR = "anonymous"
 
 
 _HEADS: Table = AuditChainHead.__table__  # type: ignore[assignment]
+# Built once (their cache keys with them): they run for every transaction that records an event.
+_LOCK_HEAD = select(_HEADS.c.seq, _HEADS.c.hash, _HEADS.c.occurred_at) \
+    .where(_HEADS.c.chain_id == bindparam("head")).with_for_update()
+_MOVE_HEAD = update(_HEADS).where(_HEADS.c.chain_id == bindparam("head")) \
+    .values(seq=bindparam("seq"), hash=bindparam("hash"), occurred_at=bindparam("occurred_at"))
 
 
 @dataclass(frozen=True)
@@ -56,18 +61,17 @@ def _lock_head(session: Session, chain_id: str) -> _Head:
     # Plain statements on the transaction's connection: the head is never an object in the session, so none of the
     # ORM's per-statement work is needed (issue 15: it was most of this function's cost).
     connection = session.connection()
-    locked = select(_HEADS.c.seq, _HEADS.c.hash, _HEADS.c.occurred_at).where(_HEADS.c.chain_id == chain_id) \
-        .with_for_update()
+    locked = {"head": chain_id}
     # On PostgreSQL the row lock alone serializes the chain's writers, so a chain whose head exists (every chain
     # after its first event) is locked in one statement. SQLite has no row locks: there the write below takes the
     # database write lock first, which serializes every writer, chain or not.
-    row = connection.execute(locked).one_or_none() if connection.dialect.name == "postgresql" else None
+    row = connection.execute(_LOCK_HEAD, locked).one_or_none() if connection.dialect.name == "postgresql" else None
     if row is None:
         connection.execute(
             insert_for(session)(_HEADS).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
             .on_conflict_do_nothing(index_elements=["chain_id"])
         )
-        row = connection.execute(locked).one()
+        row = connection.execute(_LOCK_HEAD, locked).one()
     return _Head(seq=row.seq, hash=row.hash, occurred_at=row.occurred_at)
 
 
@@ -149,8 +153,7 @@ def _append_collected(session: Session) -> None:
             categories.extend(AuditEventCategory(chain_id=chain_id, category=category, seq=seq)
                               for category in event.categories or ())
         session.connection().execute(
-            update(_HEADS).where(_HEADS.c.chain_id == chain_id).values(seq=seq, hash=prev_hash, occurred_at=last_time)
-        )
+            _MOVE_HEAD, {"head": chain_id, "seq": seq, "hash": prev_hash, "occurred_at": last_time})
     session.add_all(collected)
     session.add_all(categories)
 
