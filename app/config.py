@@ -296,7 +296,7 @@ class Settings(BaseSettings):
     rate_limit_rpm: int = Field(
         default=600, gt=0, json_schema_extra=_in(KEY_LIMITS),
         description=(
-            "Requests per minute for each API key, in a moving one-minute window; a request over it gets 429 with "
+            "Requests per minute for each API key, in a sliding one-minute window; a request over it gets 429 with "
             "Retry-After. A tenant may have its own (`verdict tenants configure NAME --rate-limit-rpm N`), and a key "
             "its own, no higher than its tenant's (`rate_limit_rpm` in `POST /v1/keys`)."
         ),
@@ -336,7 +336,7 @@ class Settings(BaseSettings):
     auth_failures_per_minute: int = Field(
         default=30, gt=0, json_schema_extra=_in(KEY_LIMITS),
         description=(
-            "Failed authentications allowed per minute from one client address, and for one key id, in a moving "
+            "Failed authentications allowed per minute from one client address, and for one key id, in a sliding "
             "window; past it a failing request gets 429 with Retry-After instead of 401. A valid key is never "
             "refused for others' failures. The client address is the connection's, or behind reverse proxies the "
             "one TRUSTED_PROXY_COUNT says."
@@ -350,6 +350,16 @@ class Settings(BaseSettings):
             "client cannot choose its own; behind one proxy (a load balancer, nginx) set 1, or every client shares "
             "the proxy's address in the failed-auth throttle and the audit trail. Never set it higher than the "
             "proxies there really are: the extra hop would let clients forge their address."
+        ),
+    )
+    api_key_cache_seconds: float = Field(
+        default=5, ge=0, le=60, json_schema_extra=_in(KEY_LIMITS),
+        description=(
+            "How long an API process trusts a key it has checked against the database: within this many seconds a "
+            "key revoked (or deleted) elsewhere is refused by every API process, and a change to its or its tenant's "
+            "limits or defaults reaches them (the process that revokes a key refuses it at once; expiry is always "
+            "exact). Meanwhile a request with that key reads nothing from the database to authenticate. 0: every "
+            "request reads its key."
         ),
     )
     auth_failure_window_seconds: int = Field(

@@ -5,9 +5,23 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.api import audit, data, health, keys, metrics, moderations, openapi, policies, reviews, submissions, webhooks
+from app.api import (
+    audit,
+    auth,
+    data,
+    health,
+    keys,
+    metrics,
+    moderations,
+    openapi,
+    policies,
+    reviews,
+    submissions,
+    webhooks,
+)
 
 
 def init_app(app: Flask) -> None:
+    auth.init_app(app)
     for module in (health, metrics, submissions, moderations, audit, data, webhooks, keys, policies, reviews, openapi):
         app.register_blueprint(module.bp)

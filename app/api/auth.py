@@ -9,19 +9,31 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
-from flask import g, request
+from flask import Flask, current_app, g, request
 
 from app.api import rate_limits
 from app.api.errors import ApiError
 from app.api.idempotency import IDEMPOTENCY_HEADER, run_once
 from app.api.request_context import current_request_id
 from app.api.transactions import request_session
-from app.extensions import current_settings
+from app.extensions import SETTINGS, current_settings
 from app.use_cases.audit import record_failed_authentication
-from app.use_cases.authentication import SCOPES, Principal, authenticate, presented_key_id
+from app.use_cases.authentication import SCOPES, KeyCache, Principal, authenticate, presented_key_id
 from app.use_cases.errors import AuthenticationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_KEY_CACHE = "verdict.key_cache"
+
+
+def init_app(app: Flask) -> None:
+    # The keys this process checked lately (API_KEY_CACHE_SECONDS): most requests then read nothing to authenticate.
+    app.extensions[_KEY_CACHE] = KeyCache(app.extensions[SETTINGS].api_key_cache_seconds)
+
+
+def current_key_cache() -> KeyCache:
+    cache: KeyCache = current_app.extensions[_KEY_CACHE]
+    return cache
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -64,7 +76,8 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
 
 
 def _authenticated() -> Principal:
-    """The request's principal, in a transaction of its own (it records the key's last use); a presented key that
+    """The request's principal, in a transaction of its own (it records the key's last use; it sends nothing when the
+    key was checked lately, app/use_cases/authentication.py's KeyCache); a presented key that
     fails is counted against its client address and key id (429 past AUTH_FAILURES_PER_MINUTE, else 401) and
     audited, in another, before the answer goes out. A request that sent no key is simply refused."""
     session = request_session()
@@ -72,7 +85,7 @@ def _authenticated() -> Principal:
     try:
         token = bearer_token(request.headers.get("Authorization"))
         with session.begin():
-            return authenticate(session, token)
+            return authenticate(session, token, cache=current_key_cache())
     except AuthenticationFailed as exc:
         if exc.reason == "missing":
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from app.api.auth import current_principal, require_scope
+from app.api.auth import current_key_cache, current_principal, require_scope
 from app.api.body import read_json_object
 from app.api.rate_limits import quota_for
 from app.api.request_context import current_request_id
@@ -63,6 +63,8 @@ def revoke(key_id: str) -> Response:
     principal = current_principal()
     key = revoke_tenant_key(request_session(), principal.tenant_id, key_id, actor=principal.key_id,
                             request_id=current_request_id())
+    # This process refuses it at once; the others within API_KEY_CACHE_SECONDS.
+    current_key_cache().forget(key.id)
     return jsonify(key_out(key).model_dump(mode="json"))
 
 

@@ -8,7 +8,7 @@ import re
 
 from flask import Blueprint, Response, jsonify, request
 
-from app.api.auth import current_principal, require_scope
+from app.api.auth import current_key_cache, current_principal, require_scope
 from app.api.body import read_json_object
 from app.api.request_context import current_request_id
 from app.api.transactions import request_session, transaction
@@ -209,6 +209,9 @@ def set_default_policy() -> Response:
     principal = current_principal()
     name = policies.set_default_policy(request_session(), principal.tenant_id, body.policy, actor=principal.key_id,
                                        request_id=current_request_id())
+    # The tenant's keys carry its default (app/use_cases/authentication.py): this process uses the new one at once,
+    # the others within API_KEY_CACHE_SECONDS.
+    current_key_cache().forget_tenant(principal.tenant_id)
     return jsonify(DefaultPolicyOut(policy=name).model_dump(mode="json"))
 
 

@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import redis
 import structlog
 from flask import Flask, Response, current_app, g
-from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.storage import MemoryStorage, RedisStorage, Storage
-from limits.strategies import MovingWindowRateLimiter
 
 from app.api.errors import ApiError
 from app.config import Settings
 from app.moderation.tokens import estimate_tokens
 
 log = structlog.get_logger(__name__)
+
+# The windows are a minute long; a window's counter is kept for two, while it weighs on the next one.
+PERIOD_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -32,32 +34,124 @@ def quota_for(rpm: int | None, tpm: int | None, settings: Settings) -> Quota:
     return Quota(rpm=rpm or settings.rate_limit_rpm, tpm=tpm or settings.rate_limit_tpm)
 
 
+@dataclass(frozen=True)
+class Charge:
+    """`cost` taken from `subject`'s `window` (cost 0: only look) if it fits under `limit`."""
+
+    window: str
+    subject: str
+    limit: int
+    cost: int
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where a subject's window stands after a charge: whether it was taken, what is left, and, when it was not,
+    the seconds until it would fit."""
+
+    allowed: bool
+    remaining: int
+    retry_in: float
+
+
+# Each window is a sliding one-minute window over two counters, the current minute's and the previous one's: what
+# counts is the current minute's total plus the previous minute's weighted by how much of it the sliding minute
+# still covers (so the count never jumps to zero at a minute's start). A charge is taken only if it fits; one call
+# takes or looks at several windows, in one round trip. KEYS: per charge, its current and previous counters. ARGV:
+# the seconds into the current minute, the minute's length, then per charge its limit and cost. Per charge it
+# answers allowed (1/0), the current and the previous counters.
+_SCRIPT = """
+local elapsed, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local weight = (period - elapsed) / period
+local answer = {}
+for i = 1, #KEYS / 2 do
+  local limit, cost = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local current = tonumber(redis.call('get', KEYS[2 * i - 1]) or '0')
+  local previous = tonumber(redis.call('get', KEYS[2 * i]) or '0')
+  local allowed = math.floor(previous * weight) + current + cost <= limit
+  if allowed and cost > 0 then
+    current = redis.call('incrby', KEYS[2 * i - 1], cost)
+    redis.call('expire', KEYS[2 * i - 1], 2 * period)
+  end
+  answer[#answer + 1] = allowed and 1 or 0
+  answer[#answer + 1] = current
+  answer[#answer + 1] = previous
+end
+return answer
+"""
+
+
 class RateLimiter:
-    """The requests and tokens windows of every key, in one store."""
+    """The requests and tokens windows of every key (and the failed-authentication windows), in one store: Redis,
+    shared by every API process, one round trip per call; or `memory://`, this process's own."""
 
-    def __init__(self, storage_url: str, *, key_prefix: str = "") -> None:
-        storage: Storage
-        if storage_url.startswith("memory://"):
-            storage = MemoryStorage()
-        else:
-            storage = RedisStorage(storage_url, key_prefix=f"{key_prefix}verdict-ratelimit",
-                                   socket_connect_timeout=2, socket_timeout=2)
-        self._limiter = MovingWindowRateLimiter(storage)
+    def __init__(self, storage_url: str, *, key_prefix: str = "", clock: Callable[[], float] = time.time) -> None:
+        self._prefix = f"{key_prefix}verdict-ratelimit"
+        self._clock = clock
+        self._redis: redis.Redis | None = None
+        self._counters: dict[tuple[str, str, int], int] = {}
+        self._lock = threading.Lock()
+        if not storage_url.startswith("memory://"):
+            self._redis = redis.Redis.from_url(storage_url, socket_connect_timeout=2, socket_timeout=2)
+            self._script = self._redis.register_script(_SCRIPT)
 
-    def hit(self, key_id: str, window: str, limit: int, cost: int) -> tuple[bool, int, float]:
-        """Take `cost` from the key's window; (allowed, remaining, seconds until there is room again)."""
-        item = _item(window, limit)
-        allowed = self._limiter.hit(item, key_id, cost=cost)
-        stats = self._limiter.get_window_stats(item, key_id)
-        return allowed, max(0, stats.remaining), max(0.0, stats.reset_time - time.time())
+    def hit(self, *charges: Charge) -> list[Standing]:
+        """Take each charge from its window if it fits (each on its own); where each window then stands."""
+        now = self._clock()
+        minute, elapsed = divmod(now, PERIOD_SECONDS)
+        index = int(minute)
+        counts = self._redis_counts(charges, index, elapsed) if self._redis is not None else \
+            self._memory_counts(charges, index, elapsed)
+        return [_standing(charge, allowed, current, previous, elapsed)
+                for charge, (allowed, current, previous) in zip(charges, counts, strict=True)]
 
-    def remaining(self, key_id: str, window: str, limit: int) -> int:
-        return max(0, self._limiter.get_window_stats(_item(window, limit), key_id).remaining)
+    def _redis_counts(self, charges: Sequence[Charge], index: int, elapsed: float) -> list[tuple[bool, int, int]]:
+        keys: list[str] = []
+        args: list[float | int] = [elapsed, PERIOD_SECONDS]
+        for charge in charges:
+            keys += [self._key(charge, index), self._key(charge, index - 1)]
+            args += [charge.limit, charge.cost]
+        flat = self._script(keys=keys, args=args)
+        return [(bool(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    def _key(self, charge: Charge, index: int) -> str:
+        return f"{self._prefix}:{charge.window}:{charge.subject}:{index}"
+
+    def _memory_counts(self, charges: Sequence[Charge], index: int, elapsed: float) -> list[tuple[bool, int, int]]:
+        weight = (PERIOD_SECONDS - elapsed) / PERIOD_SECONDS
+        answers: list[tuple[bool, int, int]] = []
+        with self._lock:
+            for stale in [k for k in self._counters if k[2] < index - 1]:
+                del self._counters[stale]
+            for charge in charges:
+                current = self._counters.get((charge.window, charge.subject, index), 0)
+                previous = self._counters.get((charge.window, charge.subject, index - 1), 0)
+                allowed = math.floor(previous * weight) + current + charge.cost <= charge.limit
+                if allowed and charge.cost > 0:
+                    current += charge.cost
+                    self._counters[(charge.window, charge.subject, index)] = current
+                answers.append((allowed, current, previous))
+        return answers
 
 
-def _item(window: str, limit: int) -> RateLimitItem:
-    # The namespace keeps the two windows of one key apart.
-    return RateLimitItemPerMinute(limit, namespace=window)
+def _standing(charge: Charge, allowed: bool, current: int, previous: int, elapsed: float) -> Standing:
+    weight = (PERIOD_SECONDS - elapsed) / PERIOD_SECONDS
+    remaining = max(0, charge.limit - math.floor(previous * weight) - current)
+    return Standing(allowed=allowed, remaining=remaining,
+                    retry_in=0.0 if allowed else _wait(charge, current, previous, elapsed))
+
+
+def _wait(charge: Charge, current: int, previous: int, elapsed: float) -> float:
+    """Seconds until `charge` would fit, as the two counters decay (nothing else being taken meanwhile)."""
+    room = charge.limit - charge.cost  # what the counted total must fall to
+    if room < 0:
+        return float(PERIOD_SECONDS)  # never fits
+    if current <= room:
+        # The previous minute's share must fall: previous * (1 - t / PERIOD) <= room - current, at t into the minute.
+        at = PERIOD_SECONDS * (1 - (room - current) / previous) if previous else elapsed
+        return max(0.0, at - elapsed)
+    # This minute's total must become the previous one and fall in its turn.
+    return min(float(PERIOD_SECONDS), PERIOD_SECONDS - elapsed + PERIOD_SECONDS * (1 - room / current))
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -81,17 +175,17 @@ def check_request(key_id: str, quota: Quota) -> None:
     g.rate_limit_quota = quota
     g.rate_limit_key = key_id
     try:
-        allowed, remaining, retry_in = _limiter().hit(key_id, "rpm", quota.rpm, 1)
-        remaining_tokens = _limiter().remaining(key_id, "tpm", quota.tpm)
+        # One round trip: the request taken from the RPM window, the TPM window looked at for its header.
+        requests, tokens = _limiter().hit(Charge("rpm", key_id, quota.rpm, 1), Charge("tpm", key_id, quota.tpm, 0))
     except Exception as exc:  # noqa: BLE001 - any store failure: let the request through, say so in the log
         log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
         return
     g.rate_limit_headers = {
-        "X-RateLimit-Limit-RPM": str(quota.rpm), "X-RateLimit-Remaining-RPM": str(remaining),
-        "X-RateLimit-Limit-TPM": str(quota.tpm), "X-RateLimit-Remaining-TPM": str(remaining_tokens),
+        "X-RateLimit-Limit-RPM": str(quota.rpm), "X-RateLimit-Remaining-RPM": str(requests.remaining),
+        "X-RateLimit-Limit-TPM": str(quota.tpm), "X-RateLimit-Remaining-TPM": str(tokens.remaining),
     }
-    if not allowed:
-        raise _too_many(f"Rate limit reached: {quota.rpm} requests per minute for this key.", retry_in,
+    if not requests.allowed:
+        raise _too_many(f"Rate limit reached: {quota.rpm} requests per minute for this key.", requests.retry_in,
                         code="rate_limit_requests")
 
 
@@ -99,16 +193,14 @@ def check_failed_authentication(client_address: str | None, key_id: str | None, 
     """Count one failed authentication against the client address and against the key id it presented (known or
     not, so the answer says nothing of which ids exist); 429 if either is past `limit` in the last minute. Both are
     counted every time, so a throttled request takes the same path as any other failure."""
-    waits: list[float] = []
+    charges = [Charge(window, subject, limit, 1) for window, subject in
+               (("auth-failures-address", client_address), ("auth-failures-key", key_id)) if subject]
     try:
-        for window, subject in (("auth-failures-address", client_address), ("auth-failures-key", key_id)):
-            if subject:
-                allowed, _remaining, retry_in = _limiter().hit(subject, window, limit, 1)
-                if not allowed:
-                    waits.append(retry_in)
+        standings = _limiter().hit(*charges) if charges else []
     except Exception as exc:  # noqa: BLE001 - as in check_request: the 401 still goes out
         log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
         return
+    waits = [standing.retry_in for standing in standings if not standing.allowed]
     if waits:
         raise _too_many(f"Too many failed authentications: at most {limit} per minute from one client address or "
                         "for one key id.", max(waits), code="rate_limit_auth_failures")
@@ -122,19 +214,19 @@ def charge_tokens(texts: Sequence[str]) -> None:
         return
     tokens = estimate_tokens(texts)
     try:
-        allowed, remaining, retry_in = _limiter().hit(key_id, "tpm", quota.tpm, tokens)
+        (standing,) = _limiter().hit(Charge("tpm", key_id, quota.tpm, tokens))
     except Exception as exc:  # noqa: BLE001 - as in check_request
         log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
         return
     headers: dict[str, str] = g.get("rate_limit_headers", {})
-    headers["X-RateLimit-Remaining-TPM"] = str(remaining)
-    if not allowed:
+    headers["X-RateLimit-Remaining-TPM"] = str(standing.remaining)
+    if not standing.allowed:
         if tokens > quota.tpm:
             # No wait makes room for it; Retry-After is still sent, as on every 429.
             raise ApiError(429, f"This request needs about {tokens} tokens, more than this key's {quota.tpm} tokens "
                            "per minute; send fewer or shorter texts.", code="rate_limit_tokens", param="input",
                            headers={"Retry-After": "60"})
-        raise _too_many(f"Rate limit reached: {quota.tpm} tokens per minute for this key.", retry_in,
+        raise _too_many(f"Rate limit reached: {quota.tpm} tokens per minute for this key.", standing.retry_in,
                         code="rate_limit_tokens")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, select, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -41,6 +41,14 @@ ANONYMOUS_ACTOR = "anonymous"
 # ---- writing ---------------------------------------------------------------------------------------------------
 
 
+_HEADS: Table = AuditChainHead.__table__  # type: ignore[assignment]
+# Built once (their cache keys with them): they run for every transaction that records an event.
+_LOCK_HEAD = select(_HEADS.c.seq, _HEADS.c.hash, _HEADS.c.occurred_at) \
+    .where(_HEADS.c.chain_id == bindparam("head")).with_for_update()
+_MOVE_HEAD = update(_HEADS).where(_HEADS.c.chain_id == bindparam("head")) \
+    .values(seq=bindparam("seq"), hash=bindparam("hash"), occurred_at=bindparam("occurred_at"))
+
+
 @dataclass(frozen=True)
 class _Head:
     seq: int
@@ -50,16 +58,20 @@ class _Head:
 
 def _lock_head(session: Session, chain_id: str) -> _Head:
     """Lock the chain's head row until the caller's transaction ends, creating it race-free on first use."""
-    insert = insert_for(session)
-    # On SQLite this write also takes the database write lock, which serializes every writer, chain or not.
-    session.execute(
-        insert(AuditChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
-        .on_conflict_do_nothing(index_elements=["chain_id"])
-    )
-    row = session.execute(
-        select(AuditChainHead.seq, AuditChainHead.hash, AuditChainHead.occurred_at)
-        .where(AuditChainHead.chain_id == chain_id).with_for_update()
-    ).one()
+    # Plain statements on the transaction's connection: the head is never an object in the session, so none of the
+    # ORM's per-statement work is needed (issue 15: it was most of this function's cost).
+    connection = session.connection()
+    locked = {"head": chain_id}
+    # On PostgreSQL the row lock alone serializes the chain's writers, so a chain whose head exists (every chain
+    # after its first event) is locked in one statement. SQLite has no row locks: there the write below takes the
+    # database write lock first, which serializes every writer, chain or not.
+    row = connection.execute(_LOCK_HEAD, locked).one_or_none() if connection.dialect.name == "postgresql" else None
+    if row is None:
+        connection.execute(
+            insert_for(session)(_HEADS).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
+            .on_conflict_do_nothing(index_elements=["chain_id"])
+        )
+        row = connection.execute(_LOCK_HEAD, locked).one()
     return _Head(seq=row.seq, hash=row.hash, occurred_at=row.occurred_at)
 
 
@@ -140,11 +152,8 @@ def _append_collected(session: Session) -> None:
             prev_hash, last_time = event.hash, event.occurred_at
             categories.extend(AuditEventCategory(chain_id=chain_id, category=category, seq=seq)
                               for category in event.categories or ())
-        session.execute(
-            update(AuditChainHead).where(AuditChainHead.chain_id == chain_id)
-            .values(seq=seq, hash=prev_hash, occurred_at=last_time)
-            .execution_options(synchronize_session=False)
-        )
+        session.connection().execute(
+            _MOVE_HEAD, {"head": chain_id, "seq": seq, "hash": prev_hash, "occurred_at": last_time})
     session.add_all(collected)
     session.add_all(categories)
 

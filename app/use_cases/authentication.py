@@ -1,5 +1,6 @@
 """Who is calling: API keys as made (`vk_<id>_<secret>`, stored as a SHA-256 digest only) and checked against the
-database in constant time, giving the `Principal`. The HTTP gate is app/api/auth.py."""
+database in constant time, giving the `Principal`; and the `KeyCache` of the keys a process checked lately. The HTTP
+gate is app/api/auth.py."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -59,12 +63,74 @@ def presented_key_id(token: str) -> str | None:
     return f"key_{match.group(1)}" if match is not None else None
 
 
-def authenticate(session: Session, token: str) -> Principal:
+@dataclass(frozen=True)
+class _Checked:
+    secret_hash: str
+    expires_at: datetime | None
+    principal: Principal
+    fresh_until: float  # on the cache's (monotonic) clock
+
+
+class KeyCache:
+    """The keys this process checked against the database in the last `seconds`, by id: what a request with one of
+    them needs (its stored digest, expiry and principal) without reading the database again. Only a key that passed
+    is kept, and only the digest of its secret; a presented key is still compared with it in constant time, and any
+    key that does not pass here (wrong secret, expired, not kept) is checked against the database as before. So a key
+    revoked, deleted or changed elsewhere is seen within `seconds` (`forget` makes it at once in this process); its
+    last use is recorded to the minute plus `seconds`. 0 seconds: nothing is kept."""
+
+    def __init__(self, seconds: float, *, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._max_keys = max_keys
+        self._clock = clock
+        self._checked: dict[str, _Checked] = {}
+        self._lock = threading.Lock()
+
+    def principal_for(self, key_id: str, token: str) -> Principal | None:
+        """The principal of key `key_id` if it was checked lately and `token` is its key; else None (ask the
+        database)."""
+        checked = self._checked.get(key_id)
+        if checked is None or checked.fresh_until <= self._clock():
+            return None
+        if not hmac.compare_digest(hash_key(token), checked.secret_hash):
+            return None
+        if checked.expires_at is not None and checked.expires_at <= utcnow():
+            return None
+        return checked.principal
+
+    def remember(self, key: ApiKey, principal: Principal) -> None:
+        if self.seconds <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            if len(self._checked) >= self._max_keys:
+                for stale in [k for k, c in self._checked.items() if c.fresh_until <= now] or list(self._checked):
+                    del self._checked[stale]
+            self._checked[key.id] = _Checked(secret_hash=key.secret_hash, expires_at=key.expires_at,
+                                             principal=principal, fresh_until=now + self.seconds)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self._checked.pop(key_id, None)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Forget every key of the tenant (its defaults or limits changed)."""
+        with self._lock:
+            for key_id in [k for k, c in self._checked.items() if c.principal.tenant_id == tenant_id]:
+                del self._checked[key_id]
+
+
+def authenticate(session: Session, token: str, *, cache: KeyCache | None = None) -> Principal:
     """The principal `token` (a whole key) stands for, in the caller's transaction, which also records the key's
-    last use (to the minute); AuthenticationFailed if the key is malformed, unknown, wrong, revoked or expired."""
+    last use (to the minute); AuthenticationFailed if the key is malformed, unknown, wrong, revoked or expired. With a
+    `cache`, a key it checked lately and that still passes is not read again (the transaction then sends nothing)."""
     match = _KEY_PATTERN.match(token)
     if match is None:
         raise AuthenticationFailed("Invalid API key.", reason="malformed_key")
+    if cache is not None:
+        cached = cache.principal_for(f"key_{match.group(1)}", token)
+        if cached is not None:
+            return cached
     key = session.get(ApiKey, f"key_{match.group(1)}")
     presented = hash_key(token)
     # Compare even when the id is unknown, so a miss and a wrong secret take the same path; compare_digest takes
@@ -79,11 +145,14 @@ def authenticate(session: Session, token: str) -> Principal:
         raise _refused("This API key has expired.", "expired", key)
     if key.last_used_at is None or now - key.last_used_at > _LAST_USED_RESOLUTION:
         key.last_used_at = now
-    return Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes),
-                     rate_limit_rpm=key.rate_limit_rpm or key.tenant.rate_limit_rpm,
-                     rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm,
-                     tenant_defaults=TenantDefaults(policy=key.tenant.default_policy,
-                                                    mask=key.tenant.mask_by_default))
+    principal = Principal(key_id=key.id, tenant_id=key.tenant_id, scopes=frozenset(key.scopes),
+                          rate_limit_rpm=key.rate_limit_rpm or key.tenant.rate_limit_rpm,
+                          rate_limit_tpm=key.rate_limit_tpm or key.tenant.rate_limit_tpm,
+                          tenant_defaults=TenantDefaults(policy=key.tenant.default_policy,
+                                                         mask=key.tenant.mask_by_default))
+    if cache is not None:
+        cache.remember(key, principal)
+    return principal
 
 
 def _refused(message: str, reason: str, key: ApiKey | None) -> AuthenticationFailed:

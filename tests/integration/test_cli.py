@@ -136,6 +136,8 @@ def test_revoked_key_gets_401(verdict: Run, client: FlaskClient) -> None:
     assert result.returncode == 0, result.stderr
     assert key_id in result.stdout
 
+    # The CLI is another process: an API process refuses the key within API_KEY_CACHE_SECONDS (test_key_cache.py).
+    client.application.extensions["verdict.key_cache"].forget(key_id)
     refused = client.get("/v1/submissions", headers=bearer(plaintext))
     assert refused.status_code == 401
     assert refused.get_json()["error"]["code"] == "invalid_api_key"
