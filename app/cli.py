@@ -3,6 +3,9 @@ settings; verify and export the audit trail; see the deployment at a glance (`ve
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -90,6 +93,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # the libraries' pages instead of holding copies, and none loads it on its first /v1/moderations request.
         app.extensions[PROVIDER].warm_up()
         self._database = app.extensions[DATABASE]
+        _settle_before_fork()
         return app
 
     def _post_fork(self, _server: Any, _worker: Any) -> None:
@@ -97,6 +101,16 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         database = getattr(self, "_database", None)  # None without preload_app: the app is built after the fork
         if database is not None:
             database.engine.dispose(close=False)
+
+
+def _settle_before_fork() -> None:
+    """In a process about to fork its workers: hand back to the system the heap that loading freed (every forked
+    process is charged for the parent's resident pages), and move what is loaded to the collector's permanent
+    generation, so a forked process's collections never write to (and copy) the pages it shares (issue 15 item 4)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    gc.freeze()
 
 
 def _check_long_poll_bound(settings: Settings, threads: int) -> None:
