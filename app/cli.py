@@ -3,9 +3,6 @@ settings; verify and export the audit trail; see the deployment at a glance (`ve
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import shutil
@@ -20,6 +17,7 @@ import click
 from gunicorn.app.base import BaseApplication
 
 from app.config import Settings
+from app.forking import settle_before_fork
 from app.use_cases.authentication import DEFAULT_SCOPES, SCOPES
 
 if TYPE_CHECKING:
@@ -93,7 +91,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # the libraries' pages instead of holding copies, and none loads it on its first /v1/moderations request.
         app.extensions[PROVIDER].warm_up()
         self._database = app.extensions[DATABASE]
-        _settle_before_fork()
+        settle_before_fork()
         return app
 
     def _post_fork(self, _server: Any, _worker: Any) -> None:
@@ -101,16 +99,6 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         database = getattr(self, "_database", None)  # None without preload_app: the app is built after the fork
         if database is not None:
             database.engine.dispose(close=False)
-
-
-def _settle_before_fork() -> None:
-    """In a process about to fork its workers: hand back to the system the heap that loading freed (every forked
-    process is charged for the parent's resident pages), and move what is loaded to the collector's permanent
-    generation, so a forked process's collections never write to (and copy) the pages it shares (issue 15 item 4)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    gc.freeze()
 
 
 def _check_long_poll_bound(settings: Settings, threads: int) -> None:

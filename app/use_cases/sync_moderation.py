@@ -54,7 +54,12 @@ def moderate_now(
     now = utcnow()
     with database.session() as session:
         masker = Masker.from_settings(settings)
-        policy, tenant_mask = _policy_and_mask(session, principal)
+        known = principal.tenant_defaults
+        if known is not None and (known.policy or BUILTIN) == BUILTIN:
+            policy, tenant_mask = DEFAULT_POLICY, known.mask  # what the key's lookup read: nothing to ask
+        else:
+            with session.begin():  # read only
+                policy, tenant_mask = _policy_and_mask(session, principal)
         mask = masker.applies(None, tenant_mask)
         details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
         if mask:
@@ -110,15 +115,10 @@ def moderate_now(
 
 
 def _policy_and_mask(session: Session, principal: Principal) -> tuple[Policy, bool | None]:
-    """The tenant's default policy (OpenAI's request names none) and its mask default: from what its key's lookup
-    read, so the built-in policy asks the database nothing; a tenant policy is read in a read-only transaction."""
-    known = principal.tenant_defaults
-    if known is not None and (known.policy or BUILTIN) == BUILTIN:
-        return DEFAULT_POLICY, known.mask
-    with session.begin():
-        policy = load_policy(session, principal.tenant_id,
-                             default_policy_name(session, principal.tenant_id, known))
-        return policy, tenant_mask_default(session, principal)
+    """The tenant's default policy (OpenAI's request names none) and its mask default, in the caller's transaction."""
+    policy = load_policy(session, principal.tenant_id,
+                         default_policy_name(session, principal.tenant_id, principal.tenant_defaults))
+    return policy, tenant_mask_default(session, principal)
 
 
 def _ask(provider: ModerationProvider, texts: Sequence[str], model: str | None) -> ProviderResult:

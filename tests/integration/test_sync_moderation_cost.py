@@ -17,6 +17,7 @@ from app.models import AuditEvent, Submission, Verdict
 from app.use_cases import sync_moderation
 from tests.conftest import TenantKey
 from tests.fake_upstream import FakeUpstream
+from tests.integration.test_policies_api import create
 from tests.integration.test_sync_moderation import UPSTREAM_KEY, openai_app
 from tests.lanes import integration_fixture
 
@@ -165,3 +166,28 @@ def test_a_failed_call_is_stored_failed_in_one_transaction(
                                  .order_by(Submission.created_at.desc()).limit(1)).one()
         assert (failed.status, failed.error_code, failed.attempts, failed.claim_token) == (
             "failed", "upstream_error", 1, None)
+
+
+def test_a_tenant_default_policy_is_read_before_and_decides(
+        database_url: str, redis_url: str, upstream: FakeUpstream, tenant: TenantKey, seen: Seen) -> None:
+    flask_app = openai_app(database_url, redis_url, upstream)
+    client = flask_app.test_client()
+    create(client, tenant)
+    assert client.put("/v1/default-policy", json={"policy": "kids"}, headers=tenant.headers).status_code == 200
+    watcher = watch(flask_app, seen)
+    next(watcher)
+    try:
+        response = client.post("/v1/moderations", json={"input": "have a lovely day"}, headers=tenant.headers)
+    finally:
+        next(watcher, None)
+    assert response.status_code == 200, response.get_json()
+    # The policy is read (a read-only transaction) before the provider is asked; the writes are one transaction.
+    writes = {transaction for transaction, _ in seen.writes()}
+    reads = {transaction for transaction, statement in seen.statements if "policy_versions" in statement}
+    assert len(writes) == 1 and reads and max(reads) < min(writes)
+    database: Database = flask_app.extensions["verdict.db"]
+    submission_id = "sub_" + response.get_json()["id"].removeprefix("modr-")
+    with database.session() as session, session.begin():
+        submission = session.get(Submission, submission_id)
+        assert submission is not None and submission.verdict is not None
+        assert submission.policy_name == submission.verdict.policy_name == "kids"
