@@ -6,8 +6,7 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import api, console, db, extensions, metrics, secrets_at_rest
-from app.api import body, errors, long_polls, rate_limits, request_context, transactions
+from app import db, extensions, metrics, secrets_at_rest
 from app.config import Settings
 from app.logging import configure_logging
 from app.moderation.cache import build_cache
@@ -15,8 +14,10 @@ from app.moderation.registry import build_provider
 from app.queue import celery_init_app
 
 
-def create_app(settings: Settings | None = None, *, server_threads: int | None = None) -> Flask:
-    """The app; `server_threads` is the request threads of the server that runs it, when it says (`verdict api`)."""
+def create_app(settings: Settings | None = None, *, server_threads: int | None = None, http: bool = True) -> Flask:
+    """The app; `server_threads` is the request threads of the server that runs it, when it says (`verdict api`).
+    `http=False` (a Celery worker, which serves no requests): the routes, request hooks and console, and the
+    libraries only they use, are not loaded (issue 15 item 4)."""
     settings = settings or Settings()
     configure_logging(settings)
     settings.ensure_var_dir()
@@ -30,7 +31,6 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[extensions.SETTINGS] = settings
-    body.init_app(app)
 
     # Webhook secrets are encrypted at rest; every process that reads or writes them has the key before it starts.
     secrets_at_rest.configure(secrets_at_rest.load_box(settings))
@@ -39,7 +39,16 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     app.extensions[extensions.PROVIDER] = build_provider(settings)
     app.extensions[extensions.CACHE] = build_cache(settings)
     celery_init_app(app, settings, database)
+    if http:
+        _serve_http(app, settings, server_threads)
+    return app
 
+
+def _serve_http(app: Flask, settings: Settings, server_threads: int | None) -> None:
+    from app import api, console  # noqa: PLC0415 - see create_app's `http`
+    from app.api import body, errors, long_polls, rate_limits, request_context, transactions  # noqa: PLC0415
+
+    body.init_app(app)
     errors.register_error_handlers(app)
     request_context.init_app(app)
     transactions.init_app(app)
@@ -47,4 +56,3 @@ def create_app(settings: Settings | None = None, *, server_threads: int | None =
     long_polls.init_app(app, settings, server_threads=server_threads)
     api.init_app(app)
     console.init_app(app)
-    return app

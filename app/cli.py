@@ -17,6 +17,7 @@ import click
 from gunicorn.app.base import BaseApplication
 
 from app.config import Settings
+from app.forking import settle_before_fork
 from app.use_cases.authentication import DEFAULT_SCOPES, SCOPES
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # the libraries' pages instead of holding copies, and none loads it on its first /v1/moderations request.
         app.extensions[PROVIDER].warm_up()
         self._database = app.extensions[DATABASE]
+        settle_before_fork()
         return app
 
     def _post_fork(self, _server: Any, _worker: Any) -> None:

@@ -6,7 +6,6 @@ names; the worker loads them from `workers.tasks`. See docs/architecture.md ("Th
 from __future__ import annotations
 
 import functools
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 from app.config import Settings
 from app.db import Database
 from app.extensions import CELERY, PROVIDER
+from app.forking import settle_before_fork
 from app.outbox import (
     DELIVER_WEBHOOK,
     DISPATCH_WEBHOOKS,
@@ -145,7 +145,7 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
         # Everything loaded so far (the app, its libraries, the engine's arrays' owners) moves to the collector's
         # permanent generation: a pool process's collections then never touch those objects, so the pages the fork
         # shares stay shared instead of being copied into every pool process (issue 15 item 4).
-        gc.freeze()
+        settle_before_fork()
 
     return celery_app
 

@@ -3,9 +3,11 @@ stored, claimed and audited like an async submission's. See docs/api.md."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import structlog
+from sqlalchemy.orm import Session
 from tenacity import RetryCallState
 
 from app import metrics
@@ -13,17 +15,18 @@ from app.audit_chain import content_digest
 from app.config import Settings
 from app.db import Database
 from app.masking import Masker
-from app.models import Submission, Verdict, utcnow
+from app.models import Submission, SubmissionStatus, Verdict, new_id, utcnow
 from app.moderation.backoff import sync_retrying
 from app.moderation.cache import CacheScope, VerdictCache
 from app.moderation.circuit import degrade, fallback_of
+from app.moderation.policy import DEFAULT_POLICY, Policy
 from app.moderation.providers import ModerationProvider, ProviderError, ProviderResult, TransientProviderError
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import Unavailable
-from app.use_cases.policies import default_policy_name, load_policy
+from app.use_cases.policies import BUILTIN, default_policy_name, load_policy
 from app.use_cases.submissions import tenant_mask_default
-from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict
+from app.use_cases.verdicts import Claim, fail_submission, record_verdict
 
 log = structlog.get_logger(__name__)
 
@@ -40,64 +43,82 @@ def moderate_now(
     """Moderate `texts` while the caller waits; Unavailable if the provider cannot answer (the submission is then
     stored as failed). OpenAI's request has no `mask`; a tenant (or deployment) that masks by default is masked here.
 
-    A command in three steps: store and claim the submission (one transaction); with no transaction open, ask the
-    cache, then the provider (under the shared upstream budget and circuit breaker, retrying briefly), then the
-    fallback if the provider stayed unavailable; record the verdict or the failure.
+    Nothing is written before the answer: the tenant's defaults come with its key (`Principal.tenant_defaults`), and
+    a tenant policy is read in a read-only transaction. With no transaction open, ask the cache, then the provider
+    (under the shared upstream budget and circuit breaker, retrying briefly), then the fallback if the provider
+    stayed unavailable. Then one transaction stores it all: the submission (created claimed: no worker's batch can
+    take it along), its verdict or its failure, and their audit events. A process that dies while the provider works
+    leaves nothing behind (its caller got no answer either); a database that fails at the end leaves nothing half
+    written.
     """
+    now = utcnow()
     with database.session() as session:
-        with session.begin():
-            now = utcnow()
-            masker = Masker.from_settings(settings)
-            mask = masker.applies(None, tenant_mask_default(session, principal))
-            details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
-            if mask:
-                texts, details["masked"] = masker.mask_all(texts)
-            digest = content_digest(texts)
-            # OpenAI's request names no policy: the tenant's default decides.
-            policy = load_policy(session, principal.tenant_id,
-                                 default_policy_name(session, principal.tenant_id, principal.tenant_defaults))
-            submission = Submission(
-                tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync", role="input",
-                content=list(texts), content_digest=digest, text_count=len(texts), policy_name=policy.name,
-                model=model, mask=mask, request_id=request_id, created_at=now, enqueued_at=now,
-            )
-            session.add(submission)
-            session.flush()
-            metrics.submissions_received(session, principal.tenant_id, [submission.role], source="sync")
-            record_event(session, tenant_id=principal.tenant_id, action="submission.received",
-                         actor=principal.key_id, subject_type="submission", subject_id=submission.id,
-                         request_id=request_id, content_digest=digest, details=details)
-            # Claimed in the transaction that creates it, so no worker's batch can take it along first.
-            claim = claim_submission(session, submission.id, lease_seconds=settings.processing_lease_seconds)
-            if claim is None:  # pragma: no cover - the row is this transaction's own
-                raise RuntimeError("could not claim a fresh submission")
+        masker = Masker.from_settings(settings)
+        known = principal.tenant_defaults
+        if known is not None and (known.policy or BUILTIN) == BUILTIN:
+            policy, tenant_mask = DEFAULT_POLICY, known.mask  # what the key's lookup read: nothing to ask
+        else:
+            with session.begin():  # read only
+                policy, tenant_mask = _policy_and_mask(session, principal)
+        mask = masker.applies(None, tenant_mask)
+        details: dict[str, object] = {"role": "input", "text_count": len(texts), "source": "sync", "mask": mask}
+        if mask:
+            texts, details["masked"] = masker.mask_all(texts)
+        digest = content_digest(texts)
 
         scope = CacheScope(tenant_id=principal.tenant_id, provider=provider.name, model=model,
                            policy_name=policy.name, policy_version=policy.version,
                            lists_version=policy.lists_version)
-        outcome = cache.answer(scope, texts) if cache is not None else None
-        cached, degraded_reason = outcome is not None, None
-        if outcome is None:
+        answer: ProviderResult | ProviderError | None = cache.answer(scope, texts) if cache is not None else None
+        cached, degraded_reason = answer is not None, None
+        if answer is None:
             try:
-                outcome = _ask(provider, texts, model)
+                answer = _ask(provider, texts, model)
             except ProviderError as exc:
-                # Like a queued submission whose retries ran out: the fallback answers, degraded, if there is one.
-                outcome = _fallback_answer(provider, texts, exc, request_id)
-                if outcome is None:
-                    with session.begin():
-                        fail_submission(session, claim, code=exc.code, message=exc.message)
-                    raise Unavailable(UNAVAILABLE_MESSAGE, code=exc.code, retry_after=exc.retry_after) from exc
-                degraded_reason = exc.code
+                # Like a queued submission whose retries ran out: the fallback answers, degraded, if there is one;
+                # else the failure is what is stored.
+                answer = _fallback_answer(provider, texts, exc, request_id) or exc
+                degraded_reason = None if answer is exc else exc.code
             else:
-                if cache is not None and not outcome.degraded:
-                    cache.put(scope, outcome.provider, outcome.model, list(zip(texts, outcome.results, strict=True)))
+                if cache is not None and not answer.degraded:
+                    cache.put(scope, answer.provider, answer.model, list(zip(texts, answer.results, strict=True)))
 
         with session.begin():
-            verdict = record_verdict(session, claim, outcome, policy, submission=submission, cached=cached,
-                                     degraded_reason=degraded_reason)
-            if verdict is None:  # pragma: no cover - only if the lease ran out mid-request
-                raise Unavailable(UNAVAILABLE_MESSAGE, code="claim_lost")
+            # Created as a claim (what claim_submission's UPDATE makes of a fresh row: processing, its first attempt,
+            # under a fresh token), and settled under that claim in this same transaction.
+            claim = Claim(submission_id=new_id("sub"), token=secrets.token_hex(16), attempt=1)
+            submission = Submission(
+                id=claim.submission_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync",
+                role="input", content=list(texts), content_digest=digest, text_count=len(texts),
+                policy_name=policy.name, model=model, mask=mask, request_id=request_id, created_at=now,
+                enqueued_at=now, updated_at=now, status=SubmissionStatus.PROCESSING.value, claim_token=claim.token,
+                claimed_at=now, attempts=claim.attempt,
+            )
+            session.add(submission)
+            metrics.submissions_received(session, principal.tenant_id, [submission.role], source="sync")
+            record_event(session, tenant_id=principal.tenant_id, action="submission.received",
+                         actor=principal.key_id, subject_type="submission", subject_id=submission.id,
+                         request_id=request_id, content_digest=digest, details=details)
+            if isinstance(answer, ProviderError):
+                fail_submission(session, claim, code=answer.code, message=answer.message)
+                verdict = None
+            else:
+                verdict = record_verdict(session, claim, answer, policy, submission=submission, cached=cached,
+                                         degraded_reason=degraded_reason)
+                if verdict is None:  # pragma: no cover - the row is this transaction's own
+                    raise RuntimeError("could not settle a fresh submission")
+    if isinstance(answer, ProviderError):
+        raise Unavailable(UNAVAILABLE_MESSAGE, code=answer.code, retry_after=answer.retry_after) from answer
+    if verdict is None:  # pragma: no cover - see above
+        raise RuntimeError("no verdict")
     return submission, verdict
+
+
+def _policy_and_mask(session: Session, principal: Principal) -> tuple[Policy, bool | None]:
+    """The tenant's default policy (OpenAI's request names none) and its mask default, in the caller's transaction."""
+    policy = load_policy(session, principal.tenant_id,
+                         default_policy_name(session, principal.tenant_id, principal.tenant_defaults))
+    return policy, tenant_mask_default(session, principal)
 
 
 def _ask(provider: ModerationProvider, texts: Sequence[str], model: str | None) -> ProviderResult:

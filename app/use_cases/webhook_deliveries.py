@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from app import metrics
 from app.config import Settings
@@ -62,6 +63,10 @@ def raise_submission_events(
 
     Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
     """
+    # A submission's source never changes: one this session already holds says so without a query.
+    known = session.identity_map.get(identity_key(Submission, submission_id))
+    if isinstance(known, Submission) and known.source != "async":
+        return []
     submission = session.execute(
         select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
     ).scalar_one_or_none()

@@ -4,6 +4,7 @@ the order of a batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -77,3 +78,17 @@ def test_batch_keeps_order_and_matches_one_by_one(engine: LocalEngine) -> None:
     for a, b in zip(together, one_by_one, strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
     assert engine.moderate([]).results == []
+
+
+def test_the_large_arrays_are_shared_read_only_and_score_as_float32_would(engine: LocalEngine) -> None:
+    # Issue 15 item 4: the n-gram weights and IDF stay float16 as stored (half the memory), and the large arrays live
+    # in one shared mapping a forked process is charged for only when it reads them; the scores are unchanged.
+    artifact = engine.engine().artifact
+    assert artifact.ngram_weights.dtype == np.float16 and artifact.idf.dtype == np.float16
+    for array in (artifact.idf, artifact.ngram_weights, artifact.words.codes, artifact.words.row_of_id):
+        assert not array.flags.writeable and not array.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        artifact.words.codes[0, 0] = 1
+    widened = model.EngineModel(dataclasses.replace(artifact, idf=artifact.idf.astype(np.float32),
+                                                    ngram_weights=artifact.ngram_weights.astype(np.float32)))
+    assert np.array_equal(engine.engine().probabilities(TEXTS), widened.probabilities(TEXTS))

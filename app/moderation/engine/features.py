@@ -218,7 +218,7 @@ def counted(hashed: Hashed) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64
     return unique >> (WORD_BITS + 1), unique & (DIM - 1), counts
 
 
-def tfidf_rows(hashed: Hashed, idf: npt.NDArray[np.float32]) -> SparseRows:
+def tfidf_rows(hashed: Hashed, idf: npt.NDArray[np.floating]) -> SparseRows:
     """TF-IDF rows (each of the word and character blocks L2-normalised) of a hashed batch, `idf` of length DIM."""
     n = hashed.size
     row, ids, counts = counted(hashed)
@@ -231,7 +231,7 @@ def tfidf_rows(hashed: Hashed, idf: npt.NDArray[np.float32]) -> SparseRows:
                       values=(weights / norms[block]).astype(np.float32))
 
 
-def featurise(texts: Sequence[str], idf: npt.NDArray[np.float32]) -> SparseRows:
+def featurise(texts: Sequence[str], idf: npt.NDArray[np.floating]) -> SparseRows:
     """TF-IDF rows for raw texts."""
     return tfidf_rows(hash_batch(normalise_batch(texts)), idf)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,10 @@ class EngineArtifact:
 
     heads: tuple[str, ...]
     metadata: dict[str, object]
-    idf: npt.NDArray[np.float32]
-    ngram_weights: npt.NDArray[np.float32]  # (features.DIM, heads), stored as float16
+    # Kept as stored, float16 (half the memory of float32 in every process that loads the engine: issue 15); the
+    # scoring widens the rows it gathers to float32, which float16 values convert to exactly: the same scores.
+    idf: npt.NDArray[np.float16]
+    ngram_weights: npt.NDArray[np.float16]  # (features.DIM, heads)
     ngram_bias: npt.NDArray[np.float32]
     words: WordVectors
     embedding_weights: npt.NDArray[np.float32]  # (dims, heads)
@@ -75,7 +78,7 @@ def content_digest(arrays: Mapping[str, npt.NDArray[np.generic]]) -> str:
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.tobytes())
+        digest.update(array.data)  # the array's own buffer, not a copy of it
     return digest.hexdigest()
 
 
@@ -105,17 +108,41 @@ ARRAY_NAMES = ("idf", "ngram_weights", "ngram_bias", "word_rows", "word_codes", 
                "embedding_weights", "embedding_bias", "blend")
 
 
+# The large arrays (about 22 MB together), kept in memory shared between the process and those it forks.
+SHARED_ARRAYS = ("idf", "ngram_weights", "word_rows", "word_codes")
+
+
+def shared_read_only(arrays: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.generic]]:
+    """The arrays copied into one anonymous shared mapping, read-only. The API's gunicorn master and a Celery worker
+    load the engine before they fork: a shared mapping's pages join a forked process's resident set only when it
+    reads them (a private mapping's are all counted in each one at once, shared or not), so an API process that never
+    scores (its provider is upstream, the engine a fallback) is not charged for the model, and the processes that do
+    score share one copy, as before (issue 15)."""
+    sizes = [arrays[name].nbytes for name in arrays]
+    offsets = [sum(sizes[:i]) // 64 * 64 + 64 * i for i in range(len(sizes))]  # 64-byte aligned, never overlapping
+    total = max(offsets[-1] + sizes[-1], 1) if sizes else 1
+    memory = mmap.mmap(-1, total)  # anonymous, MAP_SHARED
+    shared: dict[str, npt.NDArray[np.generic]] = {}
+    for (name, array), offset in zip(arrays.items(), offsets, strict=True):
+        view = np.frombuffer(memory, dtype=array.dtype, count=array.size, offset=offset).reshape(array.shape)
+        view[...] = array
+        view.flags.writeable = False
+        shared[name] = view
+    return shared
+
+
 def load_artifact(path: Path | None = None) -> EngineArtifact:
     with np.load(path or shipped_artifact_path(), allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in ARRAY_NAMES}
         metadata = json.loads(bytes(archive["metadata"]).decode())
     if content_digest(arrays) != metadata["content_sha256"]:
         raise ValueError("the engine artifact does not match the digest it records: it is damaged or was edited")
+    arrays |= shared_read_only({name: arrays[name] for name in SHARED_ARRAYS})
     return EngineArtifact(
         heads=tuple(metadata["heads"]),
         metadata=metadata,
-        idf=arrays["idf"].astype(np.float32),
-        ngram_weights=arrays["ngram_weights"].astype(np.float32),
+        idf=arrays["idf"],
+        ngram_weights=arrays["ngram_weights"],
         ngram_bias=arrays["ngram_bias"],
         words=WordVectors(row_of_id=arrays["word_rows"], codes=arrays["word_codes"], scales=arrays["word_scales"],
                           weights=arrays["word_weights"]),
