@@ -3,6 +3,7 @@ opens its transactions (or runs a command that opens its own); its messages leav
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from celery import shared_task
@@ -24,11 +25,16 @@ from app.use_cases import audit, erasure, idempotency, moderation, policies, rev
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
-def moderate_submission(submission_id: str) -> str:
+def moderate_submission(submission_id: str, *more_ids: str) -> str:
+    # One message names a provider call's worth of submissions (one id in messages queued before that).
     # No Celery retries: a submission that must be tried again goes back to its row, due later, and its new
     # message is sent once that is committed (app/use_cases/verdicts.py, release_for_retry).
-    return moderation.moderate_submission(current_database(), current_provider(), submission_id, current_settings(),
-                                          cache=current_cache())
+    statuses = moderation.moderate_submissions(current_database(), current_provider(), [submission_id, *more_ids],
+                                               current_settings(), cache=current_cache())
+    if not more_ids:
+        return statuses[submission_id]
+    counts = Counter(statuses.values())
+    return " ".join(f"{status}={counts[status]}" for status in sorted(counts))
 
 
 @shared_task(name=REQUEUE_STALLED, acks_late=False)

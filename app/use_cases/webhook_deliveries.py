@@ -52,38 +52,56 @@ ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over it
 # ---- raising deliveries ----------------------------------------------------------------------------------------
 
 
+class EndpointsOfTenants:
+    """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._of: dict[str, list[WebhookEndpoint]] = {}
+
+    def of(self, tenant_id: str) -> list[WebhookEndpoint]:
+        if tenant_id not in self._of:
+            self._of[tenant_id] = list(self._session.scalars(
+                select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id,
+                                              WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
+                .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+            ))
+        return self._of[tenant_id]
+
+
 def raise_submission_events(
     session: Session, submission_id: str, verdict: Verdict | None = None, review: ReviewItem | None = None, *,
-    event_types: list[str] | None = None,
+    event_types: list[str] | None = None, submission: Submission | None = None,
+    endpoints: EndpointsOfTenants | None = None,
 ) -> list[str]:
     """Write the deliveries a finished submission raises (or `event_types`: a human decision's), in the caller's
     transaction (which commits them with the verdict, the failure or the decision); their messages are sent once that
     transaction commits. Returns the delivery ids.
 
+    `submission`: the row as it now stands in this transaction (else it is read again); `endpoints`: the tenants'
+    endpoints as read already in this transaction.
+
     Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
     """
-    submission = session.execute(
-        select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    if submission is None:
+        submission = session.execute(
+            select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
     if submission is None or submission.source != "async":
         return []
     if event_types is None:
         event_types = events.submission_event_types(submission, verdict)
     if not event_types:
         return []
-    endpoints = list(session.scalars(
-        select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == submission.tenant_id,
-                                      WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
-        .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-    ))
+    enabled = (endpoints or EndpointsOfTenants(session)).of(submission.tenant_id)
     targets: list[tuple[WebhookEndpoint, str, str]] = []
     for event_type in event_types:
-        for endpoint in endpoints:
+        for endpoint in enabled:
             if endpoint.kind == WebhookEndpointKind.ENDPOINT.value and event_type in endpoint.events and endpoint.url:
                 targets.append((endpoint, endpoint.url, event_type))
             elif endpoint.kind == WebhookEndpointKind.CALLBACK.value and submission.callback_url:
                 targets.append((endpoint, submission.callback_url, event_type))
-    if submission.callback_url and not any(e.kind == WebhookEndpointKind.CALLBACK.value for e in endpoints):
+    if submission.callback_url and not any(e.kind == WebhookEndpointKind.CALLBACK.value for e in enabled):
         # Submissions are refused without a signer, so only one stored before webhooks existed gets here.
         log.warning("callback_skipped_no_secret", submission_id=submission.id)
     if not targets:

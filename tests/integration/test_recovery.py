@@ -28,7 +28,7 @@ from app.moderation.policy import DEFAULT_POLICY
 from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 from app.moderation.taxonomy import CATEGORIES
 from app.outbox import MODERATE_SUBMISSION
-from app.use_cases.moderation import moderate_submission
+from app.use_cases.moderation import moderate_submissions
 from app.use_cases.verdicts import claim_submission, fail_submission, record_verdict, release_for_retry
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis, make_settings
 from tests.fake_upstream import FakeUpstream
@@ -272,7 +272,8 @@ def test_live_claim_is_skipped_and_a_stale_holder_cannot_record(
         assert claim_submission(session, submission_id, lease_seconds=10) is None
     # ...and so does a whole task run: skipped, without asking the provider.
     provider = _CountingProvider()
-    outcome = moderate_submission(database, provider, submission_id, app.extensions["verdict.settings"])
+    outcome = moderate_submissions(database, provider, [submission_id],
+                                   app.extensions["verdict.settings"])[submission_id]
     assert outcome == "skipped"
     assert provider.calls == 0
 

@@ -51,8 +51,8 @@ def submit(client: FlaskClient, tenant: TenantKey, body: dict[str, Any]) -> str:
 def moderate(app: Flask, database: Database, settings: Settings, submission_id: str,
              provider: Any = None) -> str:
     """What a worker does with the submission, in this process."""
-    return moderation.moderate_submission(database, provider or app.extensions["verdict.provider"], submission_id,
-                                          settings)
+    return moderation.moderate_submissions(database, provider or app.extensions["verdict.provider"], [submission_id],
+                                           settings)[submission_id]
 
 
 def deliver_all(database: Database, settings: Settings, ids: Sequence[str]) -> list[str]:
