@@ -187,6 +187,7 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
                                                    endpoints=endpoints)
         recorded.append((item, assessment, shadow, verdict, review))
         verdicts.append(verdict)
+    endpoints.send()
     for item, assessment, shadow, _verdict, review in recorded:
         _record_verdict_events(session, item, assessment, shadow, review)
     return verdicts

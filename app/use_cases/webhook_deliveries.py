@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,12 +53,28 @@ ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over it
 # ---- raising deliveries ----------------------------------------------------------------------------------------
 
 
+# Deliveries per message: attempted side by side by one task (see `deliver`), so a message takes as long as one.
+DELIVERIES_PER_MESSAGE = 16
+
+
+def delivery_messages(delivery_ids: Sequence[str]) -> list[Message]:
+    return [Message(DELIVER_WEBHOOK, tuple(delivery_ids[start:start + DELIVERIES_PER_MESSAGE]))
+            for start in range(0, len(delivery_ids), DELIVERIES_PER_MESSAGE)]
+
+
 class EndpointsOfTenants:
-    """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction)."""
+    """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction),
+    and the deliveries raised meanwhile, whose messages the caller sends together (`send`)."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._of: dict[str, list[WebhookEndpoint]] = {}
+        self.raised: list[str] = []
+
+    def send(self) -> None:
+        """The messages of the deliveries raised, sent once the transaction commits."""
+        send_after_commit(self._session, *delivery_messages(self.raised))
+        self.raised = []
 
     def of(self, tenant_id: str) -> list[WebhookEndpoint]:
         if tenant_id not in self._of:
@@ -79,7 +96,7 @@ def raise_submission_events(
     transaction commits. Returns the delivery ids.
 
     `submission`: the row as it now stands in this transaction (else it is read again); `endpoints`: the tenants'
-    endpoints as read already in this transaction.
+    endpoints as read already in this transaction, which collects the deliveries' ids for the caller to send.
 
     Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
     """
@@ -115,7 +132,10 @@ def raise_submission_events(
     ]
     session.add_all(deliveries)
     ids = [d.id for d in deliveries]
-    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    if endpoints is None:
+        send_after_commit(session, *delivery_messages(ids))
+    else:
+        endpoints.raised.extend(ids)  # the caller sends them with the others it raised
     return ids
 
 
@@ -161,81 +181,122 @@ class DeliveryClaim:
 def claim_delivery(session: Session, delivery_id: str) -> DeliveryClaim | None:
     """Take a due delivery for one attempt, in the caller's transaction; None if it is not due, done, or another
     worker holds it."""
+    claims = claim_deliveries(session, [delivery_id])
+    return claims.get(delivery_id)
+
+
+def claim_deliveries(session: Session, delivery_ids: Sequence[str]) -> dict[str, DeliveryClaim]:
+    """Take those of the deliveries that are due, each for one attempt, in the caller's transaction: one conditional
+    UPDATE (of two workers racing for a row, exactly one matches it: it is pending only until the first takes it),
+    with a fresh fencing token shared by the claims it makes. The claims made, by delivery id."""
+    if not delivery_ids:
+        return {}
     now = utcnow()
-    row = session.execute(
-        select(WebhookDelivery.status, WebhookDelivery.attempt_count, WebhookDelivery.next_attempt_at)
-        .where(WebhookDelivery.id == delivery_id)
-    ).one_or_none()
-    if (row is None or row.status != DeliveryStatus.PENDING.value
-            or (row.next_attempt_at is not None and row.next_attempt_at > now)):
-        return None
     token = secrets.token_hex(16)
-    # Still pending and still the version read above: of two workers racing here, exactly one matches.
-    attempt = session.execute(
+    rows = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING.value,
-               WebhookDelivery.attempt_count == row.attempt_count)
+        .where(WebhookDelivery.id.in_(delivery_ids), WebhookDelivery.status == DeliveryStatus.PENDING.value,
+               or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now))
         .values(status=DeliveryStatus.DELIVERING.value, claim_token=token, claimed_at=now, dispatched_at=None,
                 attempt_count=WebhookDelivery.attempt_count + 1, updated_at=now)
-        .returning(WebhookDelivery.attempt_count)
+        .returning(WebhookDelivery.id, WebhookDelivery.attempt_count)
         .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if attempt is None:
-        return None
-    return DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
+    ).tuples().all()
+    return {delivery_id: DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
+            for delivery_id, attempt in rows}
 
 
-def deliver(database: Database, delivery_id: str, settings: Settings, *,
-            resolve: Resolver = system_resolver) -> str:
-    """One attempt of a delivery, if it is due: `skipped`, `succeeded`, `retry`, `dead` (or `lost`, if its claim
-    ran out meanwhile).
+@dataclass(frozen=True)
+class _Attempt:
+    claim: DeliveryClaim
+    delivery: WebhookDelivery
+    url: str
+    body: str
+    headers: dict[str, str]
 
-    A command in three steps: claim it and sign the body (one transaction), send it with no transaction open, then
-    conclude the attempt (another).
+
+def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings, *,
+            resolve: Resolver = system_resolver) -> dict[str, str]:
+    """One attempt of each of the deliveries a message names, if it is due. What became of each: `skipped`,
+    `succeeded`, `retry`, `dead` (or `lost`, if its claim ran out meanwhile).
+
+    A command in three steps: claim them and sign the bodies (one transaction), send them side by side with no
+    transaction open (so the message's attempts together take as long as the slowest one, well within a claim's
+    lease), then conclude the attempts (one transaction: one commit, each tenant's audit chain locked once).
     """
+    ids = list(dict.fromkeys(delivery_ids))
+    outcomes = dict.fromkeys(ids, "skipped")
     with database.session() as session:
         with session.begin():
-            claim = claim_delivery(session, delivery_id)
-            if claim is None:
-                # A duplicate or early message, one for a finished delivery, or another worker holds it.
-                log.info("webhook_delivery_skipped", delivery_id=delivery_id)
-                return "skipped"
-            delivery = session.get(WebhookDelivery, delivery_id)
-            endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery is not None else None
-            if delivery is None or endpoint is None:
-                return "skipped"  # deleted with its endpoint meanwhile
+            claims = claim_deliveries(session, ids)
+            for delivery_id in ids:
+                if delivery_id not in claims:
+                    # A duplicate or early message, one for a finished delivery, or another worker holds it.
+                    log.info("webhook_delivery_skipped", delivery_id=delivery_id)
+            if not claims:
+                return outcomes
             started_at = utcnow()
-            if endpoint.status != WebhookEndpointStatus.ENABLED.value:
-                result = AttemptResult(status_code=None, latency_ms=0, error="not sent: the endpoint is disabled",
-                                       response_excerpt=None)
-                return conclude_attempt(session, claim, result, started_at=started_at, settings=settings, final=True)
-            url, body = delivery.url, delivery.payload
-            headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at, body)
+            attempts: list[_Attempt] = []
+            for delivery, endpoint in session.execute(
+                select(WebhookDelivery, WebhookEndpoint)
+                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+                .where(WebhookDelivery.id.in_(list(claims)))
+            ).tuples():  # one deleted with its endpoint meanwhile is not found: skipped
+                claim = claims[delivery.id]
+                if endpoint.status != WebhookEndpointStatus.ENABLED.value:
+                    result = AttemptResult(status_code=None, latency_ms=0,
+                                           error="not sent: the endpoint is disabled", response_excerpt=None)
+                    outcomes[delivery.id] = conclude_attempt(session, claim, result, started_at=started_at,
+                                                             settings=settings, final=True, delivery=delivery)
+                    continue
+                headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at,
+                                         delivery.payload)
+                attempts.append(_Attempt(claim, delivery, delivery.url, delivery.payload, headers))
+        if not attempts:
+            return outcomes
 
-        result = send(url, body.encode(), headers, allowed=settings.webhook_networks,
-                      timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
+        results = _send_all(attempts, settings, resolve)
 
         with session.begin():
-            outcome = conclude_attempt(session, claim, result, started_at=started_at, settings=settings)
-    log.info("webhook_attempt", delivery_id=delivery_id, attempt=claim.attempt, outcome=outcome,
-             status_code=result.status_code, latency_ms=result.latency_ms, error=result.error)
-    return outcome
+            for attempt, result in zip(attempts, results, strict=True):
+                outcomes[attempt.delivery.id] = conclude_attempt(session, attempt.claim, result,
+                                                                 started_at=started_at, settings=settings,
+                                                                 delivery=attempt.delivery)
+    for attempt, result in zip(attempts, results, strict=True):
+        log.info("webhook_attempt", delivery_id=attempt.delivery.id, attempt=attempt.claim.attempt,
+                 outcome=outcomes[attempt.delivery.id], status_code=result.status_code,
+                 latency_ms=result.latency_ms, error=result.error)
+    return outcomes
+
+
+def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolver) -> list[AttemptResult]:
+    """Send each attempt (side by side when there are several: receivers wait on their own, none behind another)."""
+
+    def one(attempt: _Attempt) -> AttemptResult:
+        return send(attempt.url, attempt.body.encode(), attempt.headers, allowed=settings.webhook_networks,
+                    timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
+
+    if len(attempts) == 1:
+        return [one(attempts[0])]
+    with ThreadPoolExecutor(max_workers=len(attempts), thread_name_prefix="webhook") as pool:
+        return list(pool.map(one, attempts))
 
 
 def conclude_attempt(
     session: Session, claim: DeliveryClaim, result: AttemptResult, *, started_at: datetime, settings: Settings,
-    final: bool = False,
+    final: bool = False, delivery: WebhookDelivery | None = None,
 ) -> str:
     """Log the attempt and move the delivery on (succeeded, retry on schedule, or dead), in the caller's
     transaction, if the claim still holds: the attempt row, the delivery's new state, a 410's disabled endpoint and
     their audit events. `lost` (and nothing written) if it does not. `final` kills the delivery whatever the
-    schedule says.
+    schedule says. `delivery`: the row as read after the claim in this session (else it is read again).
     """
     now = utcnow()
-    delivery = session.execute(
-        select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    if delivery is None:
+        delivery = session.execute(
+            select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
+            .execution_options(populate_existing=True)
+        ).scalar_one_or_none()
     if delivery is None or delivery.claim_token != claim.token:
         log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
         return "lost"
@@ -355,7 +416,7 @@ def _dispatch_due(session: Session, settings: Settings, *, batch_size: int = 500
         update(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).values(dispatched_at=now)
         .execution_options(synchronize_session=False)
     )
-    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    send_after_commit(session, *delivery_messages(ids))
     log.info("webhook_deliveries_dispatched", count=len(ids))
     return len(ids)
 

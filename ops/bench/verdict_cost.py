@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
+from app.cli import migrate_database  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.extensions import PROVIDER  # noqa: E402
-from app.cli import migrate_database  # noqa: E402
 from app.outbox import DELIVER_WEBHOOK, MODERATE_SUBMISSION, Message  # noqa: E402
 from app.schemas.common import Limits  # noqa: E402
 from app.schemas.submissions import SubmissionIn  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> int:
             while queued:
                 message = queued.pop(0)
                 messages += 1
-                outcomes[moderation.moderate_submission(database, provider, message.args[0], settings)] += 1
+                outcomes.update(moderation.moderate_submissions(database, provider, message.args, settings).values())
                 queued.extend(m for m in sent if m.task == MODERATE_SUBMISSION)
                 sent[:] = [m for m in sent if m.task != MODERATE_SUBMISSION]
             if profiler is not None:
@@ -155,11 +155,18 @@ def main() -> int:
                 meter.commits = 0
                 cpu0, pg0 = time.process_time(), backend_cpu(pids)
                 delivered: Counter[str] = Counter()
+                profiler = cProfile.Profile(time.process_time) if args.profile else None
+                if profiler is not None:
+                    profiler.enable()
                 for message in deliveries:
-                    delivered[webhook_deliveries.deliver(database, message.args[0], settings)] += 1
+                    delivered.update(webhook_deliveries.deliver(database, message.args, settings).values())
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(f"{args.profile}.deliveries")
                 cpu1, pg1 = time.process_time(), backend_cpu(pids + meter.backend_pids())
-                n = len(deliveries)
-                print(f"deliveries: {n} {dict(delivered)}, received {len(receiver.requests)}")
+                n = sum(delivered.values())
+                print(f"deliveries: {n} in {len(deliveries)} messages {dict(delivered)}, "
+                      f"received {len(receiver.requests)}")
                 print(f"  per delivery: worker cpu {1000 * (cpu1 - cpu0) / n:.2f} ms, "
                       f"postgres cpu {1000 * (pg1 - pg0) / n:.2f} ms, "
                       f"statements {sum(meter.statements.values()) / n:.2f}, commits {meter.commits / n:.3f}")
