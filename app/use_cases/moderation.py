@@ -191,7 +191,9 @@ def _claim_own(session: Session, ids: Sequence[str], *, capacity: int,
     and those left over (another model, or no room), which are queued and were not claimed."""
     now = utcnow()
     rows = _lockable(session, Submission.id.in_(ids), claimable(now, settings.processing_lease_seconds),
-                     order=[Submission.enqueued_at, Submission.id], limit=len(ids))
+                     order=[Submission.id], limit=len(ids))
+    position = {submission_id: index for index, submission_id in enumerate(ids)}
+    rows.sort(key=lambda row: position[row.id])  # in the message's order: the order they were submitted in
     if not rows:
         return _Claimed([], set()), []
     model = rows[0].model
