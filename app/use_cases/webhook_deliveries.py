@@ -54,7 +54,7 @@ ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over it
 
 
 # Deliveries per message: attempted side by side by one task (see `deliver`), so a message takes as long as one.
-DELIVERIES_PER_MESSAGE = 16
+DELIVERIES_PER_MESSAGE = 8
 
 
 def delivery_messages(delivery_ids: Sequence[str]) -> list[Message]:
@@ -246,8 +246,8 @@ def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings,
                 if endpoint.status != WebhookEndpointStatus.ENABLED.value:
                     result = AttemptResult(status_code=None, latency_ms=0,
                                            error="not sent: the endpoint is disabled", response_excerpt=None)
-                    outcomes[delivery.id] = conclude_attempt(session, claim, result, started_at=started_at,
-                                                             settings=settings, final=True, delivery=delivery)
+                    (outcomes[delivery.id],) = conclude_attempts(session, [(claim, delivery, result)],
+                                                                 started_at=started_at, settings=settings, final=True)
                     continue
                 headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at,
                                          delivery.payload)
@@ -257,11 +257,10 @@ def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings,
 
         results = _send_all(attempts, settings, resolve)
 
+        concluding = [(a.claim, a.delivery, r) for a, r in zip(attempts, results, strict=True)]
         with session.begin():
-            for attempt, result in zip(attempts, results, strict=True):
-                outcomes[attempt.delivery.id] = conclude_attempt(session, attempt.claim, result,
-                                                                 started_at=started_at, settings=settings,
-                                                                 delivery=attempt.delivery)
+            concluded = conclude_attempts(session, concluding, started_at=started_at, settings=settings)
+        outcomes.update((attempt.delivery.id, outcome) for attempt, outcome in zip(attempts, concluded, strict=True))
     for attempt, result in zip(attempts, results, strict=True):
         log.info("webhook_attempt", delivery_id=attempt.delivery.id, attempt=attempt.claim.attempt,
                  outcome=outcomes[attempt.delivery.id], status_code=result.status_code,
@@ -284,46 +283,83 @@ def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolve
 
 def conclude_attempt(
     session: Session, claim: DeliveryClaim, result: AttemptResult, *, started_at: datetime, settings: Settings,
-    final: bool = False, delivery: WebhookDelivery | None = None,
+    final: bool = False,
 ) -> str:
     """Log the attempt and move the delivery on (succeeded, retry on schedule, or dead), in the caller's
     transaction, if the claim still holds: the attempt row, the delivery's new state, a 410's disabled endpoint and
     their audit events. `lost` (and nothing written) if it does not. `final` kills the delivery whatever the
-    schedule says. `delivery`: the row as read after the claim in this session (else it is read again).
+    schedule says.
     """
-    now = utcnow()
+    delivery = session.execute(
+        select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
     if delivery is None:
-        delivery = session.execute(
-            select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
-            .execution_options(populate_existing=True)
-        ).scalar_one_or_none()
-    if delivery is None or delivery.claim_token != claim.token:
         log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
         return "lost"
-    values: dict[str, Any] = {"claim_token": None, "updated_at": now, "last_status_code": result.status_code,
-                              "last_error": result.error}
+    return conclude_attempts(session, [(claim, delivery, result)], started_at=started_at, settings=settings,
+                             final=final)[0]
+
+
+def conclude_attempts(
+    session: Session, attempts: Sequence[tuple[DeliveryClaim, WebhookDelivery, AttemptResult]], *,
+    started_at: datetime, settings: Settings, final: bool = False,
+) -> list[str]:
+    """`conclude_attempt` for several attempts at once (each delivery as read after its claim in this session):
+    the deliveries moved to the same state by one fenced UPDATE, the attempt rows inserted together, then the audit
+    events. What became of each, in order."""
+    now = utcnow()
     delays = settings.webhook_retry_delays
-    if result.succeeded:
-        outcome = "succeeded"
-        values.update(status=DeliveryStatus.SUCCEEDED.value, completed_at=now, next_attempt_at=None)
-    elif final or result.gone or delivery.retries >= len(delays):
-        outcome = "dead"
-        values.update(status=DeliveryStatus.DEAD.value, completed_at=now, next_attempt_at=None)
-    else:
-        outcome = "retry"
-        values.update(status=DeliveryStatus.PENDING.value, retries=delivery.retries + 1,
-                      next_attempt_at=now + timedelta(seconds=delays[delivery.retries]))
-    # The fenced UPDATE first: a claim lost since the read above writes nothing at all.
-    won = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.claim_token == claim.token,
-               WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
-        .values(**values)
-        .returning(WebhookDelivery.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if won is None:
-        return "lost"
+    planned: list[tuple[str, dict[str, Any]]] = []
+    groups: dict[tuple[str, tuple[tuple[str, Any], ...]], list[str]] = {}
+    for claim, delivery, result in attempts:
+        values: dict[str, Any] = {"claim_token": None, "updated_at": now, "last_status_code": result.status_code,
+                                  "last_error": result.error}
+        if delivery.claim_token != claim.token:
+            planned.append(("lost", values))
+            continue
+        if result.succeeded:
+            outcome = "succeeded"
+            values.update(status=DeliveryStatus.SUCCEEDED.value, completed_at=now, next_attempt_at=None)
+        elif final or result.gone or delivery.retries >= len(delays):
+            outcome = "dead"
+            values.update(status=DeliveryStatus.DEAD.value, completed_at=now, next_attempt_at=None)
+        else:
+            outcome = "retry"
+            values.update(status=DeliveryStatus.PENDING.value, retries=delivery.retries + 1,
+                          next_attempt_at=now + timedelta(seconds=delays[delivery.retries]))
+        planned.append((outcome, values))
+        groups.setdefault((claim.token, tuple(sorted(values.items()))), []).append(delivery.id)
+    # The fenced UPDATEs first: a claim lost since the read writes nothing at all.
+    won: set[str] = set()
+    for (token, items), ids in groups.items():
+        won.update(session.scalars(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.claim_token == token,
+                   WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
+            .values(**dict(items))
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        ))
+    outcomes: list[str] = []
+    events: list[dict[str, Any]] = []
+    with session.no_autoflush:  # the attempt rows go out together, with the first event
+        for (claim, delivery, result), (outcome, _) in zip(attempts, planned, strict=True):
+            if delivery.id not in won:
+                log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
+                outcomes.append("lost")
+                continue
+            outcomes.append(outcome)
+            events.extend(_concluded(session, claim, delivery, result, outcome, started_at=started_at, now=now))
+    for fields in events:
+        record_event(session, **fields)
+    return outcomes
+
+
+def _concluded(session: Session, claim: DeliveryClaim, delivery: WebhookDelivery, result: AttemptResult,
+               outcome: str, *, started_at: datetime, now: datetime) -> list[dict[str, Any]]:
+    """What a concluded attempt writes besides the delivery's state: its attempt row, a 410's disabled endpoint;
+    and the fields of its audit events, returned."""
     metrics.webhook_attempt_concluded(session, outcome, result.latency_ms)
     session.add(WebhookDeliveryAttempt(
         delivery_id=delivery.id, number=claim.attempt, started_at=started_at, status_code=result.status_code,
@@ -333,18 +369,19 @@ def conclude_attempt(
     details = {"endpoint_id": delivery.endpoint_id, "event_type": delivery.event_type,
                "submission_id": delivery.submission_id, "attempts": claim.attempt,
                "status_code": result.status_code}
+    events: list[dict[str, Any]] = []
     if disabled:
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.disabled", actor=WORKER_ACTOR,
-                     subject_type="webhook_endpoint", subject_id=delivery.endpoint_id,
-                     details={"reason": "the receiver answered 410 Gone", "delivery_id": delivery.id})
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.disabled", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_endpoint", "subject_id": delivery.endpoint_id,
+                       "details": {"reason": "the receiver answered 410 Gone", "delivery_id": delivery.id}})
     if outcome == "succeeded":
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.delivered", actor=WORKER_ACTOR,
-                     subject_type="webhook_delivery", subject_id=delivery.id, details=details)
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.delivered", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_delivery", "subject_id": delivery.id, "details": details})
     elif outcome == "dead":
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.dead", actor=WORKER_ACTOR,
-                     subject_type="webhook_delivery", subject_id=delivery.id,
-                     details={**details, "error": result.error})
-    return outcome
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.dead", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_delivery", "subject_id": delivery.id,
+                       "details": {**details, "error": result.error}})
+    return events
 
 
 def _disable_endpoint(session: Session, endpoint_id: str, now: datetime) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +34,7 @@ from app.cli import migrate_database  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.extensions import PROVIDER  # noqa: E402
+from app.models import WebhookDelivery  # noqa: E402
 from app.outbox import DELIVER_WEBHOOK, MODERATE_SUBMISSION, Message  # noqa: E402
 from app.schemas.common import Limits  # noqa: E402
 from app.schemas.submissions import SubmissionIn  # noqa: E402
@@ -172,6 +173,11 @@ def main() -> int:
                       f"statements {sum(meter.statements.values()) / n:.2f}, commits {meter.commits / n:.3f}")
                 for kind, count in meter.statements.most_common(args.top):
                     print(f"    {count / n:6.2f}  {kind}")
+                with database.transaction() as session:
+                    errors = Counter(session.scalars(select(WebhookDelivery.last_error)
+                                                     .where(WebhookDelivery.status != "succeeded")))
+                if errors:
+                    print(f"  not delivered: {dict(errors)}")
         database.engine.dispose()
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:

@@ -425,3 +425,30 @@ def test_delivery_tasks_are_sent_once_committed_and_never_for_a_rollback(
         with session.begin():
             pass  # a later transaction of the same session commits; the rolled-back message stays unsent
     assert all("msg_rolled_back" not in ids for ids in sent())
+
+
+def test_one_message_delivers_several_each_concluded_on_its_own(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, api_settings: Settings,
+    receiver: WebhookReceiver,
+) -> None:
+    with WebhookReceiver() as failing:
+        failing.status = 500
+        ok_endpoint, _ = create_endpoint(client, tenant, receiver.url)
+        failing_endpoint, _ = create_endpoint(client, tenant, failing.url)
+        submission_id = submit(client, tenant, {"input": "have a lovely day"})
+        assert moderate(app, database, api_settings, submission_id) == "completed"
+        (ok,) = [d["id"] for d in deliveries(client, tenant, ok_endpoint)]
+        (bad,) = [d["id"] for d in deliveries(client, tenant, failing_endpoint)]
+
+        # Both in one message (as a verdict chunk sends them): sent side by side, each concluded by its own answer.
+        assert webhooks.deliver(database, [ok, bad], api_settings) == {ok: "succeeded", bad: "retry"}
+        assert len(receiver.wait_for(1)) == 1 and len(failing.wait_for(1)) == 1
+    assert [a.status_code for a in attempts(database, ok)] == [200]
+    assert [a.status_code for a in attempts(database, bad)] == [500]
+    assert delivery_row(database, ok).status == "succeeded"
+    assert delivery_row(database, bad).status == "pending" and delivery_row(database, bad).retries == 1
+    delivered = [subject for action, subject in audit_actions(database, tenant.tenant_id)
+                 if action == "webhook.delivered"]
+    assert ok in delivered and bad not in delivered
+    # The message again (a redelivery): the one done and the one not yet due are both left alone.
+    assert webhooks.deliver(database, [ok, bad], api_settings) == {ok: "skipped", bad: "skipped"}
