@@ -50,15 +50,14 @@ class _Head:
 
 def _lock_head(session: Session, chain_id: str) -> _Head:
     """Lock the chain's head row until the caller's transaction ends, creating it race-free on first use."""
-    insert = insert_for(session)
-    # On SQLite this write also takes the database write lock, which serializes every writer, chain or not.
-    session.execute(
-        insert(AuditChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH, occurred_at=None)
-        .on_conflict_do_nothing(index_elements=["chain_id"])
-    )
+    insert = insert_for(session)(AuditChainHead).values(chain_id=chain_id, seq=0, hash=GENESIS_HASH,
+                                                        occurred_at=None)
+    # One statement: it creates the head or, when it exists, "updates" it to itself, which locks the row (as
+    # SELECT ... FOR UPDATE would) and returns it. On SQLite this write also takes the database write lock, which
+    # serializes every writer, chain or not.
     row = session.execute(
-        select(AuditChainHead.seq, AuditChainHead.hash, AuditChainHead.occurred_at)
-        .where(AuditChainHead.chain_id == chain_id).with_for_update()
+        insert.on_conflict_do_update(index_elements=["chain_id"], set_={"chain_id": insert.excluded.chain_id})
+        .returning(AuditChainHead.seq, AuditChainHead.hash, AuditChainHead.occurred_at)
     ).one()
     return _Head(seq=row.seq, hash=row.hash, occurred_at=row.occurred_at)
 

@@ -577,7 +577,7 @@ class Bench:
         self.chain_lock()
 
     def chain_lock(self, transactions: int = 40, verdicts: int = 50) -> None:
-        """How long one transaction holds a tenant's chain head: from its `SELECT … FOR UPDATE` to the end of its
+        """How long one transaction holds a tenant's chain head: from the statement that locks it to the end of its
         commit, for transactions shaped like a worker's (`verdicts` verdicts, two events each), one after the other
         in this process. One tenant can record at most `verdicts` / hold verdicts a second, however many workers."""
         assert self.database is not None
@@ -585,7 +585,8 @@ class Bench:
         locked_at: list[float] = []
 
         def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if "audit_chain_heads" in statement and "FOR UPDATE" in statement:
+            # The head is locked by its upsert (`INSERT … ON CONFLICT DO UPDATE`, app/use_cases/audit.py).
+            if statement.lstrip().startswith("INSERT INTO audit_chain_heads"):
                 locked_at.append(time.perf_counter())
 
         event.listen(self.database.engine, "before_cursor_execute", on_statement)

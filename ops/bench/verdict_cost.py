@@ -43,6 +43,7 @@ from app.use_cases.authentication import Principal  # noqa: E402
 from app.use_cases.keys import create_key  # noqa: E402
 from app.use_cases.submissions import submit_content  # noqa: E402
 from app.use_cases.webhook_endpoints import create_endpoint  # noqa: E402
+from tests.fake_upstream import FakeUpstream  # noqa: E402
 from tests.webhook_receiver import WebhookReceiver  # noqa: E402
 
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -80,12 +81,57 @@ class Meter:
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
 
 
+def steady(database: Database, provider: Any, settings: Settings, principal: Principal, texts: list[str],
+           limits: Limits, sent: list[Message], profile: str | None) -> None:
+    meter = Meter(database)
+    pids = meter.backend_pids()
+    profiler = cProfile.Profile(time.process_time) if profile else None
+    cpu0, pg0 = time.process_time(), backend_cpu(pids)
+    if profiler is not None:
+        profiler.enable()
+    outcomes: Counter[str] = Counter()
+    # This thread's CPU only (time.thread_time): the fake upstream and the receiver answer from threads of their own.
+    spent: Counter[str] = Counter()
+    for text in texts:
+        began = time.thread_time()
+        with database.transaction() as session:
+            submit_content(session, principal, [SubmissionIn.model_validate({"input": text},
+                                                                            context={"limits": limits})],
+                           request_id=None)
+        spent["submit"] += time.thread_time() - began
+        while sent:
+            message = sent.pop(0)
+            began = time.thread_time()
+            if message.task == MODERATE_SUBMISSION:
+                outcomes.update(moderation.moderate_submissions(database, provider, message.args, settings).values())
+                spent["moderate"] += time.thread_time() - began
+            elif message.task == DELIVER_WEBHOOK:
+                outcomes.update(webhook_deliveries.deliver(database, message.args, settings).values())
+                spent["deliver"] += time.thread_time() - began
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    cpu1, pg1 = time.process_time(), backend_cpu(pids + meter.backend_pids())
+    n = len(texts)
+    print(f"steady: {n} texts one at a time, {dict(outcomes)}")
+    print("  per text, this thread's cpu: " + ", ".join(f"{k} {1000 * v / n:.2f} ms" for k, v in spent.items()))
+    print(f"  per text (submit + moderate + deliver): process cpu {1000 * (cpu1 - cpu0) / n:.2f} ms, "
+          f"postgres cpu {1000 * (pg1 - pg0) / n:.2f} ms, statements {sum(meter.statements.values()) / n:.2f}, "
+          f"commits {meter.commits / n:.2f}")
+    for kind, count in meter.statements.most_common(20):
+        print(f"    {count / n:6.2f}  {kind}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--per-post", type=int, default=100)
     parser.add_argument("--no-webhook", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="statement kinds listed")
+    parser.add_argument("--steady", action="store_true",
+                        help="one text at a time, as at a light steady load: each is submitted, moderated by the "
+                             "OpenAI-compatible provider (the fake upstream, 20 ms) and its webhook delivered before "
+                             "the next; CPU and statements per text for the whole of it")
     parser.add_argument("--profile", help="write a CPU-time profile of the moderation phase to this file")
     args = parser.parse_args()
 
@@ -94,10 +140,13 @@ def main() -> int:
         hide_password=False)
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+    upstream = FakeUpstream(api_key="sk-cost", latency=0.02).__enter__() if args.steady else None
     try:
+        provider_settings: dict[str, Any] = {"moderation_provider": "local"} if upstream is None else {
+            "moderation_provider": "openai", "upstream_base_url": upstream.base_url, "upstream_api_key": "sk-cost"}
         settings = Settings(_env_file=None, database_url=url, broker_url="redis://127.0.0.1:6379/0",  # type: ignore[call-arg]
-                            broker_key_prefix=f"{name}:", moderation_provider="local", log_level="WARNING",
-                            webhook_allowed_networks="127.0.0.0/8", webhook_allowed_ports="*", cache_ttl_seconds=0)
+                            broker_key_prefix=f"{name}:", log_level="WARNING", webhook_allowed_networks="127.0.0.0/8",
+                            webhook_allowed_ports="*", cache_ttl_seconds=0, **provider_settings)
         migrate_database(settings)
         app = create_app(settings)
         database: Database = app.extensions["verdict.db"]
@@ -117,6 +166,9 @@ def main() -> int:
             limits = Limits(max_text_chars=10_000, max_texts_per_submission=100, max_items_per_request=100,
                             max_metadata_bytes=4096)
             texts = [f"cost text {i}: " + ("you idiot" if i % 5 == 0 else "thank you") for i in range(args.texts)]
+            if args.steady:
+                steady(database, provider, settings, principal, texts, limits, sent, args.profile)
+                return 0
             for start in range(0, len(texts), args.per_post):
                 with database.transaction() as session:
                     items = [SubmissionIn.model_validate({"input": t}, context={"limits": limits})
@@ -180,6 +232,8 @@ def main() -> int:
                     print(f"  not delivered: {dict(errors)}")
         database.engine.dispose()
     finally:
+        if upstream is not None:
+            upstream.__exit__(None, None, None)
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     return 0
