@@ -212,10 +212,12 @@ def _claim_own(session: Session, ids: Sequence[str], *, capacity: int,
 def _lockable(session: Session, *criteria: ColumnElement[bool], order: Sequence[Any], limit: int) -> list[Submission]:
     """The rows matching `criteria`, locked for this transaction; rows another transaction holds are skipped (SKIP
     LOCKED), so workers gathering at the same moment take different rows instead of queueing behind each other.
-    The claim's conditional UPDATE still decides (SQLite locks no rows)."""
+    The claim's conditional UPDATE still decides (SQLite locks no rows). A row read earlier in this session (one
+    that did not fit a batch) is read afresh: it may have been erased meanwhile."""
     return list(session.scalars(
         select(Submission).where(*criteria).order_by(*order).limit(limit)
         .options(lazyload(Submission.verdict)).with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
     ))
 
 
@@ -224,7 +226,7 @@ def _claim(session: Session, rows: Sequence[Submission], settings: Settings) -> 
     failed at once if their content was erased)."""
     by_id = {row.id: row for row in rows}
     claims = {claim.submission_id: claim for claim in claim_submissions(
-        session, list(by_id), lease_seconds=settings.processing_lease_seconds, loaded=by_id)}
+        session, list(by_id), lease_seconds=settings.processing_lease_seconds)}
     works: list[Work] = []
     failed: set[str] = set()
     for row in rows:  # in the order read

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, or_, update
 from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from app import metrics
 from app.models import Decision, ReviewItem, Submission, SubmissionStatus, Verdict, utcnow
@@ -58,14 +59,13 @@ def claimable(now: datetime, lease_seconds: int) -> ColumnElement[bool]:
     )
 
 
-def claim_submissions(session: Session, submission_ids: Sequence[str], *, lease_seconds: int,
-                      loaded: Mapping[str, Submission] | None = None) -> list[Claim]:
+def claim_submissions(session: Session, submission_ids: Sequence[str], *, lease_seconds: int) -> list[Claim]:
     """Claim those of the submissions that may be claimed, each for one attempt, in the caller's transaction: one
     conditional UPDATE (whichever worker's UPDATE reaches a row first takes it; the other's matches nothing there),
     which sets a fresh fencing token shared by the claims it makes. Returns the claims made, in no set order.
 
-    `loaded`: the rows as the caller read them (locked) in this transaction; what the UPDATE wrote is set on them,
-    so the claimed rows need no reload."""
+    What the UPDATE wrote is set on the rows this session holds (the caller read and locked them), so the claimed
+    rows need no reload."""
     if not submission_ids:
         return []
     now = utcnow()
@@ -79,8 +79,8 @@ def claim_submissions(session: Session, submission_ids: Sequence[str], *, lease_
         .execution_options(synchronize_session=False)
     ).tuples().all()
     for submission_id, attempt in rows:
-        row = None if loaded is None else loaded.get(submission_id)
-        if row is not None:
+        row = session.identity_map.get(identity_key(Submission, submission_id))
+        if isinstance(row, Submission):
             _set_written(row, status=SubmissionStatus.PROCESSING.value, claim_token=token, claimed_at=now,
                          attempts=attempt, updated_at=now)
     return [Claim(submission_id=submission_id, token=token, attempt=attempt) for submission_id, attempt in rows]

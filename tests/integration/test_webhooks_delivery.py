@@ -343,7 +343,7 @@ def test_the_sweep_turns_an_abandoned_claim_into_a_retry_and_resends_lost_tasks(
     monkeypatch.setattr(database.outbox, "publisher", published.extend)  # no worker runs: keep what is sent
 
     def sent() -> list[str]:
-        return [m.args[0] for m in published if m.task == DELIVER_WEBHOOK]
+        return [named for m in published if m.task == DELIVER_WEBHOOK for named in m.args]
 
     # The API sent its task a moment ago: the sweep leaves it to that task.
     webhooks.sweep_deliveries(database, api_settings)
