@@ -3,6 +3,7 @@ opens its transactions (or runs a command that opens its own); its messages leav
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from celery import shared_task
@@ -24,11 +25,20 @@ from app.use_cases import audit, erasure, idempotency, moderation, policies, rev
 
 
 @shared_task(name=MODERATE_SUBMISSION, acks_late=True, reject_on_worker_lost=True)
-def moderate_submission(submission_id: str) -> str:
+def moderate_submission(submission_id: str, *more_ids: str) -> str:
+    # One message names a provider call's worth of submissions (one id in messages queued before that).
     # No Celery retries: a submission that must be tried again goes back to its row, due later, and its new
     # message is sent once that is committed (app/use_cases/verdicts.py, release_for_retry).
-    return moderation.moderate_submission(current_database(), current_provider(), submission_id, current_settings(),
-                                          cache=current_cache())
+    return _summary(moderation.moderate_submissions(current_database(), current_provider(), [submission_id, *more_ids],
+                                                    current_settings(), cache=current_cache()))
+
+
+def _summary(outcomes: dict[str, str]) -> str:
+    """What became of a message's ids, as the worker logs it: the one outcome of a message with one id."""
+    if len(outcomes) == 1:
+        return next(iter(outcomes.values()))
+    counts = Counter(outcomes.values())
+    return " ".join(f"{outcome}={counts[outcome]}" for outcome in sorted(counts))
 
 
 @shared_task(name=REQUEUE_STALLED, acks_late=False)
@@ -38,9 +48,10 @@ def requeue_stalled() -> int:
 
 
 @shared_task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True)
-def deliver_webhook(delivery_id: str) -> str:
+def deliver_webhook(delivery_id: str, *more_ids: str) -> str:
+    # One message names up to DELIVERIES_PER_MESSAGE deliveries (one id in messages queued before that).
     # No Celery retries: a failed attempt goes back to the row with its next due time, and the sweep sends it then.
-    return webhook_deliveries.deliver(current_database(), delivery_id, current_settings())
+    return _summary(webhook_deliveries.deliver(current_database(), [delivery_id, *more_ids], current_settings()))
 
 
 @shared_task(name=DISPATCH_WEBHOOKS, acks_late=False)

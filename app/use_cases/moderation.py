@@ -7,9 +7,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import structlog
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
 from app import metrics
@@ -29,7 +30,16 @@ from app.moderation.providers import (
 )
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
 from app.use_cases.policies import load_policy
-from app.use_cases.verdicts import Claim, claim_submission, fail_submission, record_verdict, release_for_retry
+from app.use_cases.verdicts import (
+    Claim,
+    Outcome,
+    claim_submissions,
+    claimable,
+    fail_submission,
+    record_verdict,
+    record_verdicts,
+    release_for_retry,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +47,26 @@ FAILSAFE_PROVIDER = "failsafe"
 # Verdicts per transaction when a batch is recorded: a provider call's worth (the audit events of a transaction are
 # appended at its commit, each chain's head locked once, so a larger chunk no longer holds the lock longer per verdict).
 RECORD_CHUNK = 50
+# Texts per moderation message when the sender does not know the workers' provider (the API): the local engine's
+# and `/moderate`'s batch. A worker whose provider takes fewer claims what one call holds and sends the rest on.
+MESSAGE_TEXTS = 100
+
+
+def moderation_messages(submissions: Sequence[tuple[str, int]], *, max_texts: int = MESSAGE_TEXTS) -> list[Message]:
+    """The messages that send `submissions` (ids with their text counts) to the queue: one per provider call's
+    worth, in order, so a worker claims a message's submissions together and no message is left to be skipped."""
+    messages: list[Message] = []
+    ids: list[str] = []
+    texts = 0
+    for submission_id, text_count in submissions:
+        if ids and texts + text_count > max_texts:
+            messages.append(Message(MODERATE_SUBMISSION, tuple(ids)))
+            ids, texts = [], 0
+        ids.append(submission_id)
+        texts += text_count
+    if ids:
+        messages.append(Message(MODERATE_SUBMISSION, tuple(ids)))
+    return messages
 
 
 @dataclass(frozen=True)
@@ -60,65 +90,166 @@ class Work:
                           lists_version=self.policy.lists_version)
 
 
-def moderate_submission(
-    database: Database, provider: ModerationProvider, submission_id: str, settings: Settings,
+def moderate_submissions(
+    database: Database, provider: ModerationProvider, submission_ids: Sequence[str], settings: Settings,
     cache: VerdictCache | None = None,
-) -> str:
-    """Moderate `submission_id`, and with it as many other queued submissions as fill one provider call. Returns
-    what became of it: `completed`, `failed`, `retry` (back in the queue, its message sent) or `skipped`.
+) -> dict[str, str]:
+    """Moderate the submissions one message names (a provider call's worth, as the sender chunked them), and with
+    them as many other queued submissions as fill the call. Returns what became of each of `submission_ids`:
+    `completed`, `failed`, `retry` (back in the queue, its message sent), `requeued` (more than one provider call
+    could take: sent again in a message of its own) or `skipped` (nothing to do: done, or another worker holds it).
 
     A command in steps, each its own transaction: claim the batch; with no transaction open, ask the cache and the
-    provider; then settle every submission (a few verdicts per transaction, each fenced by its own claim).
+    provider; then settle every submission (up to RECORD_CHUNK verdicts per transaction, each fenced by its own
+    claim).
     """
-    statuses: dict[str, str] = {}
+    ids = list(dict.fromkeys(submission_ids))
+    statuses = dict.fromkeys(ids, "skipped")
+    capacity = provider.max_batch
     with database.session() as session:
         with session.begin():
-            claim = claim_submission(session, submission_id, lease_seconds=settings.processing_lease_seconds)
-            if claim is None:
-                # Already done, or held by a live claim: a redelivered or duplicate message. Nothing to do.
-                return "skipped"
-            first = _load_work(session, claim)
-            if first is None:
-                return "failed"
-            capacity = provider.max_batch
-            more, others_queued = _claim_more(session, first, room=capacity - len(first.texts), settings=settings)
-            batch = [first, *more]
+            batch, left = _claim_own(session, ids, capacity=capacity, settings=settings)
+            if not batch and not left:
+                # All done, or held by live claims: a redelivered or duplicate message. Nothing to do.
+                return statuses
+            if left:
+                _send_again(session, left, capacity=capacity)
+                statuses.update(dict.fromkeys((row.id for row in left), "requeued"))
+            for submission_id in ids:
+                if submission_id in batch.failed:
+                    statuses[submission_id] = "failed"
+            works = batch.works
+            if not works:
+                return statuses
+            model = works[0].model
+            more, others_queued = _claim_more(session, model, room=_room(works, capacity), settings=settings)
+            works += more
         # Under load (something else was queued) wait once, briefly, for more to arrive; an idle worker never waits.
-        if others_queued and _room(batch, capacity) > 0 and settings.batch_max_wait_ms:
+        if others_queued and _room(works, capacity) > 0 and settings.batch_max_wait_ms:
             time.sleep(settings.batch_max_wait_ms / 1000)
             with session.begin():
-                batch += _claim_more(session, first, room=_room(batch, capacity), settings=settings)[0]
+                works += _claim_more(session, model, room=_room(works, capacity), settings=settings)[0]
 
+        batch_texts = sum(len(w.texts) for w in works)
         if cache is not None:
-            hits, batch = _cached_answers(provider, cache, batch)
-            for work, outcome in hits:
+            hits, works = _cached_answers(provider, cache, works)
+            for chunk in _chunks(hits):
                 with session.begin():
-                    verdict = record_verdict(session, work.claim, outcome, work.policy, cached=True,
-                                             submission=work.submission)
-                statuses[work.submission_id] = _recorded(work, verdict, cached=True)
-        if not batch:
-            return statuses[submission_id]
+                    _record(session, chunk, statuses, cached=True)
+        if not works:
+            return statuses
 
-        answered, failures = _ask_provider(provider, batch, cache)
+        answered, failures = _ask_provider(provider, works, cache)
         for work, error in failures:
             fallback_answer = _fallback_answer(provider, work, error, settings)
             with session.begin():
-                statuses[work.submission_id] = _settle_failure(session, work, error, settings, fallback_answer)
-
-        # Up to RECORD_CHUNK verdicts per transaction: one commit and one chain-head lock per tenant for the lot
-        # (the audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim.
-        for start in range(0, len(answered), RECORD_CHUNK):
-            chunk = answered[start:start + RECORD_CHUNK]
+                status = _settle_failure(session, work, error, settings, fallback_answer)
+            if work.submission_id in statuses:
+                statuses[work.submission_id] = status
+        # Up to RECORD_CHUNK verdicts per transaction: one commit and one chain-head lock per tenant for the lot (the
+        # audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim.
+        for chunk in _chunks(answered):
             with session.begin():
-                verdicts = [record_verdict(session, work.claim, outcome, work.policy, submission=work.submission)
-                            for work, outcome in chunk]
-            for (work, _), verdict in zip(chunk, verdicts, strict=True):
-                statuses[work.submission_id] = _recorded(work, verdict, batch_texts=sum(len(w.texts) for w in batch))
-    return statuses[submission_id]
+                _record(session, chunk, statuses, batch_texts=batch_texts)
+    return statuses
+
+
+def _chunks(answers: Sequence[tuple[Work, ProviderResult]]) -> list[Sequence[tuple[Work, ProviderResult]]]:
+    return [answers[start:start + RECORD_CHUNK] for start in range(0, len(answers), RECORD_CHUNK)]
+
+
+def _record(session: Session, chunk: Sequence[tuple[Work, ProviderResult]], statuses: dict[str, str], *,
+            cached: bool = False, batch_texts: int | None = None) -> None:
+    """The chunk's verdicts, in the caller's transaction (see record_verdicts); what became of each goes into
+    `statuses` (for the message's own submissions)."""
+    verdicts = record_verdicts(session, [
+        Outcome(claim=work.claim, submission=work.submission, result=outcome, policy=work.policy, cached=cached)
+        for work, outcome in chunk])
+    for (work, _), verdict in zip(chunk, verdicts, strict=True):
+        status = _recorded(work, verdict, cached=cached, batch_texts=batch_texts)
+        if work.submission_id in statuses:
+            statuses[work.submission_id] = status
 
 
 def _room(batch: Sequence[Work], capacity: int) -> int:
     return capacity - sum(len(work.texts) for work in batch)
+
+
+@dataclass
+class _Claimed:
+    works: list[Work]
+    failed: set[str]  # claimed, but their content was erased: failed at once
+
+    def __bool__(self) -> bool:
+        return bool(self.works or self.failed)
+
+
+def _claim_own(session: Session, ids: Sequence[str], *, capacity: int,
+               settings: Settings) -> tuple[_Claimed, list[Submission]]:
+    """Claim the message's own submissions that may be claimed (in the caller's transaction), as many of the first
+    one's model as fill the call (the first always: a submission larger than a call is the provider's to refuse);
+    and those left over (another model, or no room), which are queued and were not claimed."""
+    now = utcnow()
+    rows = _lockable(session, Submission.id.in_(ids), claimable(now, settings.processing_lease_seconds),
+                     order=[Submission.id], limit=len(ids))
+    position = {submission_id: index for index, submission_id in enumerate(ids)}
+    rows.sort(key=lambda row: position[row.id])  # in the message's order: the order they were submitted in
+    if not rows:
+        return _Claimed([], set()), []
+    model = rows[0].model
+    taken: list[Submission] = []
+    left: list[Submission] = []
+    room = capacity
+    for row in rows:
+        if row.model == model and (not taken or row.text_count <= room):
+            taken.append(row)
+            room -= row.text_count
+        else:
+            left.append(row)
+    return _claim(session, taken, settings), left
+
+
+def _lockable(session: Session, *criteria: ColumnElement[bool], order: Sequence[Any], limit: int) -> list[Submission]:
+    """The rows matching `criteria`, locked for this transaction; rows another transaction holds are skipped (SKIP
+    LOCKED), so workers gathering at the same moment take different rows instead of queueing behind each other.
+    The claim's conditional UPDATE still decides (SQLite locks no rows). A row read earlier in this session (one
+    that did not fit a batch) is read afresh: it may have been erased meanwhile."""
+    return list(session.scalars(
+        select(Submission).where(*criteria).order_by(*order).limit(limit)
+        .options(lazyload(Submission.verdict)).with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    ))
+
+
+def _claim(session: Session, rows: Sequence[Submission], settings: Settings) -> _Claimed:
+    """Claim `rows` (read and locked in this transaction) with one conditional UPDATE; those it took, as work (or
+    failed at once if their content was erased)."""
+    by_id = {row.id: row for row in rows}
+    claims = {claim.submission_id: claim for claim in claim_submissions(
+        session, list(by_id), lease_seconds=settings.processing_lease_seconds)}
+    works: list[Work] = []
+    failed: set[str] = set()
+    for row in rows:  # in the order read
+        claim = claims.get(row.id)
+        if claim is None:
+            continue
+        work = _load_work(session, claim, row)
+        if work is None:
+            failed.add(row.id)
+        else:
+            works.append(work)
+    return _Claimed(works, failed)
+
+
+def _send_again(session: Session, rows: Sequence[Submission], *, capacity: int) -> None:
+    """Queued submissions a message named but its batch could not take: sent again, a provider call's worth per
+    message, once the caller's transaction commits (marked dispatched now: the sweep counts from these messages)."""
+    session.execute(
+        update(Submission).where(Submission.id.in_([row.id for row in rows]),
+                                 Submission.status == SubmissionStatus.QUEUED.value)
+        .values(dispatched_at=utcnow()).execution_options(synchronize_session=False)
+    )
+    send_after_commit(session, *moderation_messages([(row.id, row.text_count) for row in rows], max_texts=capacity))
 
 
 def _load_work(session: Session, claim: Claim, submission: Submission | None = None) -> Work | None:
@@ -131,38 +262,27 @@ def _load_work(session: Session, claim: Claim, submission: Submission | None = N
                 model=submission.model, policy=load_policy(session, submission.tenant_id, submission.policy_name))
 
 
-def _claim_more(session: Session, first: Work, *, room: int, settings: Settings) -> tuple[list[Work], bool]:
+def _claim_more(session: Session, model: str | None, *, room: int, settings: Settings) -> tuple[list[Work], bool]:
     """Claim queued submissions for the same model, up to `room` texts, in the caller's transaction; and whether
     any were queued. Rows are locked with SKIP LOCKED, so workers gathering at the same moment take different rows
-    instead of queueing behind each other; the conditional UPDATE of each claim still decides."""
+    instead of queueing behind each other; the claim's conditional UPDATE still decides."""
     if room <= 0:
         return [], False
     now = utcnow()
-    same_model = Submission.model.is_(None) if first.model is None else Submission.model == first.model
+    same_model = Submission.model.is_(None) if model is None else Submission.model == model
     # issue 11 item 2: rows whose claim expired (their worker died) are taken ahead of the queued backlog, so they
     # are worked again about a lease after the death, however long the queue.
     expired_claim = and_(Submission.status == SubmissionStatus.PROCESSING.value,
                          Submission.claimed_at < now - timedelta(seconds=settings.processing_lease_seconds))
     due = and_(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= now)
-    candidates = session.execute(
-        select(Submission.id, Submission.text_count)
-        .where(or_(expired_claim, due), same_model, Submission.text_count <= room)
-        .order_by(case((expired_claim, 0), else_=1), Submission.enqueued_at).limit(room)
-        .with_for_update(skip_locked=True)
-    ).tuples().all()
-    claimed: list[Claim] = []
-    for candidate_id, text_count in candidates:
-        if text_count > room:
-            continue
-        claim = claim_submission(session, candidate_id, lease_seconds=settings.processing_lease_seconds)
-        if claim is not None:
-            claimed.append(claim)
-            room -= text_count
-    loaded = {row.id: row for row in session.scalars(
-        select(Submission).where(Submission.id.in_([c.submission_id for c in claimed]))
-        .options(lazyload(Submission.verdict)))} if claimed else {}
-    works = [_load_work(session, claim, loaded.get(claim.submission_id)) for claim in claimed]
-    return [w for w in works if w is not None], bool(candidates)
+    candidates = _lockable(session, or_(expired_claim, due), same_model, Submission.text_count <= room,
+                           order=[case((expired_claim, 0), else_=1), Submission.enqueued_at], limit=room)
+    taken: list[Submission] = []
+    for row in candidates:
+        if row.text_count <= room:
+            taken.append(row)
+            room -= row.text_count
+    return _claim(session, taken, settings).works, bool(candidates)
 
 
 def _cached_answers(provider: ModerationProvider, cache: VerdictCache,
@@ -296,17 +416,18 @@ def requeue_stalled(session: Session, settings: Settings, *, batch_size: int = 5
     )
     expired_claims = and_(Submission.status == SubmissionStatus.PROCESSING.value,
                           Submission.claimed_at < now - timedelta(seconds=settings.processing_lease_seconds))
-    ids = list(session.scalars(
-        select(Submission.id).where(or_(stale_queued, expired_claims))
+    rows = session.execute(
+        select(Submission.id, Submission.text_count).where(or_(stale_queued, expired_claims))
         .order_by(Submission.created_at).limit(batch_size)
-    ))
-    if not ids:
+    ).tuples().all()
+    if not rows:
         return 0
+    ids = [submission_id for submission_id, _ in rows]
     session.execute(
         update(Submission).where(Submission.id.in_(ids), stale_queued).values(enqueued_at=now, dispatched_at=now)
         .execution_options(synchronize_session=False)
     )
-    send_after_commit(session, *(Message(MODERATE_SUBMISSION, (submission_id,)) for submission_id in ids))
+    send_after_commit(session, *moderation_messages(rows))
     log.info("requeued_stalled", count=len(ids))
     return len(ids)
 
@@ -314,8 +435,9 @@ def requeue_stalled(session: Session, settings: Settings, *, batch_size: int = 5
 def mark_undispatched(database: Database, messages: Sequence[Message]) -> int:
     """The broker refused these messages after their transaction committed (app/outbox.py): their queued
     submissions were never dispatched, so the sweep sends them again after REQUEUE_AFTER_SECONDS instead of waiting
-    REDISPATCH_AFTER_SECONDS. Returns the rows marked."""
-    ids = [m.args[0] for m in messages if m.task == MODERATE_SUBMISSION and m.args]
+    REDISPATCH_AFTER_SECONDS. Every submission a message names: one message stands for a provider call's worth.
+    Returns the rows marked."""
+    ids = [submission_id for m in messages if m.task == MODERATE_SUBMISSION for submission_id in m.args]
     if not ids:
         return 0
     with database.transaction() as session:

@@ -15,11 +15,12 @@ from app.audit_chain import content_digest
 from app.db import Database
 from app.masking import DEFAULT_MASKER, Masker
 from app.models import Submission, SubmissionStatus, Tenant, Verdict, utcnow
-from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.outbox import send_after_commit
 from app.schemas.submissions import SubmissionIn
 from app.use_cases.audit import record_event
 from app.use_cases.authentication import Principal
 from app.use_cases.errors import NotFound
+from app.use_cases.moderation import moderation_messages
 from app.use_cases.pagination import decode_cursor, encode_cursor
 from app.use_cases.policies import BUILTIN, check_usable, default_policy_name
 
@@ -92,7 +93,8 @@ def submit_content(
             content_digest=submission.content_digest, conversation_id=submission.conversation_id,
             turn_id=submission.turn_id, details=details,
         )
-    send_after_commit(session, *(Message(MODERATE_SUBMISSION, (s.id,)) for s in submissions))
+    # A provider call's worth of submissions per message: a worker claims them together, none is left to be skipped.
+    send_after_commit(session, *moderation_messages([(s.id, s.text_count) for s in submissions]))
     metrics.submissions_received(session, principal.tenant_id, [s.role for s in submissions], source="async")
     return submissions
 

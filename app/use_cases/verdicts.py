@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,9 +13,11 @@ from typing import Any
 import structlog
 from sqlalchemy import ColumnElement, and_, or_, update
 from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from app import metrics
-from app.models import Decision, Submission, SubmissionStatus, Verdict, utcnow
+from app.models import Decision, ReviewItem, Submission, SubmissionStatus, Verdict, utcnow
 from app.moderation.policy import Assessment, Policy, assess
 from app.moderation.providers import ProviderResult
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
@@ -39,36 +42,76 @@ class Claim:
 def claim_submission(session: Session, submission_id: str, *, lease_seconds: int) -> Claim | None:
     """Claim the submission for one attempt, in the caller's transaction: a conditional UPDATE that sets a fresh
     fencing token. None if it is not due, already done, or held by a live claim."""
+    claims = claim_submissions(session, [submission_id], lease_seconds=lease_seconds)
+    return claims[0] if claims else None
+
+
+def claimable(now: datetime, lease_seconds: int) -> ColumnElement[bool]:
+    """What a claim may take: queued and due (a submission given back for a retry waits for its due time, even when a
+    message, its own earlier one still queued after a batch took it along, comes sooner), or processing under a
+    claim whose lease ran out (its worker died)."""
+    return or_(
+        and_(Submission.status == SubmissionStatus.QUEUED.value,
+             or_(Submission.enqueued_at.is_(None),
+                 Submission.enqueued_at <= now + timedelta(seconds=CLOCK_TOLERANCE_SECONDS))),
+        and_(Submission.status == SubmissionStatus.PROCESSING.value,
+             Submission.claimed_at < now - timedelta(seconds=lease_seconds)),
+    )
+
+
+def claim_submissions(session: Session, submission_ids: Sequence[str], *, lease_seconds: int) -> list[Claim]:
+    """Claim those of the submissions that may be claimed, each for one attempt, in the caller's transaction: one
+    conditional UPDATE (whichever worker's UPDATE reaches a row first takes it; the other's matches nothing there),
+    which sets a fresh fencing token shared by the claims it makes. Returns the claims made, in no set order.
+
+    What the UPDATE wrote is set on the rows this session holds (the caller read and locked them), so the claimed
+    rows need no reload."""
+    if not submission_ids:
+        return []
     now = utcnow()
     token = secrets.token_hex(16)
-    result = session.execute(
+    rows = session.execute(
         update(Submission)
-        .where(
-            Submission.id == submission_id,
-            or_(
-                # Queued and due: a submission given back for a retry waits for its due time, even when a message
-                # (its own earlier one, still queued after a batch took it along) comes sooner.
-                and_(Submission.status == SubmissionStatus.QUEUED.value,
-                     or_(Submission.enqueued_at.is_(None),
-                         Submission.enqueued_at <= now + timedelta(seconds=CLOCK_TOLERANCE_SECONDS))),
-                and_(Submission.status == SubmissionStatus.PROCESSING.value,
-                     Submission.claimed_at < now - timedelta(seconds=lease_seconds)),
-            ),
-        )
+        .where(Submission.id.in_(submission_ids), claimable(now, lease_seconds))
         .values(status=SubmissionStatus.PROCESSING.value, claim_token=token, claimed_at=now,
                 attempts=Submission.attempts + 1, updated_at=now)
-        .returning(Submission.attempts)
-    )
-    attempt = result.scalar_one_or_none()
-    if attempt is None:
-        return None
-    return Claim(submission_id=submission_id, token=token, attempt=attempt)
+        .returning(Submission.id, Submission.attempts)
+        .execution_options(synchronize_session=False)
+    ).tuples().all()
+    for submission_id, attempt in rows:
+        row = session.identity_map.get(identity_key(Submission, submission_id))
+        if isinstance(row, Submission):
+            _set_written(row, status=SubmissionStatus.PROCESSING.value, claim_token=token, claimed_at=now,
+                         attempts=attempt, updated_at=now)
+    return [Claim(submission_id=submission_id, token=token, attempt=attempt) for submission_id, attempt in rows]
+
+
+def _set_written(row: Submission, **values: object) -> None:
+    """What an UPDATE (synchronize_session=False) wrote to `row`, set on the loaded object as already stored: it
+    then shows the row as it is without a reload, and no flush writes it again."""
+    for key, value in values.items():
+        set_committed_value(row, key, value)
 
 
 def _held_by(claim: Claim) -> ColumnElement[bool]:
     """The fence of every UPDATE that settles a submission: it is still processing under this claim's token."""
     return and_(Submission.id == claim.submission_id, Submission.claim_token == claim.token,
                 Submission.status == SubmissionStatus.PROCESSING.value)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One submission's answer, to be recorded under its claim (see record_verdicts)."""
+
+    claim: Claim
+    submission: Submission
+    result: ProviderResult
+    policy: Policy
+    degraded: bool = False
+    cached: bool = False
+    # Overrides the policy's (a fail-open or fail-closed verdict, which has no scores to assess).
+    decision: Decision | None = None
+    degraded_reason: str | None = None
 
 
 def record_verdict(
@@ -85,6 +128,73 @@ def record_verdict(
         submission = session.get(Submission, claim.submission_id, options=[lazyload(Submission.verdict)])
     if submission is None:
         return None
+    return record_verdicts(session, [Outcome(claim=claim, submission=submission, result=outcome, policy=policy,
+                                             degraded=degraded, cached=cached, decision=decision,
+                                             degraded_reason=degraded_reason)])[0]
+
+
+def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdict | None]:
+    """Store each outcome's verdict, webhook deliveries and audit events in the caller's transaction, if its claim
+    still holds the submission (None in its place, and nothing written for it, if another worker took it).
+
+    A chunk costs a handful of statements, not a handful per verdict: one fenced UPDATE settles every submission
+    (each matched by its own id and claim token), the verdicts and deliveries are inserted together, the tenant's
+    webhook endpoints are read once, and the audit events are appended at commit (app/use_cases/audit.py)."""
+    if not outcomes:
+        return []
+    now = utcnow()
+    by_token: dict[str, list[str]] = {}
+    for item in outcomes:
+        by_token.setdefault(item.claim.token, []).append(item.claim.submission_id)
+    won = dict(session.execute(
+        update(Submission)
+        .where(or_(*(and_(Submission.id.in_(ids), Submission.claim_token == token)
+                     for token, ids in by_token.items())),
+               Submission.status == SubmissionStatus.PROCESSING.value)
+        .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
+                error_code=None, error_message=None)
+        .returning(Submission.id, Submission.erased_at)
+        .execution_options(synchronize_session=False)
+    ).tuples().all())
+    recorded: list[tuple[Outcome, Assessment, dict[str, Any] | None, Verdict, ReviewItem | None]] = []
+    verdicts: list[Verdict | None] = []
+    endpoints = webhook_deliveries.EndpointsOfTenants(session)
+    for item in outcomes:
+        submission = item.submission
+        if submission.id not in won:
+            log.warning("verdict_discarded_claim_lost", submission_id=item.claim.submission_id)
+            verdicts.append(None)
+            continue
+        erased_at = won[submission.id]
+        if erased_at is not None and submission.erased_at is None:
+            # Erased while the provider worked: show the row as it now is (no text, no metadata).
+            session.refresh(submission)
+        else:
+            _set_written(submission, status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None,
+                         updated_at=now, error_code=None, error_message=None)
+        assessment, shadow = _assessment(item)
+        degraded = item.degraded or item.result.degraded
+        verdict = _verdict_row(submission, item.result, item.policy, assessment, degraded=degraded,
+                               cached=item.cached, now=now, shadow=shadow)
+        if erased_at is not None:
+            verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
+        session.add(verdict)
+        review = reviews.open_review(session, submission, verdict)  # a `review` decision queues it for a person
+        metrics.verdict_recorded(session, decision=verdict.decision, provider=verdict.provider, cached=item.cached,
+                                 degraded=degraded, tenant_id=submission.tenant_id, source=submission.source,
+                                 seconds=(now - submission.created_at).total_seconds())
+        webhook_deliveries.raise_submission_events(session, submission.id, verdict, review, submission=submission,
+                                                   endpoints=endpoints)
+        recorded.append((item, assessment, shadow, verdict, review))
+        verdicts.append(verdict)
+    endpoints.send()
+    for item, assessment, shadow, _verdict, review in recorded:
+        _record_verdict_events(session, item, assessment, shadow, review)
+    return verdicts
+
+
+def _assessment(item: Outcome) -> tuple[Assessment, dict[str, Any] | None]:
+    submission, outcome, policy, decision = item.submission, item.result, item.policy, item.decision
     texts = submission.content
     assessment = assess(policy, outcome, role=submission.role, texts=texts)
     # The shadow decides from the same scores (no provider call); a fail-open or fail-closed verdict has none.
@@ -94,37 +204,21 @@ def record_verdict(
         flagged = decision is not Decision.ALLOW
         assessment = dataclasses.replace(assessment, decision=decision, flagged=flagged, results=[
             {**r, "decision": decision.value, "flagged": flagged} for r in assessment.results])
-    degraded = degraded or outcome.degraded
-    now = utcnow()
-    won = session.execute(
-        update(Submission)
-        .where(_held_by(claim))
-        .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
-                error_code=None, error_message=None)
-        .returning(Submission.erased_at)
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
-    if won is None:
-        log.warning("verdict_discarded_claim_lost", submission_id=claim.submission_id)
-        return None
-    verdict = _verdict_row(submission, outcome, policy, assessment, degraded=degraded, cached=cached, now=now,
-                           shadow=shadow)
-    if won.erased_at is not None:
-        verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
-    session.add(verdict)
-    review = reviews.open_review(session, submission, verdict)  # a `review` decision queues it for a person
-    metrics.verdict_recorded(session, decision=verdict.decision, provider=verdict.provider, cached=cached,
-                             degraded=degraded, tenant_id=submission.tenant_id, source=submission.source,
-                             seconds=(now - submission.created_at).total_seconds())
-    webhook_deliveries.raise_submission_events(session, submission.id, verdict, review)
+    return assessment, shadow
+
+
+def _record_verdict_events(session: Session, item: Outcome, assessment: Assessment, shadow: dict[str, Any] | None,
+                           review: ReviewItem | None) -> None:
+    submission, outcome, policy, claim = item.submission, item.result, item.policy, item.claim
+    degraded = item.degraded or outcome.degraded
     links = {"conversation_id": submission.conversation_id, "turn_id": submission.turn_id}
     record_event(
         session, tenant_id=submission.tenant_id, action="moderation.completed", actor=WORKER_ACTOR,
         subject_type="submission", subject_id=submission.id, request_id=submission.request_id,
         content_digest=submission.content_digest, **links,
         details={"provider": outcome.provider, "model": outcome.model, "latency_ms": outcome.latency_ms,
-                 "attempt": claim.attempt, "cached": cached, "degraded": degraded,
-                 **({"degraded_reason": degraded_reason} if degraded_reason else {})},
+                 "attempt": claim.attempt, "cached": item.cached, "degraded": degraded,
+                 **({"degraded_reason": item.degraded_reason} if item.degraded_reason else {})},
     )
     # The decision with what it takes to re-derive it: the scores and the thresholds they were held against (for
     # the judged categories; the others had no score to hold against a threshold).
@@ -143,7 +237,6 @@ def record_verdict(
     )
     if review is not None:
         reviews.record_review_opened(session, review, submission, actor=WORKER_ACTOR)
-    return verdict
 
 
 def _verdict_row(

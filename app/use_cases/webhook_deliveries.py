@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,42 +54,76 @@ ABANDONED_ERROR = "abandoned: the worker stopped mid-attempt (killed, or over it
 # ---- raising deliveries ----------------------------------------------------------------------------------------
 
 
+# Deliveries per message: attempted side by side by one task (see `deliver`), so a message takes as long as one.
+DELIVERIES_PER_MESSAGE = 8
+
+
+def delivery_messages(delivery_ids: Sequence[str]) -> list[Message]:
+    return [Message(DELIVER_WEBHOOK, tuple(delivery_ids[start:start + DELIVERIES_PER_MESSAGE]))
+            for start in range(0, len(delivery_ids), DELIVERIES_PER_MESSAGE)]
+
+
+class EndpointsOfTenants:
+    """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction),
+    and the deliveries raised meanwhile, whose messages the caller sends together (`send`)."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._of: dict[str, list[WebhookEndpoint]] = {}
+        self.raised: list[str] = []
+
+    def send(self) -> None:
+        """The messages of the deliveries raised, sent once the transaction commits."""
+        send_after_commit(self._session, *delivery_messages(self.raised))
+        self.raised = []
+
+    def of(self, tenant_id: str) -> list[WebhookEndpoint]:
+        if tenant_id not in self._of:
+            self._of[tenant_id] = list(self._session.scalars(
+                select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id,
+                                              WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
+                .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+            ))
+        return self._of[tenant_id]
+
+
 def raise_submission_events(
     session: Session, submission_id: str, verdict: Verdict | None = None, review: ReviewItem | None = None, *,
-    event_types: list[str] | None = None,
+    event_types: list[str] | None = None, submission: Submission | None = None,
+    endpoints: EndpointsOfTenants | None = None,
 ) -> list[str]:
     """Write the deliveries a finished submission raises (or `event_types`: a human decision's), in the caller's
     transaction (which commits them with the verdict, the failure or the decision); their messages are sent once that
     transaction commits. Returns the delivery ids.
 
+    `submission`: the row as it now stands in this transaction (else it is read again); `endpoints`: the tenants'
+    endpoints as read already in this transaction, which collects the deliveries' ids for the caller to send.
+
     Asynchronous submissions only: a synchronous `/v1/moderations` caller already has its answer.
     """
-    # A submission's source never changes: one this session already holds says so without a query.
-    known = session.identity_map.get(identity_key(Submission, submission_id))
-    if isinstance(known, Submission) and known.source != "async":
-        return []
-    submission = session.execute(
-        select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+    if submission is None:
+        # A submission's source never changes: one this session already holds says so without a query.
+        known = session.identity_map.get(identity_key(Submission, submission_id))
+        if isinstance(known, Submission) and known.source != "async":
+            return []
+        submission = session.execute(
+            select(Submission).where(Submission.id == submission_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
     if submission is None or submission.source != "async":
         return []
     if event_types is None:
         event_types = events.submission_event_types(submission, verdict)
     if not event_types:
         return []
-    endpoints = list(session.scalars(
-        select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == submission.tenant_id,
-                                      WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
-        .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-    ))
+    enabled = (endpoints or EndpointsOfTenants(session)).of(submission.tenant_id)
     targets: list[tuple[WebhookEndpoint, str, str]] = []
     for event_type in event_types:
-        for endpoint in endpoints:
+        for endpoint in enabled:
             if endpoint.kind == WebhookEndpointKind.ENDPOINT.value and event_type in endpoint.events and endpoint.url:
                 targets.append((endpoint, endpoint.url, event_type))
             elif endpoint.kind == WebhookEndpointKind.CALLBACK.value and submission.callback_url:
                 targets.append((endpoint, submission.callback_url, event_type))
-    if submission.callback_url and not any(e.kind == WebhookEndpointKind.CALLBACK.value for e in endpoints):
+    if submission.callback_url and not any(e.kind == WebhookEndpointKind.CALLBACK.value for e in enabled):
         # Submissions are refused without a signer, so only one stored before webhooks existed gets here.
         log.warning("callback_skipped_no_secret", submission_id=submission.id)
     if not targets:
@@ -102,7 +137,10 @@ def raise_submission_events(
     ]
     session.add_all(deliveries)
     ids = [d.id for d in deliveries]
-    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    if endpoints is None:
+        send_after_commit(session, *delivery_messages(ids))
+    else:
+        endpoints.raised.extend(ids)  # the caller sends them with the others it raised
     return ids
 
 
@@ -148,65 +186,104 @@ class DeliveryClaim:
 def claim_delivery(session: Session, delivery_id: str) -> DeliveryClaim | None:
     """Take a due delivery for one attempt, in the caller's transaction; None if it is not due, done, or another
     worker holds it."""
+    claims = claim_deliveries(session, [delivery_id])
+    return claims.get(delivery_id)
+
+
+def claim_deliveries(session: Session, delivery_ids: Sequence[str]) -> dict[str, DeliveryClaim]:
+    """Take those of the deliveries that are due, each for one attempt, in the caller's transaction: one conditional
+    UPDATE (of two workers racing for a row, exactly one matches it: it is pending only until the first takes it),
+    with a fresh fencing token shared by the claims it makes. The claims made, by delivery id."""
+    if not delivery_ids:
+        return {}
     now = utcnow()
-    row = session.execute(
-        select(WebhookDelivery.status, WebhookDelivery.attempt_count, WebhookDelivery.next_attempt_at)
-        .where(WebhookDelivery.id == delivery_id)
-    ).one_or_none()
-    if (row is None or row.status != DeliveryStatus.PENDING.value
-            or (row.next_attempt_at is not None and row.next_attempt_at > now)):
-        return None
     token = secrets.token_hex(16)
-    # Still pending and still the version read above: of two workers racing here, exactly one matches.
-    attempt = session.execute(
+    rows = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING.value,
-               WebhookDelivery.attempt_count == row.attempt_count)
+        .where(WebhookDelivery.id.in_(delivery_ids), WebhookDelivery.status == DeliveryStatus.PENDING.value,
+               or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now))
         .values(status=DeliveryStatus.DELIVERING.value, claim_token=token, claimed_at=now, dispatched_at=None,
                 attempt_count=WebhookDelivery.attempt_count + 1, updated_at=now)
-        .returning(WebhookDelivery.attempt_count)
+        .returning(WebhookDelivery.id, WebhookDelivery.attempt_count)
         .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if attempt is None:
-        return None
-    return DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
+    ).tuples().all()
+    return {delivery_id: DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
+            for delivery_id, attempt in rows}
 
 
-def deliver(database: Database, delivery_id: str, settings: Settings, *,
-            resolve: Resolver = system_resolver) -> str:
-    """One attempt of a delivery, if it is due: `skipped`, `succeeded`, `retry`, `dead` (or `lost`, if its claim
-    ran out meanwhile).
+@dataclass(frozen=True)
+class _Attempt:
+    claim: DeliveryClaim
+    delivery: WebhookDelivery
+    url: str
+    body: str
+    headers: dict[str, str]
 
-    A command in three steps: claim it and sign the body (one transaction), send it with no transaction open, then
-    conclude the attempt (another).
+
+def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings, *,
+            resolve: Resolver = system_resolver) -> dict[str, str]:
+    """One attempt of each of the deliveries a message names, if it is due. What became of each: `skipped`,
+    `succeeded`, `retry`, `dead` (or `lost`, if its claim ran out meanwhile).
+
+    A command in three steps: claim them and sign the bodies (one transaction), send them side by side with no
+    transaction open (so the message's attempts together take as long as the slowest one, well within a claim's
+    lease), then conclude the attempts (one transaction: one commit, each tenant's audit chain locked once).
     """
+    ids = list(dict.fromkeys(delivery_ids))
+    outcomes = dict.fromkeys(ids, "skipped")
     with database.session() as session:
         with session.begin():
-            claim = claim_delivery(session, delivery_id)
-            if claim is None:
-                # A duplicate or early message, one for a finished delivery, or another worker holds it.
-                log.info("webhook_delivery_skipped", delivery_id=delivery_id)
-                return "skipped"
-            delivery = session.get(WebhookDelivery, delivery_id)
-            endpoint = session.get(WebhookEndpoint, delivery.endpoint_id) if delivery is not None else None
-            if delivery is None or endpoint is None:
-                return "skipped"  # deleted with its endpoint meanwhile
+            claims = claim_deliveries(session, ids)
+            for delivery_id in ids:
+                if delivery_id not in claims:
+                    # A duplicate or early message, one for a finished delivery, or another worker holds it.
+                    log.info("webhook_delivery_skipped", delivery_id=delivery_id)
+            if not claims:
+                return outcomes
             started_at = utcnow()
-            if endpoint.status != WebhookEndpointStatus.ENABLED.value:
-                result = AttemptResult(status_code=None, latency_ms=0, error="not sent: the endpoint is disabled",
-                                       response_excerpt=None)
-                return conclude_attempt(session, claim, result, started_at=started_at, settings=settings, final=True)
-            url, body = delivery.url, delivery.payload
-            headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at, body)
+            attempts: list[_Attempt] = []
+            for delivery, endpoint in session.execute(
+                select(WebhookDelivery, WebhookEndpoint)
+                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+                .where(WebhookDelivery.id.in_(list(claims)))
+            ).tuples():  # one deleted with its endpoint meanwhile is not found: skipped
+                claim = claims[delivery.id]
+                if endpoint.status != WebhookEndpointStatus.ENABLED.value:
+                    result = AttemptResult(status_code=None, latency_ms=0,
+                                           error="not sent: the endpoint is disabled", response_excerpt=None)
+                    (outcomes[delivery.id],) = conclude_attempts(session, [(claim, delivery, result)],
+                                                                 started_at=started_at, settings=settings, final=True)
+                    continue
+                headers = signed_headers(signing_secrets(endpoint, started_at), delivery.id, started_at,
+                                         delivery.payload)
+                attempts.append(_Attempt(claim, delivery, delivery.url, delivery.payload, headers))
+        if not attempts:
+            return outcomes
 
-        result = send(url, body.encode(), headers, allowed=settings.webhook_networks,
-                      timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
+        results = _send_all(attempts, settings, resolve)
 
+        concluding = [(a.claim, a.delivery, r) for a, r in zip(attempts, results, strict=True)]
         with session.begin():
-            outcome = conclude_attempt(session, claim, result, started_at=started_at, settings=settings)
-    log.info("webhook_attempt", delivery_id=delivery_id, attempt=claim.attempt, outcome=outcome,
-             status_code=result.status_code, latency_ms=result.latency_ms, error=result.error)
-    return outcome
+            concluded = conclude_attempts(session, concluding, started_at=started_at, settings=settings)
+        outcomes.update((attempt.delivery.id, outcome) for attempt, outcome in zip(attempts, concluded, strict=True))
+    for attempt, result in zip(attempts, results, strict=True):
+        log.info("webhook_attempt", delivery_id=attempt.delivery.id, attempt=attempt.claim.attempt,
+                 outcome=outcomes[attempt.delivery.id], status_code=result.status_code,
+                 latency_ms=result.latency_ms, error=result.error)
+    return outcomes
+
+
+def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolver) -> list[AttemptResult]:
+    """Send each attempt (side by side when there are several: receivers wait on their own, none behind another)."""
+
+    def one(attempt: _Attempt) -> AttemptResult:
+        return send(attempt.url, attempt.body.encode(), attempt.headers, allowed=settings.webhook_networks,
+                    timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
+
+    if len(attempts) == 1:
+        return [one(attempts[0])]
+    with ThreadPoolExecutor(max_workers=len(attempts), thread_name_prefix="webhook") as pool:
+        return list(pool.map(one, attempts))
 
 
 def conclude_attempt(
@@ -218,38 +295,76 @@ def conclude_attempt(
     their audit events. `lost` (and nothing written) if it does not. `final` kills the delivery whatever the
     schedule says.
     """
-    now = utcnow()
     delivery = session.execute(
         select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id)
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
-    if delivery is None or delivery.claim_token != claim.token:
+    if delivery is None:
         log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
         return "lost"
-    values: dict[str, Any] = {"claim_token": None, "updated_at": now, "last_status_code": result.status_code,
-                              "last_error": result.error}
+    return conclude_attempts(session, [(claim, delivery, result)], started_at=started_at, settings=settings,
+                             final=final)[0]
+
+
+def conclude_attempts(
+    session: Session, attempts: Sequence[tuple[DeliveryClaim, WebhookDelivery, AttemptResult]], *,
+    started_at: datetime, settings: Settings, final: bool = False,
+) -> list[str]:
+    """`conclude_attempt` for several attempts at once (each delivery as read after its claim in this session):
+    the deliveries moved to the same state by one fenced UPDATE, the attempt rows inserted together, then the audit
+    events. What became of each, in order."""
+    now = utcnow()
     delays = settings.webhook_retry_delays
-    if result.succeeded:
-        outcome = "succeeded"
-        values.update(status=DeliveryStatus.SUCCEEDED.value, completed_at=now, next_attempt_at=None)
-    elif final or result.gone or delivery.retries >= len(delays):
-        outcome = "dead"
-        values.update(status=DeliveryStatus.DEAD.value, completed_at=now, next_attempt_at=None)
-    else:
-        outcome = "retry"
-        values.update(status=DeliveryStatus.PENDING.value, retries=delivery.retries + 1,
-                      next_attempt_at=now + timedelta(seconds=delays[delivery.retries]))
-    # The fenced UPDATE first: a claim lost since the read above writes nothing at all.
-    won = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.claim_token == claim.token,
-               WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
-        .values(**values)
-        .returning(WebhookDelivery.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    if won is None:
-        return "lost"
+    planned: list[tuple[str, dict[str, Any]]] = []
+    groups: dict[tuple[str, tuple[tuple[str, Any], ...]], list[str]] = {}
+    for claim, delivery, result in attempts:
+        values: dict[str, Any] = {"claim_token": None, "updated_at": now, "last_status_code": result.status_code,
+                                  "last_error": result.error}
+        if delivery.claim_token != claim.token:
+            planned.append(("lost", values))
+            continue
+        if result.succeeded:
+            outcome = "succeeded"
+            values.update(status=DeliveryStatus.SUCCEEDED.value, completed_at=now, next_attempt_at=None)
+        elif final or result.gone or delivery.retries >= len(delays):
+            outcome = "dead"
+            values.update(status=DeliveryStatus.DEAD.value, completed_at=now, next_attempt_at=None)
+        else:
+            outcome = "retry"
+            values.update(status=DeliveryStatus.PENDING.value, retries=delivery.retries + 1,
+                          next_attempt_at=now + timedelta(seconds=delays[delivery.retries]))
+        planned.append((outcome, values))
+        groups.setdefault((claim.token, tuple(sorted(values.items()))), []).append(delivery.id)
+    # The fenced UPDATEs first: a claim lost since the read writes nothing at all.
+    won: set[str] = set()
+    for (token, items), ids in groups.items():
+        won.update(session.scalars(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.claim_token == token,
+                   WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
+            .values(**dict(items))
+            .returning(WebhookDelivery.id)
+            .execution_options(synchronize_session=False)
+        ))
+    outcomes: list[str] = []
+    events: list[dict[str, Any]] = []
+    with session.no_autoflush:  # the attempt rows go out together, with the first event
+        for (claim, delivery, result), (outcome, _) in zip(attempts, planned, strict=True):
+            if delivery.id not in won:
+                log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
+                outcomes.append("lost")
+                continue
+            outcomes.append(outcome)
+            events.extend(_concluded(session, claim, delivery, result, outcome, started_at=started_at, now=now))
+    for fields in events:
+        record_event(session, **fields)
+    return outcomes
+
+
+def _concluded(session: Session, claim: DeliveryClaim, delivery: WebhookDelivery, result: AttemptResult,
+               outcome: str, *, started_at: datetime, now: datetime) -> list[dict[str, Any]]:
+    """What a concluded attempt writes besides the delivery's state: its attempt row, a 410's disabled endpoint;
+    and the fields of its audit events, returned."""
     metrics.webhook_attempt_concluded(session, outcome, result.latency_ms)
     session.add(WebhookDeliveryAttempt(
         delivery_id=delivery.id, number=claim.attempt, started_at=started_at, status_code=result.status_code,
@@ -259,18 +374,19 @@ def conclude_attempt(
     details = {"endpoint_id": delivery.endpoint_id, "event_type": delivery.event_type,
                "submission_id": delivery.submission_id, "attempts": claim.attempt,
                "status_code": result.status_code}
+    events: list[dict[str, Any]] = []
     if disabled:
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.disabled", actor=WORKER_ACTOR,
-                     subject_type="webhook_endpoint", subject_id=delivery.endpoint_id,
-                     details={"reason": "the receiver answered 410 Gone", "delivery_id": delivery.id})
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.disabled", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_endpoint", "subject_id": delivery.endpoint_id,
+                       "details": {"reason": "the receiver answered 410 Gone", "delivery_id": delivery.id}})
     if outcome == "succeeded":
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.delivered", actor=WORKER_ACTOR,
-                     subject_type="webhook_delivery", subject_id=delivery.id, details=details)
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.delivered", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_delivery", "subject_id": delivery.id, "details": details})
     elif outcome == "dead":
-        record_event(session, tenant_id=delivery.tenant_id, action="webhook.dead", actor=WORKER_ACTOR,
-                     subject_type="webhook_delivery", subject_id=delivery.id,
-                     details={**details, "error": result.error})
-    return outcome
+        events.append({"tenant_id": delivery.tenant_id, "action": "webhook.dead", "actor": WORKER_ACTOR,
+                       "subject_type": "webhook_delivery", "subject_id": delivery.id,
+                       "details": {**details, "error": result.error}})
+    return events
 
 
 def _disable_endpoint(session: Session, endpoint_id: str, now: datetime) -> bool:
@@ -342,7 +458,7 @@ def _dispatch_due(session: Session, settings: Settings, *, batch_size: int = 500
         update(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).values(dispatched_at=now)
         .execution_options(synchronize_session=False)
     )
-    send_after_commit(session, *(Message(DELIVER_WEBHOOK, (delivery_id,)) for delivery_id in ids))
+    send_after_commit(session, *delivery_messages(ids))
     log.info("webhook_deliveries_dispatched", count=len(ids))
     return len(ids)
 

@@ -76,6 +76,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def cpu_of_group(pgid: int | None = None, pids: set[int] | None = None) -> dict[int, float]:
+    """CPU seconds (utime + stime) of the processes in process group `pgid`, or of `pids`, by pid."""
+    found: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            if pids is not None and pid not in pids:
+                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if pgid is not None and int(fields[2]) != pgid:
+                continue
+            found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 class Proc:
     """A child process in its own process group (so its pool processes are found and stopped with it)."""
 
@@ -110,6 +127,10 @@ class Proc:
             except (OSError, IndexError, ValueError):
                 continue
         return total_kb / 1024
+
+    def cpu_seconds(self) -> float:
+        """The CPU time (user + system) the group's live processes have used so far."""
+        return sum(cpu_of_group(self.process.pid).values())
 
     def pss_mb(self) -> float:
         """The sum of the proportional set sizes (Pss of /proc/PID/smaps_rollup) of every process in the group, now:
@@ -227,6 +248,29 @@ class Bench:
             self.database.engine.dispose()
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+
+    def postgres_cpu(self) -> dict[int, float]:
+        """CPU seconds of the scratch database's server processes, by pid (on this host: the benchmark's PostgreSQL
+        runs here)."""
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            pids = {row[0] for row in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
+                                                   (self.db_name,))}
+        return cpu_of_group(pids=pids)
+
+    def cpu_per_text(self, label: str, workers: list[Proc], api: Proc | None, texts: int,
+                     before: tuple[float, float, dict[int, float]]) -> None:
+        """Record the CPU milliseconds per text of the workers, the API and PostgreSQL since `before`."""
+        worker_cpu, api_cpu, pg_before = before
+        pg_after = self.postgres_cpu()
+        pg = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
+        self.results[f"{label}_worker_cpu_ms"] = 1000 * (sum(w.cpu_seconds() for w in workers) - worker_cpu) / texts
+        if api is not None:
+            self.results[f"{label}_api_cpu_ms"] = 1000 * (api.cpu_seconds() - api_cpu) / texts
+        self.results[f"{label}_pg_cpu_ms"] = 1000 * pg / texts
+
+    def cpu_before(self, workers: list[Proc], api: Proc | None) -> tuple[float, float, dict[int, float]]:
+        return (sum(w.cpu_seconds() for w in workers), 0.0 if api is None else api.cpu_seconds(),
+                self.postgres_cpu())
 
     def flush_broker(self) -> None:
         keys = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
@@ -429,13 +473,15 @@ class Bench:
 
     # -- phase 3: end to end ---------------------------------------------------------------------------------
 
-    def drain(self, url: str, count: int, label: str, workers: int | None = None) -> dict[str, float]:
+    def drain(self, url: str, count: int, label: str, workers: int | None = None,
+              api: Proc | None = None) -> dict[str, float]:
         """Start the workers on the local engine, submit `count` texts at once (100 per request), wait until every
         one has its verdict: texts/s from the first submit to the last verdict, each one's latency, the workers'
         peak RSS."""
         assert self.database is not None
         key = self.new_key()
         procs = self.start_workers(label, self.base_env(MODERATION_PROVIDER="local"), count=workers)
+        cpu = self.cpu_before(procs, api)
         began = datetime.now(UTC)
         self.submit_texts(url, key, [f"end to end text {i}: " + ("you idiot" if i % 5 == 0 else "thank you")
                                      for i in range(count)])
@@ -452,6 +498,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(rows)} of {count} verdicts after 600 s")
             time.sleep(0.5)
+        self.cpu_per_text(label, procs, api, count, cpu)
         finished = max(decided for _, decided in rows)
         elapsed = (finished - began).total_seconds()
         latencies = [(decided - submitted).total_seconds() * 1000 for submitted, decided in rows]
@@ -464,7 +511,7 @@ class Bench:
 
     def end_to_end(self, url: str, api: Proc) -> None:
         count = self.args.e2e_texts
-        drained = self.drain(url, count, "e2e")
+        drained = self.drain(url, count, "e2e", api=api)
         self.results.update(e2e_tps=drained["tps"], e2e_p50_ms=drained["p50_ms"], e2e_p99_ms=drained["p99_ms"],
                             worker_rss_mb=drained["pss_mb"], worker_hwm_mb=drained["rss_mb"],
                             api_group_rss_mb=api.peak_rss_mb(), api_memory=api.memory_per_process_mb())
@@ -497,7 +544,7 @@ class Bench:
 
     # -- phase 4: latency at steady load ---------------------------------------------------------------------
 
-    def steady(self, url: str) -> None:
+    def steady(self, url: str, api: Proc | None = None) -> None:
         """Open-loop arrivals: one text per request at --steady-rate a second for --steady-seconds (each request
         sent at its time whatever the earlier ones are doing), the fake upstream answering in --steady-latency,
         the workers consuming both queues, a webhook endpoint on a local receiver. Latency from the submission's
@@ -516,6 +563,7 @@ class Bench:
             env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
                                 UPSTREAM_API_KEY=UPSTREAM_KEY, UPSTREAM_MAX_BATCH=str(a.batch))
             workers = self.start_workers("steady", env, queue="moderation,webhooks")
+            cpu = self.cpu_before(workers, api)
             ids: list[str] = []
             errors: list[int] = []
 
@@ -553,6 +601,7 @@ class Bench:
                     break
                 time.sleep(0.5)
             now = datetime.now(UTC)
+            self.cpu_per_text("steady", workers, api, max(1, len(ids)), cpu)
             for worker in workers:
                 self.stop(worker)
         verdict_ms = [((verdict_at or now) - submitted).total_seconds() * 1000 for _, submitted, verdict_at in rows]
@@ -581,7 +630,7 @@ class Bench:
         self.chain_lock()
 
     def chain_lock(self, transactions: int = 40, verdicts: int = 50) -> None:
-        """How long one transaction holds a tenant's chain head: from its `SELECT … FOR UPDATE` to the end of its
+        """How long one transaction holds a tenant's chain head: from the statement that locks it to the end of its
         commit, for transactions shaped like a worker's (`verdicts` verdicts, two events each), one after the other
         in this process. One tenant can record at most `verdicts` / hold verdicts a second, however many workers."""
         assert self.database is not None
@@ -589,7 +638,8 @@ class Bench:
         locked_at: list[float] = []
 
         def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if "audit_chain_heads" in statement and "FOR UPDATE" in statement:
+            # The head is locked by its upsert (`INSERT … ON CONFLICT DO UPDATE`, app/use_cases/audit.py).
+            if statement.lstrip().startswith("INSERT INTO audit_chain_heads"):
                 locked_at.append(time.perf_counter())
 
         event.listen(self.database.engine, "before_cursor_execute", on_statement)
@@ -780,11 +830,16 @@ def main() -> int:
         if "e2e" in phases:
             bench.end_to_end(url, api)
         if "steady" in phases:
-            bench.steady(url)
+            bench.steady(url, api)
         if args.scale:
             bench.scale(url)
     finally:
         bench.teardown()
+    if set(phases) != set(PHASES):
+        # A partial run: its figures only, and no report (RESULTS.md holds whole runs).
+        print("PARTIAL " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in bench.results.items() if isinstance(v, int | float)), flush=True)
+        return 0
     line = bench.result_line()
     if args.report:
         bench.write_report(line, started, time.monotonic() - began)

@@ -44,7 +44,7 @@ def test_expired_claims_are_taken_ahead_of_the_backlog(database: Database, setti
         assert claim is not None
         work = _load_work(session, claim)
         assert work is not None
-        taken, any_queued = _claim_more(session, work, room=3, settings=settings)
+        taken, any_queued = _claim_more(session, work.model, room=3, settings=settings)
         taken_ids = [w.submission_id for w in taken]
         # The dead worker's row first, then the two oldest of the backlog; never the live claim.
         assert taken_ids == [ids["dead"], *ids["backlog"][:2]]

@@ -97,9 +97,10 @@ def test_a_healthy_backlog_is_not_resent_and_lost_messages_are(database: Databas
                         status=SubmissionStatus.PROCESSING, claimed_age_s=settings.processing_lease_seconds + 5)
 
         sweep(database, settings)
-        mine = [m.args[0] for m in sent if m.task == MODERATE_SUBMISSION and m.args[0] in
-                {*backlog, *never, *lost, *fresh, *dead}]
-        # 613 rows waiting, 13 messages: only what was lost, each once; nothing of the healthy backlog.
+        mine = [submission_id for m in sent if m.task == MODERATE_SUBMISSION for submission_id in m.args
+                if submission_id in {*backlog, *never, *lost, *fresh, *dead}]
+        # 613 rows waiting, 13 sent (a provider call's worth per message): only what was lost, each once; nothing of
+        # the healthy backlog.
         assert sorted(mine) == sorted([*never, *lost, *dead])
         with database.transaction() as session:
             redispatched = session.scalars(select(Submission.dispatched_at)
@@ -108,7 +109,7 @@ def test_a_healthy_backlog_is_not_resent_and_lost_messages_are(database: Databas
         # The next sweep has nothing of these to send.
         sent.clear()
         sweep(database, settings)
-        assert not [m for m in sent if m.args[0] in {*backlog, *never, *lost, *fresh}]
+        assert not [m for m in sent if {*m.args} & {*backlog, *never, *lost, *fresh}]
     finally:
         retire(database, model)
 
@@ -132,6 +133,37 @@ def test_a_refused_publish_marks_the_rows_never_dispatched(database: Database, t
     finally:
         database.outbox.publisher = saved
         retire(database, model)
+
+
+def test_a_refused_message_of_several_submissions_marks_every_one_never_dispatched(
+        database: Database, tenant: TenantKey, model: str) -> None:
+    ids = add_rows(database, tenant, model, 3, queued_age_s=0, dispatched_age_s=0)
+    saved = database.outbox.publisher
+
+    def broker_down(messages: Sequence[Message]) -> None:
+        raise ConnectionError("broker down")
+
+    database.outbox.publisher = broker_down
+    try:
+        with database.transaction() as session:
+            send_after_commit(session, Message(MODERATE_SUBMISSION, tuple(ids)))
+        with database.transaction() as session:
+            rows = session.scalars(select(Submission).where(Submission.id.in_(ids))).all()
+            assert len(rows) == 3
+            assert all(row.dispatched_at is None and row.status == SubmissionStatus.QUEUED.value for row in rows)
+    finally:
+        database.outbox.publisher = saved
+        retire(database, model)
+
+
+def test_submitting_sends_a_provider_calls_worth_per_message(client: FlaskClient, database: Database,
+                                                             tenant: TenantKey, sent: list[Message]) -> None:
+    response = client.post("/v1/submissions", json={"items": [{"input": f"batch {i}"} for i in range(3)]},
+                           headers=tenant.headers)
+    assert response.status_code == 202, response.get_json()
+    ids = tuple(item["id"] for item in response.get_json()["data"])
+    # One message for the three (none is left for a worker to find already taken by another's batch).
+    assert [m.args for m in sent if m.task == MODERATE_SUBMISSION] == [ids]
 
 
 def test_submitting_marks_the_rows_dispatched(client: FlaskClient, database: Database, tenant: TenantKey,

@@ -261,14 +261,14 @@ def test_a_worker_waits_to_fill_a_batch_only_under_load(
 
     provider = _RecordingProvider()
     (alone,) = submit_for_model(1)
-    assert moderation.moderate_submission(database, provider, alone, settings) == "completed"
+    assert moderation.moderate_submissions(database, provider, [alone], settings)[alone] == "completed"
     assert sleeps == []  # nothing else queued: no waiting at all
 
     ids = submit_for_model(3)
-    assert moderation.moderate_submission(database, provider, ids[0], settings) == "completed"
+    assert moderation.moderate_submissions(database, provider, [ids[0]], settings)[ids[0]] == "completed"
     assert sleeps == [settings.batch_max_wait_ms / 1000]  # others were queued: one short wait for more
     assert provider.calls == [[f"{model} #0"], [f"{model} #0", f"{model} #1", f"{model} #2"]]
     # The other two were decided in that batch; their own messages find nothing left to do.
     for other in ids[1:]:
-        assert moderation.moderate_submission(database, provider, other, settings) == "skipped"
+        assert moderation.moderate_submissions(database, provider, [other], settings)[other] == "skipped"
     assert_exactly_once(database, [alone, *ids])

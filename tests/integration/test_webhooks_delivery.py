@@ -51,12 +51,17 @@ def submit(client: FlaskClient, tenant: TenantKey, body: dict[str, Any]) -> str:
 def moderate(app: Flask, database: Database, settings: Settings, submission_id: str,
              provider: Any = None) -> str:
     """What a worker does with the submission, in this process."""
-    return moderation.moderate_submission(database, provider or app.extensions["verdict.provider"], submission_id,
-                                          settings)
+    return moderation.moderate_submissions(database, provider or app.extensions["verdict.provider"], [submission_id],
+                                           settings)[submission_id]
+
+
+def deliver_one(database: Database, delivery_id: str, settings: Settings, **kwargs: Any) -> str:
+    """What a worker does with a message naming the one delivery, in this process."""
+    return webhooks.deliver(database, [delivery_id], settings, **kwargs)[delivery_id]
 
 
 def deliver_all(database: Database, settings: Settings, ids: Sequence[str]) -> list[str]:
-    return [webhooks.deliver(database, delivery_id, settings) for delivery_id in ids]
+    return [deliver_one(database, delivery_id, settings) for delivery_id in ids]
 
 
 class RefusingProvider:
@@ -141,7 +146,7 @@ def test_a_failed_submission_raises_failed_with_its_error(app: Flask, client: Fl
     assert moderate(app, database, api_settings, submission_id, RefusingProvider()) == "failed"
     [delivery] = deliveries(client, tenant, endpoint_id)
     assert delivery["event_type"] == "submission.failed"
-    assert webhooks.deliver(database, delivery["id"], api_settings) == "succeeded"
+    assert deliver_one(database, delivery["id"], api_settings) == "succeeded"
     payload = Webhook(secret).verify(receiver.wait_for(1)[0].body, receiver.requests[0].headers)
     assert payload["type"] == "submission.failed"
     assert payload["data"]["status"] == "failed" and payload["data"]["verdict"] is None
@@ -191,20 +196,20 @@ def test_retries_on_schedule_then_dead_then_redelivered_by_hand(
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
     receiver.status = 500
 
-    assert webhooks.deliver(database, delivery_id, api_settings) == "retry"
+    assert deliver_one(database, delivery_id, api_settings) == "retry"
     row = delivery_row(database, delivery_id)
     assert row.status == "pending" and row.retries == 1 and row.last_status_code == 500
     assert row.next_attempt_at is not None and row.next_attempt_at - row.updated_at == timedelta(seconds=5)
     # Not due yet: a duplicate or early task does nothing.
-    assert webhooks.deliver(database, delivery_id, api_settings) == "skipped"
+    assert deliver_one(database, delivery_id, api_settings) == "skipped"
     assert len(receiver.requests) == 1
 
     make_due(database, delivery_id)
-    assert webhooks.deliver(database, delivery_id, api_settings) == "retry"
+    assert deliver_one(database, delivery_id, api_settings) == "retry"
     row = delivery_row(database, delivery_id)
     assert row.next_attempt_at is not None and row.next_attempt_at - row.updated_at == timedelta(seconds=300)
     make_due(database, delivery_id)
-    assert webhooks.deliver(database, delivery_id, api_settings) == "dead"
+    assert deliver_one(database, delivery_id, api_settings) == "dead"
     assert delivery_row(database, delivery_id).status == "dead"
     assert ("webhook.dead", delivery_id) in audit_actions(database, tenant.tenant_id)
     logged = attempts(database, delivery_id)
@@ -213,7 +218,7 @@ def test_retries_on_schedule_then_dead_then_redelivered_by_hand(
 
     receiver.status = 200
     assert client.post(f"/v1/deliveries/{delivery_id}/redeliver", headers=tenant.headers).status_code == 202
-    assert webhooks.deliver(database, delivery_id, api_settings) == "succeeded"
+    assert deliver_one(database, delivery_id, api_settings) == "succeeded"
     [shown] = deliveries(client, tenant, endpoint_id)
     assert shown["status"] == "succeeded" and shown["attempt_count"] == 4
     assert [a["status_code"] for a in shown["attempts"]] == [500, 500, 500, 200]
@@ -233,7 +238,7 @@ def test_410_kills_the_delivery_and_disables_the_endpoint(
     second = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
     receiver.script(Answer(410, body=b"gone for good"))
 
-    assert webhooks.deliver(database, first, api_settings) == "dead"
+    assert deliver_one(database, first, api_settings) == "dead"
     shown = client.get(f"/v1/webhooks/{endpoint_id}", headers=tenant.headers).get_json()
     assert shown["status"] == "disabled" and "410" in shown["disabled_reason"]
     assert attempts(database, first)[0].response_excerpt == "gone for good"
@@ -241,7 +246,7 @@ def test_410_kills_the_delivery_and_disables_the_endpoint(
     assert ("webhook.disabled", endpoint_id) in actions and ("webhook.dead", first) in actions
 
     # What was already queued for it is not sent; nothing new is raised for it; tests and redeliveries are refused.
-    assert webhooks.deliver(database, second, api_settings) == "dead"
+    assert deliver_one(database, second, api_settings) == "dead"
     assert attempts(database, second)[0].error == "not sent: the endpoint is disabled"
     assert len(receiver.requests) == 1
     submission_id = submit(client, tenant, {"input": ABUSIVE})
@@ -260,7 +265,7 @@ def test_delivery_rechecks_the_url(client: FlaskClient, tenant: TenantKey, datab
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
     monkeypatch.setattr(api_settings, "webhook_allowed_networks", "")  # the operator closed loopback since
-    assert webhooks.deliver(database, delivery_id, api_settings) == "retry"
+    assert deliver_one(database, delivery_id, api_settings) == "retry"
     assert receiver.requests == []
     error = attempts(database, delivery_id)[0].error
     assert error is not None and error.startswith("refused:") and "loopback" in error
@@ -271,7 +276,7 @@ def test_a_name_rebound_to_a_private_address_is_not_contacted(client: FlaskClien
                                                              receiver: WebhookReceiver) -> None:
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
     delivery_id = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    outcome = webhooks.deliver(database, delivery_id, api_settings, resolve=lambda host, port: ["169.254.169.254"])
+    outcome = deliver_one(database, delivery_id, api_settings, resolve=lambda host, port: ["169.254.169.254"])
     assert outcome == "retry" and receiver.requests == []
     error = attempts(database, delivery_id)[0].error
     assert error is not None and "cloud metadata" in error
@@ -286,7 +291,7 @@ def test_during_rotation_both_secrets_sign_until_the_grace_period_ends(
     endpoint_id, old = create_endpoint(client, tenant, receiver.url)
     new = client.post(f"/v1/webhooks/{endpoint_id}/rotate-secret", headers=tenant.headers).get_json()["secret"]
     first = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    assert webhooks.deliver(database, first, api_settings) == "succeeded"
+    assert deliver_one(database, first, api_settings) == "succeeded"
     request = receiver.wait_for(1)[0]
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     Webhook(old).verify(request.body, request.headers)
@@ -296,7 +301,7 @@ def test_during_rotation_both_secrets_sign_until_the_grace_period_ends(
         session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)
                         .values(previous_secret_expires_at=utcnow() - timedelta(seconds=1)))
     second = client.post(f"/v1/webhooks/{endpoint_id}/test", headers=tenant.headers).get_json()["id"]
-    assert webhooks.deliver(database, second, api_settings) == "succeeded"
+    assert deliver_one(database, second, api_settings) == "succeeded"
     request = receiver.wait_for(2)[1]
     assert len(request.headers["webhook-signature"].split(" ")) == 1
     Webhook(new).verify(request.body, request.headers)
@@ -324,7 +329,7 @@ def test_one_claim_wins_and_a_stale_claim_records_nothing(client: FlaskClient, t
     with database.transaction() as one:
         assert webhooks.conclude_attempt(one, claim, ok, started_at=utcnow(), settings=api_settings) == "succeeded"
     assert len(attempts(database, delivery_id)) == 1
-    assert webhooks.deliver(database, delivery_id, api_settings) == "skipped"
+    assert deliver_one(database, delivery_id, api_settings) == "skipped"
     assert receiver.requests == []
 
 
@@ -338,7 +343,7 @@ def test_the_sweep_turns_an_abandoned_claim_into_a_retry_and_resends_lost_tasks(
     monkeypatch.setattr(database.outbox, "publisher", published.extend)  # no worker runs: keep what is sent
 
     def sent() -> list[str]:
-        return [m.args[0] for m in published if m.task == DELIVER_WEBHOOK]
+        return [named for m in published if m.task == DELIVER_WEBHOOK for named in m.args]
 
     # The API sent its task a moment ago: the sweep leaves it to that task.
     webhooks.sweep_deliveries(database, api_settings)
@@ -361,7 +366,7 @@ def test_the_sweep_turns_an_abandoned_claim_into_a_retry_and_resends_lost_tasks(
     webhooks.sweep_deliveries(database, api_settings)
     # Sent once it was due, and not again while that task may still be queued.
     assert sent().count(delivery_id) == 1
-    assert webhooks.deliver(database, delivery_id, api_settings) == "succeeded"
+    assert deliver_one(database, delivery_id, api_settings) == "succeeded"
     assert [r.webhook_id for r in receiver.wait_for(1)] == [delivery_id]
     assert [a.number for a in attempts(database, delivery_id)] == [1, 2]
 
@@ -384,7 +389,7 @@ def test_erasing_a_submission_erases_its_delivery_bodies(app: Flask, client: Fla
             continue
         assert data["metadata"] is None and data["verdict"]["results"] == [] and data["erased_at"]
         assert data["verdict"]["decision"] == "block"  # the tombstone keeps the overall verdict
-        assert webhooks.deliver(database, delivery["id"], api_settings) == "succeeded"
+        assert deliver_one(database, delivery["id"], api_settings) == "succeeded"
     for request in receiver.wait_for(2):
         payload = Webhook(secret).verify(request.body, request.headers)
         assert payload["data"]["metadata"] is None and b"a@example.com" not in request.body
@@ -401,7 +406,7 @@ def test_delivery_tasks_are_sent_once_committed_and_never_for_a_rollback(
     monkeypatch.setattr(database.outbox, "publisher", lambda messages: published.append(list(messages)))
 
     def sent() -> list[list[str]]:
-        return [[m.args[0] for m in batch] for batch in published
+        return [[delivery_id for m in batch for delivery_id in m.args] for batch in published
                 if batch and all(m.task == DELIVER_WEBHOOK for m in batch)]
 
     endpoint_id, _ = create_endpoint(client, tenant, receiver.url)
@@ -420,3 +425,30 @@ def test_delivery_tasks_are_sent_once_committed_and_never_for_a_rollback(
         with session.begin():
             pass  # a later transaction of the same session commits; the rolled-back message stays unsent
     assert all("msg_rolled_back" not in ids for ids in sent())
+
+
+def test_one_message_delivers_several_each_concluded_on_its_own(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, api_settings: Settings,
+    receiver: WebhookReceiver,
+) -> None:
+    with WebhookReceiver() as failing:
+        failing.status = 500
+        ok_endpoint, _ = create_endpoint(client, tenant, receiver.url)
+        failing_endpoint, _ = create_endpoint(client, tenant, failing.url)
+        submission_id = submit(client, tenant, {"input": "have a lovely day"})
+        assert moderate(app, database, api_settings, submission_id) == "completed"
+        (ok,) = [d["id"] for d in deliveries(client, tenant, ok_endpoint)]
+        (bad,) = [d["id"] for d in deliveries(client, tenant, failing_endpoint)]
+
+        # Both in one message (as a verdict chunk sends them): sent side by side, each concluded by its own answer.
+        assert webhooks.deliver(database, [ok, bad], api_settings) == {ok: "succeeded", bad: "retry"}
+        assert len(receiver.wait_for(1)) == 1 and len(failing.wait_for(1)) == 1
+    assert [a.status_code for a in attempts(database, ok)] == [200]
+    assert [a.status_code for a in attempts(database, bad)] == [500]
+    assert delivery_row(database, ok).status == "succeeded"
+    assert delivery_row(database, bad).status == "pending" and delivery_row(database, bad).retries == 1
+    delivered = [subject for action, subject in audit_actions(database, tenant.tenant_id)
+                 if action == "webhook.delivered"]
+    assert ok in delivered and bad not in delivered
+    # The message again (a redelivery): the one done and the one not yet due are both left alone.
+    assert webhooks.deliver(database, [ok, bad], api_settings) == {ok: "skipped", bad: "skipped"}

@@ -13,7 +13,7 @@ USE_CASES = APP / "use_cases"
 
 # The commands that commit in several steps, each opening its transactions itself; they take a Database.
 COMMANDS = {
-    ("moderation", "moderate_submission"),
+    ("moderation", "moderate_submissions"),
     ("sync_moderation", "moderate_now"),
     ("webhook_deliveries", "deliver"),
     ("webhook_deliveries", "sweep_deliveries"),
