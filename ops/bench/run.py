@@ -638,8 +638,10 @@ class Bench:
         locked_at: list[float] = []
 
         def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            # The head is locked by its upsert (`INSERT … ON CONFLICT DO UPDATE`, app/use_cases/audit.py).
-            if statement.lstrip().startswith("INSERT INTO audit_chain_heads"):
+            # The head is locked by `SELECT … FOR UPDATE` (first created by an INSERT on a chain's first event:
+            # app/use_cases/audit.py's _lock_head); the first such statement of the transaction counts.
+            text = statement.lstrip()
+            if "audit_chain_heads" in text and ("FOR UPDATE" in text or text.startswith("INSERT")):
                 locked_at.append(time.perf_counter())
 
         event.listen(self.database.engine, "before_cursor_execute", on_statement)

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from app import api, create_app
 from app.api.openapi import build_document
+from app.extensions import SETTINGS
 from app.use_cases.authentication import SCOPES
 from tests.conftest import TenantKey, issue_key, make_settings
 
@@ -57,6 +58,8 @@ def _document() -> dict[str, Any]:
     # Parametrizing happens at collection, before any fixture: the document of an app with Verdict's routes (no
     # database needed). test_the_fuzzed_document_is_the_served_one holds it equal to what the real app serves.
     app = Flask("verdict-openapi", static_folder=None)
+    # The routes read their settings as they are registered (the key cache's lifetime); none of them is used here.
+    app.extensions[SETTINGS] = make_settings("sqlite://", "memory://")
     api.init_app(app)
     return build_document(app)
 
