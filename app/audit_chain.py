@@ -107,7 +107,13 @@ def canonical_members(fields: Mapping[str, Any]) -> dict[str, bytes]:
     serialized before its `seq` and `prev_hash` are known (before the chain is locked) and hashed once they are.
     `hash_members` of these equals `hash_fields` of the same fields: JCS writes an object's members in sorted key
     order (every canonical key is ASCII), joined by commas, within braces."""
-    return {key: rfc8785.dumps(key) + b":" + rfc8785.dumps(value) for key, value in fields.items()}
+    return {key: (_MEMBER_KEYS.get(key) or rfc8785.dumps(key) + b":")
+            + (b"null" if value is None else rfc8785.dumps(value)) for key, value in fields.items()}
+
+
+# Each canonical key's serialized form with its colon, and null's: the same bytes every event (issue 15: half of an
+# event's serializations were of these).
+_MEMBER_KEYS = {key: rfc8785.dumps(key) + b":" for key in CANONICAL_KEYS}
 
 
 def hash_members(members: Mapping[str, bytes]) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +12,7 @@ from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.outbox import Outbox
@@ -45,7 +47,33 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("postgresql"):
         # A database that is unreachable (not merely refusing) must not hang a request for the OS's TCP timeout.
         kwargs.setdefault("connect_args", {"connect_timeout": 5})
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, **kwargs)
+    engine = create_engine(url, pool_size=5, max_overflow=10, **kwargs)
+    _ping_when_idle(engine)
+    return engine
+
+
+# A pooled connection that has been idle this long is pinged before it is used again (what `pool_pre_ping` does
+# for every checkout: one round trip per request under load, issue 15). One given back a moment ago was working a
+# moment ago; a database restart, a connection killed while idle or a network cut take longer than this.
+PING_IDLE_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _idle_since(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        # No mark: the connection was just opened (its record's `info` goes with the DBAPI connection).
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < PING_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # As pool_pre_ping: every older pooled connection is dropped and the checkout retried on a new one.
+            raise InvalidatePoolError() from exc
 
 
 class Database:

@@ -51,9 +51,10 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
     session, principal, settings = request_session(), current_principal(), current_settings()
     check_callback_urls(session, principal.tenant_id, [item.callback_url for item in items], settings=settings)
     # Their moderation messages are sent once this view's transaction commits.
-    submissions = submit_content(session, principal, items, request_id=current_request_id(),
-                                 masker=Masker.from_settings(settings))
-    accepted = [SubmissionAccepted(id=s.id, links={"self": _self_link(s.id)}) for s in submissions]
+    submission_ids = submit_content(session, principal, items, request_id=current_request_id(),
+                                    masker=Masker.from_settings(settings))
+    accepted = [SubmissionAccepted(id=submission_id, links={"self": _self_link(submission_id)})
+                for submission_id in submission_ids]
     if batch:
         return jsonify(SubmissionBatchAccepted(data=accepted).model_dump(mode="json")), 202, {}
     return jsonify(accepted[0].model_dump(mode="json")), 202, {"Location": accepted[0].links["self"]}

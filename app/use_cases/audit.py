@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, select, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, insert, select, update
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -47,6 +47,12 @@ _LOCK_HEAD = select(_HEADS.c.seq, _HEADS.c.hash, _HEADS.c.occurred_at) \
     .where(_HEADS.c.chain_id == bindparam("head")).with_for_update()
 _MOVE_HEAD = update(_HEADS).where(_HEADS.c.chain_id == bindparam("head")) \
     .values(seq=bindparam("seq"), hash=bindparam("hash"), occurred_at=bindparam("occurred_at"))
+_EVENTS: Table = AuditEvent.__table__  # type: ignore[assignment]
+_EVENT_CATEGORIES: Table = AuditEventCategory.__table__  # type: ignore[assignment]
+# Every column the event object carries (the id is the database's): the attribute of each is named as its column.
+_EVENT_COLUMNS = tuple(column.key for column in _EVENTS.columns if column.key != "id")
+_INSERT_EVENTS = insert(_EVENTS)
+_INSERT_EVENT_CATEGORIES = insert(_EVENT_CATEGORIES)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ def record_event(
     The event is collected, not yet written: when the transaction commits, every event it collected is appended in
     one step (`_append_collected`), each chain's head locked once, at the very end of the transaction. A transaction
     that rolls back (or a savepoint that does) leaves no event. The returned event gets its `seq` and `hash` at
-    commit."""
+    commit; it is written as a row, never becomes an object of the session, and its `id` stays unset."""
     category_list = None if categories is None else sorted(set(categories))
     event = AuditEvent(
         tenant_id=tenant_id, chain_id=chain_of(tenant_id), occurred_at=utcnow(), action=action, actor=actor,
@@ -134,7 +140,7 @@ def _append_collected(session: Session) -> None:
     by_chain: dict[str, list[AuditEvent]] = {}
     for event in collected:
         by_chain.setdefault(event.chain_id, []).append(event)
-    categories: list[AuditEventCategory] = []
+    categories: list[dict[str, object]] = []
     for chain_id in sorted(by_chain):
         head = _lock_head(session, chain_id)
         seq, prev_hash, last_time = head.seq, head.hash, head.occurred_at
@@ -150,12 +156,17 @@ def _append_collected(session: Session) -> None:
             own.update(canonical_members({"seq": seq, "prev_hash": prev_hash}))
             event.hash = hash_members(own)
             prev_hash, last_time = event.hash, event.occurred_at
-            categories.extend(AuditEventCategory(chain_id=chain_id, category=category, seq=seq)
+            categories.extend({"chain_id": chain_id, "category": category, "seq": seq}
                               for category in event.categories or ())
         session.connection().execute(
             _MOVE_HEAD, {"head": chain_id, "seq": seq, "hash": prev_hash, "occurred_at": last_time})
-    session.add_all(collected)
-    session.add_all(categories)
+    # Written as rows, not through the unit of work: nothing reads the events back as objects of this session
+    # (the returned ones keep their seq and hash), so the ORM's per-object flush work and the RETURNING of each id
+    # are not needed (issue 15: the event INSERT was ~9 % of an intake's CPU).
+    connection = session.connection()
+    connection.execute(_INSERT_EVENTS, [{key: getattr(event, key) for key in _EVENT_COLUMNS} for event in collected])
+    if categories:
+        connection.execute(_INSERT_EVENT_CATEGORIES, categories)
 
 
 def _mark_savepoint(session: Session, transaction: SessionTransaction) -> None:
