@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any
 
 import rfc8785
@@ -95,7 +96,7 @@ def _json_int(literal: str) -> int:
 
 
 def canonical_bytes(fields: Mapping[str, Any]) -> bytes:
-    return rfc8785.dumps(dict(fields))
+    return _utf8(_jcs(dict(fields)))
 
 
 def hash_fields(fields: Mapping[str, Any]) -> str:
@@ -107,17 +108,62 @@ def canonical_members(fields: Mapping[str, Any]) -> dict[str, bytes]:
     serialized before its `seq` and `prev_hash` are known (before the chain is locked) and hashed once they are.
     `hash_members` of these equals `hash_fields` of the same fields: JCS writes an object's members in sorted key
     order (every canonical key is ASCII), joined by commas, within braces."""
-    return {key: (_MEMBER_KEYS.get(key) or rfc8785.dumps(key) + b":")
-            + (b"null" if value is None else rfc8785.dumps(value)) for key, value in fields.items()}
-
-
-# Each canonical key's serialized form with its colon, and null's: the same bytes every event (issue 15: half of an
-# event's serializations were of these).
-_MEMBER_KEYS = {key: rfc8785.dumps(key) + b":" for key in CANONICAL_KEYS}
+    return {key: _utf8(_jcs(key) + ":" + _jcs(value)) for key, value in fields.items()}
 
 
 def hash_members(members: Mapping[str, bytes]) -> str:
     return hashlib.sha256(b"{" + b",".join(members[key] for key in sorted(members)) + b"}").hexdigest()
+
+
+# RFC 8785 (JCS) serialization, byte for byte what `rfc8785.dumps` writes (tests/unit/test_audit_canonical.py
+# compares them), several times faster: the library is pure Python and writes value by value into a buffer, and an
+# event's hash is computed in every transaction that records one (issue 15). The JSON string escaping of the standard
+# library's C encoder (ensure_ascii=False) is exactly JCS's: `"`, `\\`, and the control characters below 0x20 (\b
+# \f \n \r \t by name, the others as lowercase \u00xx), everything else as is. What it has no quick answer for
+# (floats printed with an exponent, subclasses, anything unsupported) goes to the library itself.
+_SAFE_INTEGER_MIN = -(2**53) + 1
+
+
+def _jcs(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        quoted: str = encode_basestring(value)
+        return quoted
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        if _SAFE_INTEGER_MIN <= value <= _SAFE_INTEGER:
+            return str(value)
+    elif kind is float:
+        if value == 0:
+            return "0"  # -0.0 too
+        # Without an exponent (1e-4 <= |value| < 1e16) Python's shortest round-trip repr is ECMAScript's, but for
+        # a trailing ".0"; with one (or inf, nan) the library applies ECMAScript's rules.
+        literal = repr(value)
+        if "e" not in literal and "n" not in literal:
+            return literal[:-2] if literal.endswith(".0") else literal
+    elif kind is list or kind is tuple:
+        return "[" + ",".join([_jcs(item) for item in value]) + "]"
+    elif kind is dict and all(type(key) is str for key in value):
+        # Members sorted by their keys' UTF-16 code units: code point order, unless a key is outside the BMP.
+        keys = sorted(value) if all(key.isascii() for key in value) else sorted(value, key=_utf16)
+        return "{" + ",".join([encode_basestring(key) + ":" + _jcs(value[key]) for key in keys]) + "}"
+    return rfc8785.dumps(value).decode("utf-8")
+
+
+def _utf16(key: str) -> bytes:
+    return key.encode("utf-16be")  # as the library sorts them (a lone surrogate fails alike)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: not UTF-8, as the library says too
+        raise rfc8785.CanonicalizationError("input contains non-UTF-8 codepoints") from exc
 
 
 def export_line(event: Any) -> bytes:

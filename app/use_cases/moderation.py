@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, case, or_, select, update
+from sqlalchemy import Select, and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
 from app import metrics
@@ -31,10 +31,11 @@ from app.moderation.providers import (
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
 from app.use_cases.policies import load_policy
 from app.use_cases.verdicts import (
+    CLAIMABLE,
     Claim,
     Outcome,
     claim_submissions,
-    claimable,
+    claimable_parameters,
     fail_submission,
     record_verdict,
     record_verdicts,
@@ -108,13 +109,19 @@ def moderate_submissions(
     capacity = provider.max_batch
     with database.session() as session:
         with session.begin():
-            batch, left = _claim_own(session, ids, capacity=capacity, settings=settings)
-            if not batch and not left:
+            own, left = _own_rows(session, ids, capacity=capacity, settings=settings)
+            if not own and not left:
                 # All done, or held by live claims: a redelivered or duplicate message. Nothing to do.
                 return statuses
             if left:
                 _send_again(session, left, capacity=capacity)
                 statuses.update(dict.fromkeys((row.id for row in left), "requeued"))
+            more, others_queued = _more_rows(
+                session, own[0].model, room=capacity - sum(row.text_count for row in own), settings=settings,
+                besides={row.id for row in own},
+            ) if own else ([], False)
+            # The message's own rows and the others that fill the call, claimed by one UPDATE.
+            batch = _claim(session, own + more, settings)
             for submission_id in ids:
                 if submission_id in batch.failed:
                     statuses[submission_id] = "failed"
@@ -122,8 +129,6 @@ def moderate_submissions(
             if not works:
                 return statuses
             model = works[0].model
-            more, others_queued = _claim_more(session, model, room=_room(works, capacity), settings=settings)
-            works += more
         # Under load (something else was queued) wait once, briefly, for more to arrive; an idle worker never waits.
         if others_queued and _room(works, capacity) > 0 and settings.batch_max_wait_ms:
             time.sleep(settings.batch_max_wait_ms / 1000)
@@ -184,18 +189,17 @@ class _Claimed:
         return bool(self.works or self.failed)
 
 
-def _claim_own(session: Session, ids: Sequence[str], *, capacity: int,
-               settings: Settings) -> tuple[_Claimed, list[Submission]]:
-    """Claim the message's own submissions that may be claimed (in the caller's transaction), as many of the first
-    one's model as fill the call (the first always: a submission larger than a call is the provider's to refuse);
-    and those left over (another model, or no room), which are queued and were not claimed."""
-    now = utcnow()
-    rows = _lockable(session, Submission.id.in_(ids), claimable(now, settings.processing_lease_seconds),
-                     order=[Submission.id], limit=len(ids))
+def _own_rows(session: Session, ids: Sequence[str], *, capacity: int,
+              settings: Settings) -> tuple[list[Submission], list[Submission]]:
+    """The message's own submissions that may be claimed, read and locked in the caller's transaction: as many of
+    the first one's model as fill the call (the first always: a submission larger than a call is the provider's to
+    refuse); and those left over (another model, or no room), which are queued and are not to be claimed."""
+    rows = list(session.scalars(_OWN, {"ids": list(ids),
+                                       **claimable_parameters(utcnow(), settings.processing_lease_seconds)}))
     position = {submission_id: index for index, submission_id in enumerate(ids)}
     rows.sort(key=lambda row: position[row.id])  # in the message's order: the order they were submitted in
     if not rows:
-        return _Claimed([], set()), []
+        return [], []
     model = rows[0].model
     taken: list[Submission] = []
     left: list[Submission] = []
@@ -206,19 +210,39 @@ def _claim_own(session: Session, ids: Sequence[str], *, capacity: int,
             room -= row.text_count
         else:
             left.append(row)
-    return _claim(session, taken, settings), left
+    return taken, left
 
 
-def _lockable(session: Session, *criteria: ColumnElement[bool], order: Sequence[Any], limit: int) -> list[Submission]:
-    """The rows matching `criteria`, locked for this transaction; rows another transaction holds are skipped (SKIP
-    LOCKED), so workers gathering at the same moment take different rows instead of queueing behind each other.
-    The claim's conditional UPDATE still decides (SQLite locks no rows). A row read earlier in this session (one
-    that did not fit a batch) is read afresh: it may have been erased meanwhile."""
-    return list(session.scalars(
-        select(Submission).where(*criteria).order_by(*order).limit(limit)
-        .options(lazyload(Submission.verdict)).with_for_update(skip_locked=True)
+def _locking(statement: Select[tuple[Submission]]) -> Select[tuple[Submission]]:
+    """`statement`'s rows, locked for this transaction; rows another transaction holds are skipped (SKIP LOCKED), so
+    workers gathering at the same moment take different rows instead of queueing behind each other. The claim's
+    conditional UPDATE still decides (SQLite locks no rows). A row read earlier in this session (one that did not
+    fit a batch) is read afresh: it may have been erased meanwhile."""
+    return statement.options(lazyload(Submission.verdict)).with_for_update(skip_locked=True) \
         .execution_options(populate_existing=True)
-    ))
+
+
+# The reads of every batch, built once with bound parameters (their cache keys with them): at a light load a batch
+# is a text or two, and building them again for each was a good part of its CPU (issue 15).
+# A message's own submissions that may be claimed (CLAIMABLE's parameters).
+_OWN = _locking(select(Submission).where(Submission.id.in_(bindparam("ids", expanding=True)), CLAIMABLE)
+                .order_by(Submission.id))
+# issue 11 item 2: rows whose claim expired (their worker died) are taken ahead of the queued backlog, so they are
+# worked again about a lease after the death, however long the queue.
+_EXPIRED_CLAIM = and_(Submission.status == SubmissionStatus.PROCESSING.value,
+                      Submission.claimed_at < bindparam("lease_cutoff"))
+_DUE = and_(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= bindparam("now"))
+
+
+def _more(*criteria: Any) -> Select[tuple[Submission]]:
+    return _locking(select(Submission).where(or_(_EXPIRED_CLAIM, _DUE), *criteria,
+                                             Submission.text_count <= bindparam("room"))
+                    .order_by(case((_EXPIRED_CLAIM, 0), else_=1), Submission.enqueued_at)
+                    .limit(bindparam("limit")))
+
+
+_MORE_OF_MODEL = _more(Submission.model == bindparam("model"))
+_MORE_WITHOUT_MODEL = _more(Submission.model.is_(None))
 
 
 def _claim(session: Session, rows: Sequence[Submission], settings: Settings) -> _Claimed:
@@ -264,25 +288,32 @@ def _load_work(session: Session, claim: Claim, submission: Submission | None = N
 
 def _claim_more(session: Session, model: str | None, *, room: int, settings: Settings) -> tuple[list[Work], bool]:
     """Claim queued submissions for the same model, up to `room` texts, in the caller's transaction; and whether
-    any were queued. Rows are locked with SKIP LOCKED, so workers gathering at the same moment take different rows
-    instead of queueing behind each other; the claim's conditional UPDATE still decides."""
+    any were queued (see _more_rows)."""
+    rows, queued = _more_rows(session, model, room=room, settings=settings)
+    return _claim(session, rows, settings).works, queued
+
+
+def _more_rows(session: Session, model: str | None, *, room: int, settings: Settings,
+               besides: set[str] | frozenset[str] = frozenset()) -> tuple[list[Submission], bool]:
+    """Queued submissions for the same model, up to `room` texts, read and locked in the caller's transaction, to be
+    claimed (with `besides`, rows read to be claimed with them, not yet claimed); and whether any were queued. Rows
+    are locked with SKIP LOCKED, so workers gathering at the same moment take different rows instead of queueing
+    behind each other (this transaction's own locks do not hide `besides`); the claim's UPDATE still decides."""
     if room <= 0:
         return [], False
     now = utcnow()
-    same_model = Submission.model.is_(None) if model is None else Submission.model == model
-    # issue 11 item 2: rows whose claim expired (their worker died) are taken ahead of the queued backlog, so they
-    # are worked again about a lease after the death, however long the queue.
-    expired_claim = and_(Submission.status == SubmissionStatus.PROCESSING.value,
-                         Submission.claimed_at < now - timedelta(seconds=settings.processing_lease_seconds))
-    due = and_(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= now)
-    candidates = _lockable(session, or_(expired_claim, due), same_model, Submission.text_count <= room,
-                           order=[case((expired_claim, 0), else_=1), Submission.enqueued_at], limit=room)
+    parameters: dict[str, Any] = {"now": now, "room": room, "limit": room + len(besides),
+                                  "lease_cutoff": now - timedelta(seconds=settings.processing_lease_seconds)}
+    if model is not None:
+        parameters["model"] = model
+    candidates = [row for row in session.scalars(_MORE_WITHOUT_MODEL if model is None else _MORE_OF_MODEL, parameters)
+                  if row.id not in besides]
     taken: list[Submission] = []
     for row in candidates:
         if row.text_count <= room:
             taken.append(row)
             room -= row.text_count
-    return _claim(session, taken, settings).works, bool(candidates)
+    return taken, bool(candidates)
 
 
 def _cached_answers(provider: ModerationProvider, cache: VerdictCache,

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, or_, update
+from sqlalchemy import ColumnElement, Table, and_, bindparam, or_, tuple_, update
 from sqlalchemy.orm import Session, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -46,6 +46,43 @@ def claim_submission(session: Session, submission_id: str, *, lease_seconds: int
     return claims[0] if claims else None
 
 
+_SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
+_ROW = _SUBMISSIONS.c
+_QUEUED, _PROCESSING = SubmissionStatus.QUEUED.value, SubmissionStatus.PROCESSING.value
+# The claim and the settle of every batch, built once with bound parameters (their cache keys with them) and run
+# as plain statements on the transaction's connection: their rows' objects are kept in step by hand (_set_written),
+# so none of the ORM's per-statement work is needed (issue 15: at a light load, where a batch is a text or two, the
+# statements' construction and cache keys were a good part of a verdict's CPU).
+# `claimable` with bound parameters (`claimable_parameters` gives them), for statements built once.
+CLAIMABLE: ColumnElement[bool] = or_(
+    and_(_ROW.status == _QUEUED, or_(_ROW.enqueued_at.is_(None), _ROW.enqueued_at <= bindparam("due_by"))),
+    and_(_ROW.status == _PROCESSING, _ROW.claimed_at < bindparam("lease_cutoff")),
+)
+_CLAIM = (
+    update(_SUBMISSIONS)
+    .where(_ROW.id.in_(bindparam("ids", expanding=True)), CLAIMABLE)
+    .values(status=_PROCESSING, claim_token=bindparam("token"), claimed_at=bindparam("claimed"),
+            attempts=_ROW.attempts + 1, updated_at=bindparam("updated"))
+    .returning(_ROW.id, _ROW.attempts)
+)
+# Each row fenced by its own claim (its id with its claim's token); `id IN` as well, for the primary key's index.
+_SETTLE = (
+    update(_SUBMISSIONS)
+    .where(_ROW.id.in_(bindparam("ids", expanding=True)),
+           tuple_(_ROW.id, _ROW.claim_token).in_(bindparam("claims", expanding=True)),
+           _ROW.status == _PROCESSING)
+    .values(status=SubmissionStatus.COMPLETED.value, completed_at=bindparam("completed"), claim_token=None,
+            updated_at=bindparam("updated"), error_code=None, error_message=None)
+    .returning(_ROW.id, _ROW.erased_at)
+)
+
+
+def claimable_parameters(now: datetime, lease_seconds: int) -> dict[str, datetime]:
+    """The values of CLAIMABLE's parameters at `now`: what `claimable(now, lease_seconds)` says."""
+    return {"due_by": now + timedelta(seconds=CLOCK_TOLERANCE_SECONDS),
+            "lease_cutoff": now - timedelta(seconds=lease_seconds)}
+
+
 def claimable(now: datetime, lease_seconds: int) -> ColumnElement[bool]:
     """What a claim may take: queued and due (a submission given back for a retry waits for its due time, even when a
     message, its own earlier one still queued after a batch took it along, comes sooner), or processing under a
@@ -70,14 +107,11 @@ def claim_submissions(session: Session, submission_ids: Sequence[str], *, lease_
         return []
     now = utcnow()
     token = secrets.token_hex(16)
-    rows = session.execute(
-        update(Submission)
-        .where(Submission.id.in_(submission_ids), claimable(now, lease_seconds))
-        .values(status=SubmissionStatus.PROCESSING.value, claim_token=token, claimed_at=now,
-                attempts=Submission.attempts + 1, updated_at=now)
-        .returning(Submission.id, Submission.attempts)
-        .execution_options(synchronize_session=False)
-    ).tuples().all()
+    session.flush()  # what an ORM statement's autoflush did: a row added in this transaction is claimable too
+    rows = session.connection().execute(_CLAIM, {
+        "ids": list(submission_ids), **claimable_parameters(now, lease_seconds), "token": token, "claimed": now,
+        "updated": now,
+    }).tuples().all()
     for submission_id, attempt in rows:
         row = session.identity_map.get(identity_key(Submission, submission_id))
         if isinstance(row, Submission):
@@ -143,19 +177,12 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
     if not outcomes:
         return []
     now = utcnow()
-    by_token: dict[str, list[str]] = {}
-    for item in outcomes:
-        by_token.setdefault(item.claim.token, []).append(item.claim.submission_id)
-    won = dict(session.execute(
-        update(Submission)
-        .where(or_(*(and_(Submission.id.in_(ids), Submission.claim_token == token)
-                     for token, ids in by_token.items())),
-               Submission.status == SubmissionStatus.PROCESSING.value)
-        .values(status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None, updated_at=now,
-                error_code=None, error_message=None)
-        .returning(Submission.id, Submission.erased_at)
-        .execution_options(synchronize_session=False)
-    ).tuples().all())
+    session.flush()  # as an ORM statement's autoflush would: the synchronous path's row is this transaction's own
+    won: dict[str, datetime | None] = dict(session.connection().execute(_SETTLE, {
+        "ids": [item.claim.submission_id for item in outcomes],
+        "claims": [(item.claim.submission_id, item.claim.token) for item in outcomes],
+        "completed": now, "updated": now,
+    }).tuples().all())
     recorded: list[tuple[Outcome, Assessment, dict[str, Any] | None, Verdict, ReviewItem | None]] = []
     verdicts: list[Verdict | None] = []
     endpoints = webhook_deliveries.EndpointsOfTenants(session)

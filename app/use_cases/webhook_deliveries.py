@@ -5,6 +5,7 @@ hand, and the delivery log. Endpoints are app/use_cases/webhook_endpoints.py; th
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, Update, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -63,6 +64,45 @@ def delivery_messages(delivery_ids: Sequence[str]) -> list[Message]:
             for start in range(0, len(delivery_ids), DELIVERIES_PER_MESSAGE)]
 
 
+# Built once with bound parameters (their cache keys with them): they run for every verdict chunk and every delivery
+# message (issue 15: at a light load a message holds a delivery or two, and building these statements was a good
+# part of its CPU).
+_ENABLED_ENDPOINTS = (
+    select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == bindparam("tenant"),
+                                  WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
+    .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
+)
+_DELIVERIES: Table = WebhookDelivery.__table__  # type: ignore[assignment]
+_ROW = _DELIVERIES.c
+# Plain statements on the transaction's connection: the claim and the conclusion keep no object in step that the
+# caller reads afterwards (the conclusion reads the claim's token from the row as read after the claim).
+_CLAIM = (
+    update(_DELIVERIES)
+    .where(_ROW.id.in_(bindparam("ids", expanding=True)), _ROW.status == DeliveryStatus.PENDING.value,
+           or_(_ROW.next_attempt_at.is_(None), _ROW.next_attempt_at <= bindparam("due_by")))
+    .values(status=DeliveryStatus.DELIVERING.value, claim_token=bindparam("token"), claimed_at=bindparam("claimed"),
+            dispatched_at=None, attempt_count=_ROW.attempt_count + 1, updated_at=bindparam("updated"))
+    .returning(_ROW.id, _ROW.attempt_count)
+)
+_CLAIMED_WITH_ENDPOINTS = (
+    select(WebhookDelivery, WebhookEndpoint)
+    .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
+    .where(WebhookDelivery.id.in_(bindparam("ids", expanding=True)))
+)
+
+
+@functools.cache
+def _conclusion(columns: tuple[str, ...]) -> Update:
+    """The fenced UPDATE that moves deliveries on, writing `columns` (a handful of shapes: succeeded, retry, dead)."""
+    return (
+        update(_DELIVERIES)
+        .where(_ROW.id.in_(bindparam("ids", expanding=True)), _ROW.claim_token == bindparam("token"),
+               _ROW.status == DeliveryStatus.DELIVERING.value)
+        .values({column: bindparam(f"new_{column}") for column in columns})
+        .returning(_ROW.id)
+    )
+
+
 class EndpointsOfTenants:
     """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction),
     and the deliveries raised meanwhile, whose messages the caller sends together (`send`)."""
@@ -79,11 +119,7 @@ class EndpointsOfTenants:
 
     def of(self, tenant_id: str) -> list[WebhookEndpoint]:
         if tenant_id not in self._of:
-            self._of[tenant_id] = list(self._session.scalars(
-                select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id,
-                                              WebhookEndpoint.status == WebhookEndpointStatus.ENABLED.value)
-                .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-            ))
+            self._of[tenant_id] = list(self._session.scalars(_ENABLED_ENDPOINTS, {"tenant": tenant_id}))
         return self._of[tenant_id]
 
 
@@ -198,15 +234,9 @@ def claim_deliveries(session: Session, delivery_ids: Sequence[str]) -> dict[str,
         return {}
     now = utcnow()
     token = secrets.token_hex(16)
-    rows = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(delivery_ids), WebhookDelivery.status == DeliveryStatus.PENDING.value,
-               or_(WebhookDelivery.next_attempt_at.is_(None), WebhookDelivery.next_attempt_at <= now))
-        .values(status=DeliveryStatus.DELIVERING.value, claim_token=token, claimed_at=now, dispatched_at=None,
-                attempt_count=WebhookDelivery.attempt_count + 1, updated_at=now)
-        .returning(WebhookDelivery.id, WebhookDelivery.attempt_count)
-        .execution_options(synchronize_session=False)
-    ).tuples().all()
+    session.flush()  # what an ORM statement's autoflush did
+    rows = session.connection().execute(_CLAIM, {"ids": list(delivery_ids), "due_by": now, "token": token,
+                                                 "claimed": now, "updated": now}).tuples().all()
     return {delivery_id: DeliveryClaim(delivery_id=delivery_id, token=token, attempt=attempt)
             for delivery_id, attempt in rows}
 
@@ -242,11 +272,8 @@ def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings,
                 return outcomes
             started_at = utcnow()
             attempts: list[_Attempt] = []
-            for delivery, endpoint in session.execute(
-                select(WebhookDelivery, WebhookEndpoint)
-                .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-                .where(WebhookDelivery.id.in_(list(claims)))
-            ).tuples():  # one deleted with its endpoint meanwhile is not found: skipped
+            # One deleted with its endpoint meanwhile is not found: skipped.
+            for delivery, endpoint in session.execute(_CLAIMED_WITH_ENDPOINTS, {"ids": list(claims)}).tuples():
                 claim = claims[delivery.id]
                 if endpoint.status != WebhookEndpointStatus.ENABLED.value:
                     result = AttemptResult(status_code=None, latency_ms=0,
@@ -337,15 +364,13 @@ def conclude_attempts(
         groups.setdefault((claim.token, tuple(sorted(values.items()))), []).append(delivery.id)
     # The fenced UPDATEs first: a claim lost since the read writes nothing at all.
     won: set[str] = set()
+    if groups:
+        session.flush()  # what an ORM statement's autoflush did
     for (token, items), ids in groups.items():
-        won.update(session.scalars(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.claim_token == token,
-                   WebhookDelivery.status == DeliveryStatus.DELIVERING.value)
-            .values(**dict(items))
-            .returning(WebhookDelivery.id)
-            .execution_options(synchronize_session=False)
-        ))
+        won.update(session.connection().execute(
+            _conclusion(tuple(column for column, _ in items)),
+            {"ids": ids, "token": token, **{f"new_{column}": value for column, value in items}},
+        ).scalars())
     outcomes: list[str] = []
     events: list[dict[str, Any]] = []
     with session.no_autoflush:  # the attempt rows go out together, with the first event

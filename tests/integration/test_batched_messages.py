@@ -135,6 +135,32 @@ def test_a_bulk_claim_takes_only_what_no_other_worker_holds(
     assert provider.calls == [[f"{model} #1", f"{model} #2"]]
 
 
+def test_the_message_rows_and_the_others_that_fill_the_call_are_claimed_by_one_update(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, model: str, sent: list[Message],
+) -> None:
+    first, second = submit(client, tenant, model, 2), submit(client, tenant, model, 2)
+    assert moderation_messages(sent) == [tuple(first), tuple(second)]
+    updates: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE SUBMISSIONS"):
+            updates.append(statement)
+
+    provider = _Provider(max_batch=8)
+    settings = app.extensions["verdict.settings"]
+    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        statuses = moderation.moderate_submissions(database, provider, first, settings)
+    finally:
+        event.remove(database.engine, "before_cursor_execute", record)
+    assert statuses == dict.fromkeys(first, "completed")
+    # Each row once in the one call (the message's own rows, read first, are not taken again as "more").
+    assert provider.calls == [[f"{model} #0", f"{model} #1", f"{model} #0", f"{model} #1"]]
+    assert len(updates) == 2, updates  # one claim for the four, one settle
+    assert_exactly_once(database, first + second)
+    assert moderation.moderate_submissions(database, provider, second, settings) == dict.fromkeys(second, "skipped")
+
+
 def test_statements_per_message_do_not_grow_with_its_submissions(
     app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, model: str, sent: list[Message],
 ) -> None:

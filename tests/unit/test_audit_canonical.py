@@ -10,6 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.audit_chain import (
     GENESIS_HASH,
@@ -190,3 +193,34 @@ def test_hashing_an_events_members_one_by_one_is_hashing_its_canonical_form(over
     members = canonical_members({key: value for key, value in fields.items() if key not in ("seq", "prev_hash")})
     members.update(canonical_members({"seq": 7, "prev_hash": "cd" * 32}))
     assert hash_members(members) == hash_fields(fields)
+
+
+# ---- the serializer against the reference implementation -------------------------------------------------------
+
+_JSON_TEXT = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ["", "\x00\x1f\x7f", '"\\/', "\b\f\n\r\t", "é", "\U0001f600", "\ufb01", "\ue000"])
+_JSON_NUMBER = (st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+                | st.floats(allow_nan=False, allow_infinity=False)
+                | st.sampled_from([0.0, -0.0, 1e-7, 1e-6, 1e-5, 1e-4, 0.97, 1e15, 1e16, 1e20, 1e21, 1e22, 5e-324,
+                                   1.7976931348623157e308, -2.5, 123456789.125, 2.0**53]))
+_JSON = st.recursive(st.none() | st.booleans() | _JSON_NUMBER | _JSON_TEXT,
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4),
+                     max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_JSON_TEXT, _JSON, max_size=6))
+def test_the_serializer_writes_what_rfc8785_writes(value: dict[str, Any]) -> None:
+    # Byte for byte: the chain's hashes (and every export verified offline) depend on it.
+    assert canonical_bytes(value) == rfc8785.dumps(value)
+    assert canonical_members(value) == {key: rfc8785.dumps(key) + b":" + rfc8785.dumps(item)
+                                        for key, item in value.items()}
+
+
+def test_the_serializer_refuses_what_rfc8785_refuses() -> None:
+    for value in ({"x": 2**53}, {"x": -(2**53)}, {"x": float("nan")}, {"x": [float("inf")]}, {"x": "\ud800"},
+                  {"x": {1: 2}}, {"x": object()}):
+        with pytest.raises(ValueError):
+            rfc8785.dumps(value)
+        with pytest.raises(ValueError):
+            canonical_bytes(value)
