@@ -7,8 +7,10 @@ cancelled, one that is still running is cancelled as before."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+from billiard import util as billiard_util  # type: ignore[import-untyped]
 from celery.concurrency.asynpool import AsynPool
 from celery.concurrency.prefork import TaskPool as CeleryTaskPool
 
@@ -17,6 +19,14 @@ _RESULT_GRACE_SECONDS = 0.5
 
 
 class ResultFirstAsynPool(AsynPool):  # type: ignore[misc]
+    def _create_worker_process(self, i: int) -> Any:
+        # Every pool process is forked here (at start, and when one is replaced). Its first act (Celery's
+        # set_pdeathsig: billiard has cffi parse a C declaration) loads cffi's C parser (pycparser) and builds it: done
+        # once here in the parent, it is shared by the pool processes instead of built in each (issue 15 item 4).
+        with contextlib.suppress(OSError):
+            billiard_util.get_pdeathsig()
+        return super()._create_worker_process(i)
+
     def register_with_event_loop(self, hub: Any) -> Any:
         self._verdict_hub = hub
         return super().register_with_event_loop(hub)
