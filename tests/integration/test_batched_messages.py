@@ -24,8 +24,9 @@ from tests.integration.test_recovery import assert_exactly_once
 from tests.integration.test_requeue_sweep import retire
 
 
-class _Provider:
-    """Answers every text alike, `max_batch` texts per call, and records each call's texts."""
+class RecordingProvider:
+    """An in-process provider: answers every text alike, `max_batch` texts per call, and records each call's texts
+    (test_throughput.py uses it too)."""
 
     name = "recording"
 
@@ -80,7 +81,7 @@ def test_one_message_names_the_batch_and_one_call_decides_it(
 ) -> None:
     ids = submit(client, tenant, model, 5)
     assert moderation_messages(sent) == [tuple(ids)]  # one message, not five
-    provider = _Provider(max_batch=8)
+    provider = RecordingProvider(max_batch=8)
     settings = app.extensions["verdict.settings"]
     assert moderation.moderate_submissions(database, provider, ids, settings) == dict.fromkeys(ids, "completed")
     assert provider.calls == [[f"{model} #{i}" for i in range(5)]]
@@ -96,7 +97,7 @@ def test_what_one_call_cannot_hold_is_sent_on_at_once(
 ) -> None:
     ids = submit(client, tenant, model, 5)
     (message,) = moderation_messages(sent)
-    provider = _Provider(max_batch=2)
+    provider = RecordingProvider(max_batch=2)
     settings = app.extensions["verdict.settings"]
     statuses = moderation.moderate_submissions(database, provider, message, settings)
     assert statuses == {**dict.fromkeys(ids[:2], "completed"), **dict.fromkeys(ids[2:], "requeued")}
@@ -126,7 +127,7 @@ def test_a_bulk_claim_takes_only_what_no_other_worker_holds(
     # A worker still in the middle of its claim (the row locked, not committed) keeps it: the batch skips the row
     # instead of waiting for it, and decides the rest.
     more = submit(client, tenant, model, 3)
-    provider = _Provider(max_batch=8)
+    provider = RecordingProvider(max_batch=8)
     with database.session() as holder, holder.begin():
         held = claim_submission(holder, more[0], lease_seconds=lease)
         assert held is not None
@@ -146,7 +147,7 @@ def test_the_message_rows_and_the_others_that_fill_the_call_are_claimed_by_one_u
         if statement.lstrip().upper().startswith("UPDATE SUBMISSIONS"):
             updates.append(statement)
 
-    provider = _Provider(max_batch=8)
+    provider = RecordingProvider(max_batch=8)
     settings = app.extensions["verdict.settings"]
     event.listen(database.engine, "before_cursor_execute", record)
     try:
@@ -175,7 +176,7 @@ def test_statements_per_message_do_not_grow_with_its_submissions(
 
         event.listen(database.engine, "before_cursor_execute", count)
         try:
-            statuses = moderation.moderate_submissions(database, _Provider(max_batch=32), ids, settings)
+            statuses = moderation.moderate_submissions(database, RecordingProvider(max_batch=32), ids, settings)
         finally:
             event.remove(database.engine, "before_cursor_execute", count)
         assert set(statuses.values()) == {"completed"}
@@ -199,7 +200,8 @@ def test_rows_are_not_read_again_after_their_claim(
 
     event.listen(database.engine, "before_cursor_execute", record)
     try:
-        moderation.moderate_submissions(database, _Provider(max_batch=8), ids, app.extensions["verdict.settings"])
+        moderation.moderate_submissions(database, RecordingProvider(max_batch=8), ids,
+                                        app.extensions["verdict.settings"])
     finally:
         event.remove(database.engine, "before_cursor_execute", record)
     # The message's rows, read (and locked) once with their content; then the queue looked at once for more.

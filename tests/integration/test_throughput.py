@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask
@@ -18,13 +18,13 @@ from sqlalchemy import select, update
 
 from app.db import Database
 from app.models import AuditEvent, Submission, utcnow
-from app.moderation.providers import ModelInfo, ProviderResult, TextScores
 from app.use_cases import moderation
 from app.use_cases.tenants import configure_tenant
 from app.use_cases.verdicts import claim_submission, release_for_retry
 from tests.conftest import TenantKey, issue_key
 from tests.fake_upstream import ONE_BAD_RESULT, FakeUpstream, score_text
 from tests.integration.conftest import WorkerProcess, openai_worker_env
+from tests.integration.test_batched_messages import RecordingProvider
 from tests.integration.test_pipeline import submit_batch, upstream_inputs, wait_all_final
 from tests.integration.test_recovery import RECOVERY_TIMEOUT, assert_exactly_once, attempts, upstream_calls
 from tests.lanes import integration_fixture
@@ -224,27 +224,6 @@ def test_a_submission_given_back_for_a_retry_waits_for_its_due_time(
         assert second is not None and second.attempt == 2
 
 
-class _RecordingProvider:
-    """An in-process provider that answers every text alike and records each call's texts."""
-
-    name = "recording"
-    max_batch = 8
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def warm_up(self) -> None:
-        pass
-
-    def models(self) -> list[ModelInfo]:
-        return [ModelInfo(id="recording-1", provider=self.name, judged_categories=["violence"])]
-
-    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
-        self.calls.append(list(texts))
-        return ProviderResult(provider=self.name, model="recording-1", judged=frozenset({"violence"}), latency_ms=1,
-                              results=[TextScores(scores={"violence": 0.01}) for _ in texts])
-
-
 def test_a_worker_waits_to_fill_a_batch_only_under_load(
     app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -259,7 +238,7 @@ def test_a_worker_waits_to_fill_a_batch_only_under_load(
         assert response.status_code == 202
         return [item["id"] for item in response.get_json()["data"]]
 
-    provider = _RecordingProvider()
+    provider = RecordingProvider(max_batch=8)
     (alone,) = submit_for_model(1)
     assert moderation.moderate_submissions(database, provider, [alone], settings)[alone] == "completed"
     assert sleeps == []  # nothing else queued: no waiting at all
