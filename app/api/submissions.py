@@ -39,7 +39,7 @@ bp = Blueprint("submissions", __name__)
 
 
 @bp.post("/v1/submissions")
-@require_scope("submit")
+@require_scope("submit", charges_tokens=True)
 @transaction
 def create_submissions() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object()
