@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import structlog
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.db import Database
@@ -39,7 +40,8 @@ class GroupCommitter(Generic[W]):
     while no group is being committed leads: it takes every write waiting at that moment, its own included, and
     commits them in one transaction; the writes handed in meanwhile wait, and form the next group, which the first
     of them leads. A thread alone (low load) leads a group of one at once. If a group's transaction fails, each of
-    its writes is committed again alone, in a transaction of its own, so a bad write fails only its own request."""
+    its writes is committed again alone, in a transaction of its own, so a bad write fails only its own request; once
+    one of those fails as the database does when it is away (OperationalError), the rest fail with it untried."""
 
     def __init__(self, database: Database, store: Callable[[Session, Sequence[W]], None]) -> None:
         self._database = database
@@ -93,9 +95,17 @@ class GroupCommitter(Generic[W]):
                 group[0].error, group[0].done = exc, True
                 return
             log.warning("group_commit_failed", writes=len(group), error_type=type(exc).__name__)
+            away: OperationalError | None = None
             for slot in group:
+                if away is not None:
+                    # The database is away (a write of its own failed so): the others are not tried one by one,
+                    # each waiting for its own connection to fail, but answered alike (a 503).
+                    slot.error, slot.done = away, True
+                    continue
                 try:
                     self._transaction([slot])
+                except OperationalError as own:
+                    slot.error, away = own, own
                 except Exception as own:  # noqa: BLE001 - raised in the thread whose write it is
                     slot.error = own
                 slot.done = True

@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.api.transactions import submissions_committer
@@ -221,3 +222,19 @@ def test_a_post_alone_is_committed_at_once_in_a_group_of_one(
     answer = client.post("/v1/submissions", json={"input": "alone"}, headers=tenant.headers)
     assert answer.status_code == 202
     assert held.groups == [[answer.get_json()["id"]]]
+
+
+def test_a_group_failing_as_the_database_does_when_away_answers_503_without_trying_each(
+    app: Flask, tenant: TenantKey, held: HeldGroups, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def away(session: Session, writes: Sequence[PreparedSubmissions]) -> None:
+        calls.append(len(writes))
+        raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    held.store = away
+    answers = post_together(app, held, [poster(tenant, f"away text {i}") for i in range(THREADS)])
+    assert [answer.status_code for answer in answers] == [503] * THREADS
+    # The first alone; the group of the others; one of them alone, which failed so too: the rest untried.
+    assert calls == [1, THREADS - 1, 1]
