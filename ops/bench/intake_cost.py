@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
+import pstats
 import sys
 import threading
 import time
@@ -80,35 +81,44 @@ class Meter:
             self.commits = self.publishes = self.messages = self.ids = 0
 
 
-def run(app: Any, threads: int, requests: int, send: Callable[[Any, int], Any], expected: int) -> None:
+def run(app: Any, threads: int, requests: int, send: Callable[[Any, int], Any], expected: int,
+        profile: str | None = None) -> None:
     errors: list[int] = []
+    profiles: list[cProfile.Profile] = []
 
     def client(slot: int) -> None:
         http = app.test_client()
+        # A profiler sees only its own thread: one per client thread, added up at the end.
+        profiler = cProfile.Profile(time.thread_time) if profile else None
+        if profiler is not None:
+            profiles.append(profiler)
+            profiler.enable()
         for i in range(requests):
             response = send(http, slot * requests + i)
             if response.status_code != expected:
                 errors.append(response.status_code)
+        if profiler is not None:
+            profiler.disable()
 
-    if threads == 1:  # in this thread, so that --profile sees it
-        client(0)
-        workers = []
-    else:
-        workers = [threading.Thread(target=client, args=(slot,)) for slot in range(threads)]
+    workers = [threading.Thread(target=client, args=(slot,)) for slot in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     if errors:
         raise RuntimeError(f"{len(errors)} unexpected answers, e.g. {errors[:5]}")
+    if profile:
+        stats = pstats.Stats(profiles[0])
+        for other in profiles[1:]:
+            stats.add(other)
+        stats.dump_stats(profile)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--requests", type=int, default=250, help="per thread")
-    parser.add_argument("--profile", help="write a CPU-time profile of the POST phase to this file (with "
-                        "--threads 1: a profile sees only its own thread)")
+    parser.add_argument("--profile", help="write a CPU-time profile of the POST phase to this file (the client threads' own, added up)")
     parser.add_argument("--idempotency", action="store_true", help="every POST carries its own Idempotency-Key")
     args = parser.parse_args()
 
@@ -145,15 +155,10 @@ def main() -> int:
         cpu: dict[str, float] = {}
         for label, send, expected in (("GET /v1/models", get, 200), ("POST /v1/submissions", post, 202)):
             meter.reset()
-            profiler = cProfile.Profile(time.process_time) if args.profile and label.startswith("POST") else None
-            if profiler is not None:
-                profiler.enable()
             began = time.process_time()
-            run(app, args.threads, args.requests, send, expected)
+            run(app, args.threads, args.requests, send, expected,
+                args.profile if label.startswith("POST") else None)
             cpu[label] = time.process_time() - began
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(args.profile)
             print(f"{label}: {args.threads} threads x {args.requests}: cpu {1000 * cpu[label] / total:.2f} ms, "
                   f"statements {sum(meter.statements.values()) / total:.2f}, commits {meter.commits / total:.2f}, "
                   f"publishes {meter.publishes / total:.2f}, moderation messages {meter.messages / total:.2f} "
