@@ -118,7 +118,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--requests", type=int, default=250, help="per thread")
-    parser.add_argument("--profile", help="write a CPU-time profile of the POST phase to this file (the client threads' own, added up)")
+    parser.add_argument("--profile", help="write a CPU-time profile of the POST phase to this file "
+                        "(the client threads' own, added up)")
     parser.add_argument("--idempotency", action="store_true", help="every POST carries its own Idempotency-Key")
     args = parser.parse_args()
 
