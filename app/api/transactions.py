@@ -46,15 +46,18 @@ def transaction(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         session = request_session()
-        with session.begin():
-            result = view(*args, **kwargs)
-            keep: Callable[[Any], Also | None] | None = g.pop("idempotency_keep", None)
-            grouped: tuple[GroupCommitter[Any], Any] | None = g.pop(_GROUPED, None)
-            answer = keep(result) if keep is not None else None
-            if grouped is None:
-                if answer is not None:
-                    answer(session)
-                return result
+        try:
+            with session.begin():
+                result = view(*args, **kwargs)
+                keep: Callable[[Any], Also | None] | None = g.pop("idempotency_keep", None)
+                grouped: tuple[GroupCommitter[Any], Any] | None = g.pop(_GROUPED, None)
+                answer = keep(result) if keep is not None else None
+                if grouped is None:
+                    if answer is not None:
+                        answer(session)
+                    return result
+        finally:
+            g.pop(_GROUPED, None)  # a view that raised after handing in its write: the write is dropped
         committer, write = grouped
         committer.commit(write, also=answer)
         return result
