@@ -47,8 +47,12 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def require_scope(scope: str | None) -> Callable[[F], F]:
-    """Authenticate the request's key and require `scope` (None: any valid key); then see `current_principal()`."""
+def require_scope(scope: str | None, *, charges_tokens: bool = False) -> Callable[[F], F]:
+    """Authenticate the request's key and require `scope` (None: any valid key); then see `current_principal()`.
+
+    `charges_tokens`: the view calls `rate_limits.charge_tokens` before it writes anything; the request is then
+    counted against the key's RPM in the same round trip as its tokens (unless it has an Idempotency-Key, whose
+    claim must come after the count), or when the view ends if it charged none, with the same answers."""
     if scope is not None and scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
@@ -58,12 +62,23 @@ def require_scope(scope: str | None) -> Callable[[F], F]:
             principal = _authenticated()
             g.principal = principal
             structlog.contextvars.bind_contextvars(tenant_id=principal.tenant_id, key_id=principal.key_id)
+            quota = rate_limits.quota_for(principal.rate_limit_rpm, principal.rate_limit_tpm, current_settings())
+            allowed = scope is None or scope in principal.scopes
+            idempotent = request.method == "POST" and IDEMPOTENCY_HEADER in request.headers
+            if charges_tokens and allowed and not idempotent:
+                rate_limits.defer_request(principal.key_id, quota)
+                try:
+                    result = view(*args, **kwargs)
+                except BaseException:
+                    rate_limits.settle_request()  # counted now if it was not: over the RPM, its 429 wins
+                    raise
+                rate_limits.settle_request()
+                return result
             # Every keyed request counts against the key's limit, refused ones included.
-            rate_limits.check_request(principal.key_id, rate_limits.quota_for(
-                principal.rate_limit_rpm, principal.rate_limit_tpm, current_settings()))
-            if scope is not None and scope not in principal.scopes:
+            rate_limits.check_request(principal.key_id, quota)
+            if not allowed:
                 raise ApiError(403, f"This API key lacks the '{scope}' scope.", code="missing_scope")
-            if request.method == "POST" and IDEMPOTENCY_HEADER in request.headers:
+            if idempotent:
                 return run_once(principal, lambda: view(*args, **kwargs))
             return view(*args, **kwargs)
 

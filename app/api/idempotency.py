@@ -57,11 +57,14 @@ def run_once(principal: Principal, view: Callable[[], Any]) -> Response:
 
     kept_with_the_view: list[bool] = []
 
-    def keep(session: Session, result: Any) -> None:
+    def keep(result: Any) -> Callable[[Session], None] | None:
+        # Shaped here, in the request's thread; written by whoever commits the view's write (app/api/transactions.py).
         response = current_app.make_response(result)
-        if _worth_keeping(response):
-            idempotency.store_response(session, principal.tenant_id, key, _kept(response))
-            kept_with_the_view.append(True)
+        if not _worth_keeping(response):
+            return None
+        stored = _kept(response)
+        kept_with_the_view.append(True)
+        return lambda session: idempotency.store_response(session, principal.tenant_id, key, stored)
 
     g.idempotency_keep = keep
     try:

@@ -32,7 +32,7 @@ bp = Blueprint("moderations", __name__)
 
 @bp.post("/v1/moderations")
 @bp.post("/v1/moderate")
-@require_scope("submit")
+@require_scope("submit", charges_tokens=True)
 def create_moderation() -> Response:
     body = read_json_object()
     try:

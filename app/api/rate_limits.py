@@ -58,14 +58,19 @@ class Standing:
 # counts is the current minute's total plus the previous minute's weighted by how much of it the sliding minute
 # still covers (so the count never jumps to zero at a minute's start). A charge is taken only if it fits; one call
 # takes or looks at several windows, in one round trip. KEYS: per charge, its current and previous counters. ARGV:
-# the seconds into the current minute, the minute's length, then per charge its limit and cost. Per charge it
-# answers allowed (1/0), the current and the previous counters.
+# the seconds into the current minute, the minute's length, whether the charges are chained (1: once one is refused,
+# the ones after it are only looked at), then per charge its limit and cost. Per charge it answers allowed (1/0),
+# the current and the previous counters.
 _SCRIPT = """
-local elapsed, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local elapsed, period, chained = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local weight = (period - elapsed) / period
 local answer = {}
+local refused = false
 for i = 1, #KEYS / 2 do
-  local limit, cost = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local limit, cost = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  if chained and refused then
+    cost = 0
+  end
   local current = tonumber(redis.call('get', KEYS[2 * i - 1]) or '0')
   local previous = tonumber(redis.call('get', KEYS[2 * i]) or '0')
   local allowed = math.floor(previous * weight) + current + cost <= limit
@@ -73,6 +78,7 @@ for i = 1, #KEYS / 2 do
     current = redis.call('incrby', KEYS[2 * i - 1], cost)
     redis.call('expire', KEYS[2 * i - 1], 2 * period)
   end
+  refused = refused or not allowed
   answer[#answer + 1] = allowed and 1 or 0
   answer[#answer + 1] = current
   answer[#answer + 1] = previous
@@ -95,19 +101,21 @@ class RateLimiter:
             self._redis = redis.Redis.from_url(storage_url, socket_connect_timeout=2, socket_timeout=2)
             self._script = self._redis.register_script(_SCRIPT)
 
-    def hit(self, *charges: Charge) -> list[Standing]:
-        """Take each charge from its window if it fits (each on its own); where each window then stands."""
+    def hit(self, *charges: Charge, chained: bool = False) -> list[Standing]:
+        """Take each charge from its window if it fits (each on its own; `chained`: and only if every charge before
+        it was taken, the later ones being only looked at once one is refused); where each window then stands."""
         now = self._clock()
         minute, elapsed = divmod(now, PERIOD_SECONDS)
         index = int(minute)
-        counts = self._redis_counts(charges, index, elapsed) if self._redis is not None else \
-            self._memory_counts(charges, index, elapsed)
+        counts = self._redis_counts(charges, index, elapsed, chained) if self._redis is not None else \
+            self._memory_counts(charges, index, elapsed, chained)
         return [_standing(charge, allowed, current, previous, elapsed)
                 for charge, (allowed, current, previous) in zip(charges, counts, strict=True)]
 
-    def _redis_counts(self, charges: Sequence[Charge], index: int, elapsed: float) -> list[tuple[bool, int, int]]:
+    def _redis_counts(self, charges: Sequence[Charge], index: int, elapsed: float,
+                      chained: bool) -> list[tuple[bool, int, int]]:
         keys: list[str] = []
-        args: list[float | int] = [elapsed, PERIOD_SECONDS]
+        args: list[float | int] = [elapsed, PERIOD_SECONDS, 1 if chained else 0]
         for charge in charges:
             keys += [self._key(charge, index), self._key(charge, index - 1)]
             args += [charge.limit, charge.cost]
@@ -117,19 +125,23 @@ class RateLimiter:
     def _key(self, charge: Charge, index: int) -> str:
         return f"{self._prefix}:{charge.window}:{charge.subject}:{index}"
 
-    def _memory_counts(self, charges: Sequence[Charge], index: int, elapsed: float) -> list[tuple[bool, int, int]]:
+    def _memory_counts(self, charges: Sequence[Charge], index: int, elapsed: float,
+                       chained: bool) -> list[tuple[bool, int, int]]:
         weight = (PERIOD_SECONDS - elapsed) / PERIOD_SECONDS
         answers: list[tuple[bool, int, int]] = []
+        refused = False
         with self._lock:
             for stale in [k for k in self._counters if k[2] < index - 1]:
                 del self._counters[stale]
             for charge in charges:
+                cost = 0 if chained and refused else charge.cost
                 current = self._counters.get((charge.window, charge.subject, index), 0)
                 previous = self._counters.get((charge.window, charge.subject, index - 1), 0)
-                allowed = math.floor(previous * weight) + current + charge.cost <= charge.limit
-                if allowed and charge.cost > 0:
-                    current += charge.cost
+                allowed = math.floor(previous * weight) + current + cost <= charge.limit
+                if allowed and cost > 0:
+                    current += cost
                     self._counters[(charge.window, charge.subject, index)] = current
+                refused = refused or not allowed
                 answers.append((allowed, current, previous))
         return answers
 
@@ -171,22 +183,48 @@ def _limiter() -> RateLimiter:
 
 
 def check_request(key_id: str, quota: Quota) -> None:
-    """Count one request against the key's RPM; 429 if over. Called for every keyed request, before its scope."""
+    """Count one request against the key's RPM; 429 if over. Called for every keyed request, before its scope (or,
+    for a view that charges tokens, with its tokens: `defer_request`)."""
     g.rate_limit_quota = quota
     g.rate_limit_key = key_id
+    _count_request(key_id, quota, None)
+
+
+def defer_request(key_id: str, quota: Quota) -> None:
+    """Count the request with the tokens the view charges (`charge_tokens`), in the same round trip, instead of now;
+    or, if the view ends before it charges any (a 400, a 404), when it ends (`settle_request`). The answers are the
+    same as `check_request`'s now: the request is counted, and refused first, before its tokens."""
+    g.rate_limit_quota = quota
+    g.rate_limit_key = key_id
+    g.rate_limit_deferred = True
+
+
+def settle_request() -> None:
+    """Count a deferred request that charged no tokens (429 if over the RPM, which then replaces the view's answer:
+    a view that defers charges its tokens before it writes anything)."""
+    if g.pop("rate_limit_deferred", False):
+        _count_request(g.rate_limit_key, g.rate_limit_quota, None)
+
+
+def _count_request(key_id: str, quota: Quota, tokens: int | None) -> Standing | None:
+    """Take one request from the key's RPM window and, chained to it, `tokens` from its TPM window (None: only look
+    at it, for its header); 429 if the request is over the RPM. Where the TPM window stands, unless the store failed."""
     try:
-        # One round trip: the request taken from the RPM window, the TPM window looked at for its header.
-        requests, tokens = _limiter().hit(Charge("rpm", key_id, quota.rpm, 1), Charge("tpm", key_id, quota.tpm, 0))
+        # One round trip: the request taken from the RPM window; the tokens taken (only if the request was) from
+        # the TPM window, or the TPM window looked at for its header.
+        requests, standing = _limiter().hit(Charge("rpm", key_id, quota.rpm, 1),
+                                            Charge("tpm", key_id, quota.tpm, tokens or 0), chained=True)
     except Exception as exc:  # noqa: BLE001 - any store failure: let the request through, say so in the log
         log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
-        return
+        return None
     g.rate_limit_headers = {
         "X-RateLimit-Limit-RPM": str(quota.rpm), "X-RateLimit-Remaining-RPM": str(requests.remaining),
-        "X-RateLimit-Limit-TPM": str(quota.tpm), "X-RateLimit-Remaining-TPM": str(tokens.remaining),
+        "X-RateLimit-Limit-TPM": str(quota.tpm), "X-RateLimit-Remaining-TPM": str(standing.remaining),
     }
     if not requests.allowed:
         raise _too_many(f"Rate limit reached: {quota.rpm} requests per minute for this key.", requests.retry_in,
                         code="rate_limit_requests")
+    return standing
 
 
 def check_failed_authentication(client_address: str | None, key_id: str | None, limit: int) -> None:
@@ -213,13 +251,21 @@ def charge_tokens(texts: Sequence[str]) -> None:
     if quota is None or key_id is None:
         return
     tokens = estimate_tokens(texts)
-    try:
-        (standing,) = _limiter().hit(Charge("tpm", key_id, quota.tpm, tokens))
-    except Exception as exc:  # noqa: BLE001 - as in check_request
-        log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
+    standing: Standing | None
+    if g.pop("rate_limit_deferred", False):
+        # The request's own count, deferred to here (`defer_request`): both in one round trip.
+        standing = _count_request(key_id, quota, tokens)
+    else:
+        try:
+            (standing,) = _limiter().hit(Charge("tpm", key_id, quota.tpm, tokens))
+        except Exception as exc:  # noqa: BLE001 - as in check_request
+            log.warning("rate_limit_unavailable", error_type=type(exc).__name__)
+            standing = None
+        if standing is not None:
+            headers: dict[str, str] = g.get("rate_limit_headers", {})
+            headers["X-RateLimit-Remaining-TPM"] = str(standing.remaining)
+    if standing is None:
         return
-    headers: dict[str, str] = g.get("rate_limit_headers", {})
-    headers["X-RateLimit-Remaining-TPM"] = str(standing.remaining)
     if not standing.allowed:
         if tokens > quota.tpm:
             # No wait makes room for it; Retry-After is still sent, as on every 429.

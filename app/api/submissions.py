@@ -11,7 +11,7 @@ from app.api.body import current_limits, read_json_object
 from app.api.long_polls import current_long_polls
 from app.api.rate_limits import charge_tokens
 from app.api.request_context import current_request_id
-from app.api.transactions import request_session, transaction
+from app.api.transactions import commit_in_group, request_session, submissions_committer, transaction
 from app.extensions import current_database, current_settings
 from app.masking import Masker
 from app.models import Submission
@@ -30,8 +30,8 @@ from app.use_cases.submissions import (
     SubmissionFilter,
     await_submission,
     list_submissions,
+    prepare_submissions,
     submission_is_final,
-    submit_content,
 )
 from app.use_cases.webhook_endpoints import check_callback_urls
 
@@ -39,7 +39,7 @@ bp = Blueprint("submissions", __name__)
 
 
 @bp.post("/v1/submissions")
-@require_scope("submit")
+@require_scope("submit", charges_tokens=True)
 @transaction
 def create_submissions() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object()
@@ -50,9 +50,12 @@ def create_submissions() -> tuple[Response, int, dict[str, str]]:
     charge_tokens([text for item in items for text in item.input])
     session, principal, settings = request_session(), current_principal(), current_settings()
     check_callback_urls(session, principal.tenant_id, [item.callback_url for item in items], settings=settings)
-    # Their moderation messages are sent once this view's transaction commits.
-    submission_ids = submit_content(session, principal, items, request_id=current_request_id(),
-                                    masker=Masker.from_settings(settings))
+    prepared = prepare_submissions(session, principal, items, request_id=current_request_id(),
+                                   masker=Masker.from_settings(settings))
+    # Stored with the other requests' of this moment, in one transaction, once this view returns; their moderation
+    # messages are sent once it commits, and the answer goes out only then.
+    commit_in_group(submissions_committer(), prepared)
+    submission_ids = prepared.ids
     accepted = [SubmissionAccepted(id=submission_id, links={"self": _self_link(submission_id)})
                 for submission_id in submission_ids]
     if batch:

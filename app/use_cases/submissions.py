@@ -34,6 +34,34 @@ _KEYS = {attribute: Submission.__mapper__.columns[attribute].key for attribute i
     "dispatched_at")}
 
 
+@dataclass(frozen=True)
+class SubmissionEvent:
+    """The `submission.received` event of one new submission, recorded when its row is stored."""
+
+    submission_id: str
+    content_digest: str
+    conversation_id: str | None
+    turn_id: str | None
+    details: dict[str, object]
+
+
+@dataclass(frozen=True)
+class PreparedSubmissions:
+    """What one request submits, ready to store: its rows (their ids made here), their events and whose they are.
+    Nothing of it is written until `store_submissions`."""
+
+    tenant_id: str
+    key_id: str
+    request_id: str | None
+    rows: list[dict[str, Any]]
+    events: list[SubmissionEvent]
+    roles: list[str]
+
+    @property
+    def ids(self) -> list[str]:
+        return [event.submission_id for event in self.events]
+
+
 def submit_content(
     session: Session,
     principal: Principal,
@@ -44,12 +72,24 @@ def submit_content(
 ) -> list[str]:
     """Store the submissions and their `submission.received` events, in the caller's transaction, and return their
     ids (in the order of `items`); each is sent to the queue once it commits (the outbox), and the requeue sweep
-    sends any that were not. Texts to be masked are masked first, so neither the database nor a provider ever sees
-    the personal data, and the content digest is of the masked text.
+    sends any that were not. `prepare_submissions` then `store_submissions`; the API hands the second step to the
+    process's group committer instead (app/group_commit.py)."""
+    prepared = prepare_submissions(session, principal, items, request_id=request_id, masker=masker)
+    store_submissions(session, [prepared])
+    return prepared.ids
 
-    The rows are written as rows, not as objects of the session (nothing here reads them back: issue 15, the unit
-    of work's flush was ~12 % of an intake's CPU); the columns not given take their defaults (status `queued`).
-    """
+
+def prepare_submissions(
+    session: Session,
+    principal: Principal,
+    items: Sequence[SubmissionIn],
+    *,
+    request_id: str | None,
+    masker: Masker = DEFAULT_MASKER,
+) -> PreparedSubmissions:
+    """Check what the items name (their policies: NotFound, InvalidInput) and build their rows and events, reading
+    in the caller's transaction and writing nothing. Texts to be masked are masked here, so neither the database nor
+    a provider ever sees the personal data, and the content digest is of the masked text."""
     # A submission that names no policy is decided under its tenant's default (the built-in one unless set).
     default_policy = default_policy_name(session, principal.tenant_id, principal.tenant_defaults) if any(
         item.policy is None for item in items) else BUILTIN
@@ -64,7 +104,7 @@ def submit_content(
     now = utcnow()
     tenant_default = tenant_mask_default(session, principal) if any(item.mask is None for item in items) else None
     rows: list[dict[str, Any]] = []
-    events: list[tuple[str, str, SubmissionIn, dict[str, object]]] = []  # (id, digest, item, event details)
+    events: list[SubmissionEvent] = []
     for item, policy_name in zip(items, policy_names, strict=True):
         texts = list(item.input)
         mask = masker.applies(item.mask, tenant_default)
@@ -97,18 +137,35 @@ def submit_content(
                                       "mask": mask}
         if counts is not None:
             details["masked"] = counts
-        events.append((submission_id, digest, item, details))
+        events.append(SubmissionEvent(submission_id=submission_id, content_digest=digest,
+                                      conversation_id=item.conversation_id, turn_id=item.turn_id, details=details))
+    return PreparedSubmissions(tenant_id=principal.tenant_id, key_id=principal.key_id, request_id=request_id,
+                               rows=rows, events=events, roles=[item.role for item in items])
+
+
+def store_submissions(session: Session, prepared: Sequence[PreparedSubmissions]) -> None:
+    """Write prepared submissions (of one request, or of a group of requests: any tenants) in the caller's
+    transaction: one INSERT of every row, their events (appended at commit, each chain's head locked once), and as
+    few moderation messages as a provider call's worth allows, sent once it commits.
+
+    The rows are written as rows, not as objects of the session (nothing here reads them back: issue 15, the unit
+    of work's flush was ~12 % of an intake's CPU); the columns not given take their defaults (status `queued`).
+    """
+    rows = [row for one in prepared for row in one.rows]
+    if not rows:
+        return
     session.connection().execute(_INSERT_SUBMISSIONS, rows)
-    for submission_id, digest, item, details in events:
-        record_event(
-            session, tenant_id=principal.tenant_id, action="submission.received", actor=principal.key_id,
-            subject_type="submission", subject_id=submission_id, request_id=request_id, content_digest=digest,
-            conversation_id=item.conversation_id, turn_id=item.turn_id, details=details,
-        )
+    for one in prepared:
+        for event in one.events:
+            record_event(
+                session, tenant_id=one.tenant_id, action="submission.received", actor=one.key_id,
+                subject_type="submission", subject_id=event.submission_id, request_id=one.request_id,
+                content_digest=event.content_digest, conversation_id=event.conversation_id, turn_id=event.turn_id,
+                details=event.details,
+            )
+        metrics.submissions_received(session, one.tenant_id, one.roles, source="async")
     # A provider call's worth of submissions per message: a worker claims them together, none is left to be skipped.
     send_after_commit(session, *moderation_messages([(row["id"], row["text_count"]) for row in rows]))
-    metrics.submissions_received(session, principal.tenant_id, [item.role for item in items], source="async")
-    return [submission_id for submission_id, _digest, _item, _details in events]
 
 
 def tenant_mask_default(session: Session, principal: Principal) -> bool | None:

@@ -111,3 +111,44 @@ def test_an_unreachable_store_lets_requests_through(database: Database, database
     response = app.test_client().get("/v1/submissions", headers=key.headers)
     assert response.status_code == 200
     assert "X-RateLimit-Limit-RPM" not in response.headers
+
+
+def test_a_post_counts_its_request_and_its_tokens_in_one_round_trip(
+    app: Flask, client: FlaskClient, tenant: TenantKey, monkeypatch: Any
+) -> None:
+    headers = limited_key(client, tenant, rate_limit_rpm=50, rate_limit_tpm=1000)
+    limiter = app.extensions["verdict.rate_limiter"]
+    calls: list[int] = []
+    hit = limiter.hit
+    monkeypatch.setattr(limiter, "hit", lambda *charges, **kw: calls.append(len(charges)) or hit(*charges, **kw))
+    first = client.post("/v1/submissions", json={"input": "x" * 80}, headers=headers)  # 20 tokens
+    assert first.status_code == 202 and calls == [2]
+    second = client.post("/v1/moderations", json={"input": "y" * 40}, headers=headers)  # 10 tokens
+    assert second.status_code == 200 and calls == [2, 2]
+    assert [r.headers["X-RateLimit-Remaining-RPM"] for r in (first, second)] == ["49", "48"]
+    assert [r.headers["X-RateLimit-Remaining-TPM"] for r in (first, second)] == ["980", "970"]
+    # A request refused before it charges tokens (a 400) is counted all the same, once.
+    refused = client.post("/v1/submissions", json={"input": ""}, headers=headers)
+    assert refused.status_code == 400 and calls == [2, 2, 2]
+    assert refused.headers["X-RateLimit-Remaining-RPM"] == "47"
+    # With an Idempotency-Key the request is counted before its key is claimed: two round trips, as before.
+    keyed = client.post("/v1/submissions", json={"input": "z" * 4}, headers={**headers, "Idempotency-Key": "k-1"})
+    assert keyed.status_code == 202 and calls == [2, 2, 2, 2, 1]
+    assert (keyed.headers["X-RateLimit-Remaining-RPM"], keyed.headers["X-RateLimit-Remaining-TPM"]) == ("46", "969")
+
+
+def test_a_post_over_the_rpm_is_refused_first_and_charges_no_tokens(client: FlaskClient, tenant: TenantKey,
+                                                                     database: Database) -> None:
+    headers = limited_key(client, tenant, rate_limit_rpm=2, rate_limit_tpm=1000)
+    assert client.post("/v1/submissions", json={"input": "x" * 80}, headers=headers).status_code == 202
+    assert client.post("/v1/submissions", json={"input": "x" * 80}, headers=headers).status_code == 202
+    before = submissions_of(database, tenant)
+    refused = client.post("/v1/submissions", json={"input": "x" * 80}, headers=headers)
+    assert_envelope(refused, 429, "rate_limit_error", "rate_limit_requests")
+    assert (refused.headers["X-RateLimit-Remaining-RPM"], refused.headers["X-RateLimit-Remaining-TPM"]) == ("0", "960")
+    # An invalid body over the RPM: the 429, as when the request was counted before the body was read.
+    invalid = client.post("/v1/submissions", json={"input": ""}, headers=headers)
+    assert_envelope(invalid, 429, "rate_limit_error", "rate_limit_requests")
+    moderation = client.post("/v1/moderations", json={"input": "w" * 44}, headers=headers)
+    assert_envelope(moderation, 429, "rate_limit_error", "rate_limit_requests")
+    assert submissions_of(database, tenant) == before

@@ -62,6 +62,20 @@ def test_a_charge_is_taken_only_while_it_fits(store: str, prefix: str) -> None:
     assert limiter.hit(Charge("tpm", "key_a", 100, 40))[0].allowed
 
 
+def test_chained_charges_stop_taking_at_the_first_refused(store: str, prefix: str) -> None:
+    limiter = RateLimiter(store, key_prefix=prefix, clock=Clock())
+    # The request fits, so its tokens are taken too.
+    requests, tokens = limiter.hit(Charge("rpm", "key_a", 1, 1), Charge("tpm", "key_a", 100, 30), chained=True)
+    assert requests.allowed and tokens.allowed and (requests.remaining, tokens.remaining) == (0, 70)
+    # The request does not fit: its tokens are only looked at, nothing is taken.
+    requests, tokens = limiter.hit(Charge("rpm", "key_a", 1, 1), Charge("tpm", "key_a", 100, 30), chained=True)
+    assert not requests.allowed and tokens.remaining == 70
+    assert limiter.hit(Charge("tpm", "key_a", 100, 0))[0].remaining == 70
+    # Unchained, each is taken on its own (a refused first charge does not stop the second).
+    requests, tokens = limiter.hit(Charge("rpm", "key_a", 1, 1), Charge("tpm", "key_a", 100, 30))
+    assert not requests.allowed and tokens.allowed and tokens.remaining == 40
+
+
 def test_one_call_is_one_round_trip(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     limiter = RateLimiter(TEST_REDIS_URL, key_prefix=prefix, clock=Clock())
     limiter.hit(Charge("rpm", "key_a", 10, 1))  # the script is loaded on first use
