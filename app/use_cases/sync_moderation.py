@@ -7,14 +7,13 @@ import secrets
 from collections.abc import Sequence
 
 import structlog
-from sqlalchemy import Table, insert
-from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm import Session
 from tenacity import RetryCallState
 
 from app import metrics
 from app.audit_chain import content_digest
 from app.config import Settings
-from app.db import Database
+from app.db import Database, insert_as_loaded
 from app.masking import Masker
 from app.models import Submission, SubmissionStatus, Verdict, new_id, utcnow
 from app.moderation.backoff import sync_retrying
@@ -30,11 +29,6 @@ from app.use_cases.submissions import tenant_mask_default
 from app.use_cases.verdicts import Claim, fail_submission, record_verdict
 
 log = structlog.get_logger(__name__)
-
-_SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
-_INSERT_SUBMISSION = insert(_SUBMISSIONS)
-# Each column attribute of a submission and its column's name (the attribute `client_metadata` is `metadata`).
-_SUBMISSION_COLUMNS = {attribute.key: attribute.columns[0].key for attribute in Submission.__mapper__.column_attrs}
 
 # The synchronous endpoint's own retries: a few, within a few seconds, because a client holds the connection open.
 SYNC_ATTEMPTS = 3
@@ -93,14 +87,15 @@ def moderate_now(
             # Created as a claim (what claim_submission's UPDATE makes of a fresh row: processing, its first attempt,
             # under a fresh token), and settled under that claim in this same transaction.
             claim = Claim(submission_id=new_id("sub"), token=secrets.token_hex(16), attempt=1)
-            submission = _insert_claimed(session, {
-                "id": claim.submission_id, "tenant_id": principal.tenant_id, "api_key_id": principal.key_id,
-                "source": "sync", "role": "input", "content": list(texts), "content_digest": digest,
-                "text_count": len(texts), "policy_name": policy.name, "model": model, "mask": mask,
-                "request_id": request_id, "created_at": now, "enqueued_at": now, "updated_at": now,
-                "status": SubmissionStatus.PROCESSING.value, "claim_token": claim.token, "claimed_at": now,
-                "attempts": claim.attempt,
-            })
+            submission = Submission(
+                id=claim.submission_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync",
+                role="input", content=list(texts), content_digest=digest, text_count=len(texts),
+                policy_name=policy.name, model=model, mask=mask, request_id=request_id, created_at=now,
+                enqueued_at=now, updated_at=now, status=SubmissionStatus.PROCESSING.value, claim_token=claim.token,
+                claimed_at=now, attempts=claim.attempt,
+            )
+            # Written as a row, not flushed through the unit of work (as submit_content writes its rows).
+            insert_as_loaded(session, [submission])
             metrics.submissions_received(session, principal.tenant_id, [submission.role], source="sync")
             record_event(session, tenant_id=principal.tenant_id, action="submission.received",
                          actor=principal.key_id, subject_type="submission", subject_id=submission.id,
@@ -118,19 +113,6 @@ def moderate_now(
     if verdict is None:  # pragma: no cover - see above
         raise RuntimeError("no verdict")
     return submission, verdict
-
-
-def _insert_claimed(session: Session, given: dict[str, object]) -> Submission:
-    """Write the new submission as a row (not through the unit of work, as `submit_content` does: its flush was
-    ~1.2 ms of a call's CPU), and make the object with the same values one of the session's, as if just loaded: the
-    verdict is recorded on it (under its claim) without reading it back. Every column is given (None where `given`
-    has none), so no attribute of the object is left to load."""
-    values = dict.fromkeys(_SUBMISSION_COLUMNS, None) | given
-    session.connection().execute(_INSERT_SUBMISSION, {_SUBMISSION_COLUMNS[key]: value for key, value in values.items()})
-    submission = Submission(**values)
-    make_transient_to_detached(submission)
-    session.add(submission)
-    return submission
 
 
 def _policy_and_mask(session: Session, principal: Principal) -> tuple[Policy, bool | None]:
