@@ -147,12 +147,15 @@ class Outcome:
     # Overrides the policy's (a fail-open or fail-closed verdict, which has no scores to assess).
     decision: Decision | None = None
     degraded_reason: str | None = None
+    # The caller wrote the submission already settled (completed, no claim token) in this same transaction: the
+    # synchronous path's own row, which no one else can see, let alone claim. No fenced UPDATE is needed to settle it.
+    settled: bool = False
 
 
 def record_verdict(
     session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
     cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
-    submission: Submission | None = None,
+    submission: Submission | None = None, settled: bool = False,
 ) -> Verdict | None:
     """Store the verdict, its webhook deliveries and audit events in the caller's transaction, if `claim` still
     holds the submission; None (and nothing written: the fenced UPDATE matched no row) if another worker took it.
@@ -165,7 +168,7 @@ def record_verdict(
         return None
     return record_verdicts(session, [Outcome(claim=claim, submission=submission, result=outcome, policy=policy,
                                              degraded=degraded, cached=cached, decision=decision,
-                                             degraded_reason=degraded_reason)])[0]
+                                             degraded_reason=degraded_reason, settled=settled)])[0]
 
 
 def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdict | None]:
@@ -178,12 +181,15 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
     if not outcomes:
         return []
     now = utcnow()
-    session.flush()  # as an ORM statement's autoflush would: the synchronous path's row is this transaction's own
-    won: dict[str, datetime | None] = dict(session.connection().execute(_SETTLE, {
-        "ids": [item.claim.submission_id for item in outcomes],
-        "claims": [(item.claim.submission_id, item.claim.token) for item in outcomes],
-        "completed": now, "updated": now,
-    }).tuples().all())
+    session.flush()  # as an ORM statement's autoflush would: a row added in this transaction is settled too
+    won: dict[str, datetime | None] = dict.fromkeys([item.claim.submission_id for item in outcomes if item.settled])
+    claimed = [item for item in outcomes if not item.settled]
+    if claimed:
+        won.update(session.connection().execute(_SETTLE, {
+            "ids": [item.claim.submission_id for item in claimed],
+            "claims": [(item.claim.submission_id, item.claim.token) for item in claimed],
+            "completed": now, "updated": now,
+        }).tuples().all())
     recorded: list[tuple[Outcome, Assessment, dict[str, Any] | None, Verdict, ReviewItem | None]] = []
     verdicts: list[Verdict | None] = []
     endpoints = webhook_deliveries.EndpointsOfTenants(session)
@@ -197,7 +203,7 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
         if erased_at is not None and submission.erased_at is None:
             # Erased while the provider worked: show the row as it now is (no text, no metadata).
             session.refresh(submission)
-        else:
+        elif not item.settled:
             _set_written(submission, status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None,
                          updated_at=now, error_code=None, error_message=None)
         assessment, shadow = _assessment(item)
