@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine, event
+from sqlalchemy import MetaData, create_engine, event, insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidatePoolError
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, make_transient_to_detached, sessionmaker
 
 from app.outbox import Outbox
 
@@ -105,3 +106,32 @@ class Database:
 def insert_for(session: Session) -> Any:
     """The dialect's INSERT (PostgreSQL's or SQLite's), for `on_conflict_do_nothing`."""
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+
+@functools.cache
+def _plain_insert(model: type[Base]) -> tuple[Any, dict[str, str]]:
+    """The INSERT of `model`'s table (built once: its cache key with it) and each column attribute's column name."""
+    mapper = model.__mapper__
+    return insert(model), {attribute.key: attribute.columns[0].key for attribute in mapper.column_attrs}
+
+
+def insert_as_loaded(session: Session, instances: Sequence[Base]) -> None:
+    """Write new objects (of one model) as rows, with one INSERT on the session's transaction, not through the unit
+    of work (whose flush of each object costs far more than the statement), and make them objects of the session as
+    if just loaded: read, and settled afterwards (an UPDATE's values set with `set_committed_value`), with no reload
+    and no flush. No column defaults are applied: every value the row needs is set on the object, the primary key too;
+    a column attribute not set is None, so nothing of the objects is left to load."""
+    if not instances:
+        return
+    statement, columns = _plain_insert(type(instances[0]))
+    rows = []
+    for instance in instances:
+        for key in columns:
+            if key not in instance.__dict__:
+                setattr(instance, key, None)
+        rows.append({column: getattr(instance, key) for key, column in columns.items()})
+    session.connection().execute(statement, rows)
+    for instance in instances:
+        make_transient_to_detached(instance)
+        session.add(instance)

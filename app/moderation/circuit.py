@@ -124,6 +124,43 @@ class Breaker:
     storage: pybreaker.CircuitBreakerStorage  # where the state lives (Redis), read for the cool-down left
 
 
+class SharedCircuitStorage(pybreaker.CircuitRedisStorage):
+    """pybreaker's Redis storage with one round trip per successful call instead of two: the state is read with the
+    failure count (one MGET), and a success resets the count only if that read found failures counted (pybreaker
+    writes the zero on every success). A failure counted elsewhere between the read and the success is then left for
+    the next success to clear, a window as narrow as the one pybreaker's own read-then-write leaves."""
+
+    def __init__(self, state: str, redis_object: redis.Redis, namespace: str) -> None:
+        super().__init__(state, redis_object, namespace=namespace)
+        self._keys = [self._namespace("state"), self._namespace("fail_counter")]
+        self._read = threading.local()  # what this thread's last read of the state found counted
+
+    @property
+    def state(self) -> str:
+        self._read.failures = None
+        try:
+            state, failures = self._redis.mget(self._keys)
+        except redis.RedisError:
+            self.logger.exception("RedisError: falling back to default circuit state")
+            return self._fallback_circuit_state
+        if state is None:
+            self._initialize_redis_state(self._fallback_circuit_state)
+            return self._fallback_circuit_state
+        self._read.failures = failures
+        return state.decode("utf-8") if isinstance(state, bytes) else str(state)
+
+    @state.setter
+    def state(self, state: str) -> None:
+        pybreaker.CircuitRedisStorage.state.fset(self, state)  # type: ignore[attr-defined]
+
+    def reset_counter(self) -> None:
+        failures = getattr(self._read, "failures", None)
+        self._read.failures = None
+        if failures is not None and failures in (b"0", b""):
+            return  # nothing counted when this call began
+        super().reset_counter()
+
+
 def shared_breaker(settings: Settings, namespace: str) -> Callable[[], Breaker]:
     """A builder of breakers over one state: in Redis (every process on every host), or in this process without it.
     Each call makes a new breaker object (one per thread, see GuardedProvider) over the state made the first time."""
@@ -138,7 +175,7 @@ def shared_breaker(settings: Settings, namespace: str) -> Callable[[], Breaker]:
                     made.append(pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED))
                 else:
                     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-                    made.append(pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, client, namespace=namespace))
+                    made.append(SharedCircuitStorage(pybreaker.STATE_CLOSED, client, namespace))
             return made[0]
 
     def build() -> Breaker:

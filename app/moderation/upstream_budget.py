@@ -28,33 +28,73 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = math.ceil(window * 2000)
 
+local function num(value) return tonumber(value) or 0 end
+
+local function weight(w)
+  local r, tk = string.match(w or '1 0', '(%d+) (%d+)')
+  return tonumber(r), tonumber(tk)
+end
+
+-- The calls in the window, oldest first: {admitted at, requests, tokens}. Read only when a call does not fit (to find
+-- when it would), or to rebuild the totals below.
+local function entries()
+  local raw = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
+  local out, used_r, used_t = {}, 0, 0
+  for i = 1, #raw, 2 do
+    local r, tk = weight(redis.call('HGET', weights, raw[i]))
+    out[#out + 1] = {tonumber(raw[i + 1]), r, tk}
+    used_r, used_t = used_r + r, used_t + tk
+  end
+  return out, used_r, used_t
+end
+
+-- What the window holds, kept as running totals in the weights hash ('#r', '#t': no entry id starts with '#'), so
+-- a call costs the same however many calls the window holds. Entries leaving the window are subtracted as they go;
+-- totals missing (a log written before they were kept) are counted once from the log.
 local old = redis.call('ZRANGEBYSCORE', log, '-inf', now - window)
+local used_r, used_t
+local totals = redis.call('HMGET', weights, '#r', '#t')
+if totals[1] and totals[2] then
+  used_r, used_t = tonumber(totals[1]), tonumber(totals[2])
+  for i = 1, #old, 500 do
+    local ids = {unpack(old, i, math.min(i + 499, #old))}
+    local ws = redis.call('HMGET', weights, unpack(ids))
+    for j = 1, #ids do
+      local r, tk = weight(ws[j])
+      used_r, used_t = used_r - r, used_t - tk
+    end
+  end
+end
 for i = 1, #old, 500 do
   redis.call('HDEL', weights, unpack(old, i, math.min(i + 499, #old)))
 end
 redis.call('ZREMRANGEBYSCORE', log, '-inf', now - window)
+if used_r == nil or redis.call('ZCARD', log) == 0 then
+  local _
+  _, used_r, used_t = entries()
+end
 
-local function num(value) return tonumber(value) or 0 end
+-- Kept while the log holds entries (the hash then has the log's expiry); an empty log holds nothing.
+local function save_used()
+  if redis.call('ZCARD', log) > 0 then
+    redis.call('HSET', weights, '#r', used_r, '#t', used_t)
+  else
+    redis.call('HDEL', weights, '#r', '#t')
+  end
+end
+
+local function add_used(r, tk)
+  used_r, used_t = math.max(0, used_r + r), math.max(0, used_t + tk)
+  save_used()
+end
+
+add_used(0, 0)
 
 local function effective(configured, field)
   local learned = num(redis.call('HGET', state, field))
   configured = num(configured)
   if configured > 0 and learned > 0 then return math.min(configured, learned) end
   return math.max(configured, learned)
-end
-
--- The calls in the window, oldest first: {admitted at, requests, tokens}.
-local function entries()
-  local raw = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-  local out, used_r, used_t = {}, 0, 0
-  for i = 1, #raw, 2 do
-    local w = redis.call('HGET', weights, raw[i]) or '1 0'
-    local r, tk = string.match(w, '(%d+) (%d+)')
-    r, tk = tonumber(r), tonumber(tk)
-    out[#out + 1] = {tonumber(raw[i + 1]), r, tk}
-    used_r, used_t = used_r + r, used_t + tk
-  end
-  return out, used_r, used_t
 end
 
 local function expire()
@@ -71,7 +111,8 @@ if op == 'acquire' then
   local next_r, next_t = num(redis.call('HGET', state, 'next_request')), num(redis.call('HGET', state, 'next_token'))
   if rpm > 0 then wait = math.max(wait, next_r - now) end
   if tpm > 0 then wait = math.max(wait, next_t - now) end
-  local list, used_r, used_t = entries()
+  local list = {}
+  if (rpm > 0 and used_r + 1 > rpm) or (tpm > 0 and used_t + tokens > tpm) then list = entries() end
   if rpm > 0 and used_r + 1 > rpm then
     local freed = 0
     for _, e in ipairs(list) do
@@ -89,6 +130,7 @@ if op == 'acquire' then
   if wait > 0 then return {0, tostring(wait)} end
   redis.call('ZADD', log, now, id)
   redis.call('HSET', weights, id, '1 ' .. tokens)
+  add_used(1, tokens)
   if rpm > 0 then redis.call('HSET', state, 'next_request', tostring(math.max(next_r, now) + window / rpm)) end
   if tpm > 0 then
     redis.call('HSET', state, 'next_token', tostring(math.max(next_t, now) + tokens * window / tpm))
@@ -101,6 +143,7 @@ elseif op == 'settle' then
   if not w then return {0, '0'} end
   local estimated = tonumber(string.match(w, '%d+ (%d+)'))
   redis.call('HSET', weights, id, '1 ' .. tokens)
+  add_used(0, tokens - estimated)
   if tpm > 0 then
     local next_t = num(redis.call('HGET', state, 'next_token'))
     redis.call('HSET', state, 'next_token', tostring(next_t + (tokens - estimated) * window / tpm))
@@ -111,7 +154,6 @@ elseif op == 'learn' then
   local limit_r, left_r, limit_t, left_t = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   if limit_r and limit_r > 0 then redis.call('HSET', state, 'learned_rpm', limit_r) end
   if limit_t and limit_t > 0 then redis.call('HSET', state, 'learned_tpm', limit_t) end
-  local _, used_r, used_t = entries()
   local extra_r, extra_t = 0, 0
   if limit_r and left_r then extra_r = math.max(0, limit_r - left_r - used_r) end
   if limit_t and left_t then extra_t = math.max(0, limit_t - left_t - used_t) end
@@ -119,6 +161,7 @@ elseif op == 'learn' then
     local id = 'provider:' .. ARGV[7]
     redis.call('ZADD', log, now, id)
     redis.call('HSET', weights, id, string.format('%d %d', extra_r, extra_t))
+    add_used(extra_r, extra_t)
   end
   expire()
   return {extra_r, tostring(extra_t)}
@@ -131,9 +174,8 @@ elseif op == 'pause' then
   return {1, '0'}
 elseif op == 'peek' then
   -- What `verdict status` and /metrics show: the limits in force and what the window holds (writes nothing but
-  -- the pruning above).
+  -- the pruning above and its totals).
   local rpm, tpm = effective(ARGV[3], 'learned_rpm'), effective(ARGV[4], 'learned_tpm')
-  local _, used_r, used_t = entries()
   return {tostring(rpm), tostring(used_r), tostring(tpm), tostring(used_t)}
 end
 return redis.error_reply('unknown op ' .. op)

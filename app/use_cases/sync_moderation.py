@@ -13,7 +13,7 @@ from tenacity import RetryCallState
 from app import metrics
 from app.audit_chain import content_digest
 from app.config import Settings
-from app.db import Database
+from app.db import Database, insert_as_loaded
 from app.masking import Masker
 from app.models import Submission, SubmissionStatus, Verdict, new_id, utcnow
 from app.moderation.backoff import sync_retrying
@@ -46,8 +46,9 @@ def moderate_now(
     Nothing is written before the answer: the tenant's defaults come with its key (`Principal.tenant_defaults`), and
     a tenant policy is read in a read-only transaction. With no transaction open, ask the cache, then the provider
     (under the shared upstream budget and circuit breaker, retrying briefly), then the fallback if the provider
-    stayed unavailable. Then one transaction stores it all: the submission (created claimed: no worker's batch can
-    take it along), its verdict or its failure, and their audit events. A process that dies while the provider works
+    stayed unavailable. Then one transaction stores it all: the submission (created completed with its verdict, or
+    claimed and failed: either way no worker's batch can take it along), its verdict or its failure, and their audit
+    events. A process that dies while the provider works
     leaves nothing behind (its caller got no answer either); a database that fails at the end leaves nothing half
     written.
     """
@@ -84,17 +85,23 @@ def moderate_now(
                     cache.put(scope, answer.provider, answer.model, list(zip(texts, answer.results, strict=True)))
 
         with session.begin():
-            # Created as a claim (what claim_submission's UPDATE makes of a fresh row: processing, its first attempt,
-            # under a fresh token), and settled under that claim in this same transaction.
+            # A verdict's submission is created settled (completed, its first attempt, no claim left): it is this
+            # transaction's own row, which no worker can see, let alone claim, so no fenced UPDATE settles it. A
+            # failure's is created as a claim (what claim_submission's UPDATE makes of a fresh row: processing, under
+            # a fresh token) and failed under that claim here.
             claim = Claim(submission_id=new_id("sub"), token=secrets.token_hex(16), attempt=1)
+            settled, done = not isinstance(answer, ProviderError), utcnow()
             submission = Submission(
                 id=claim.submission_id, tenant_id=principal.tenant_id, api_key_id=principal.key_id, source="sync",
                 role="input", content=list(texts), content_digest=digest, text_count=len(texts),
                 policy_name=policy.name, model=model, mask=mask, request_id=request_id, created_at=now,
-                enqueued_at=now, updated_at=now, status=SubmissionStatus.PROCESSING.value, claim_token=claim.token,
-                claimed_at=now, attempts=claim.attempt,
+                enqueued_at=now, claimed_at=now, attempts=claim.attempt,
+                **({"status": SubmissionStatus.COMPLETED.value, "claim_token": None, "completed_at": done,
+                    "updated_at": done} if settled else
+                   {"status": SubmissionStatus.PROCESSING.value, "claim_token": claim.token, "updated_at": now}),
             )
-            session.add(submission)
+            # Written as a row, not flushed through the unit of work (as submit_content writes its rows).
+            insert_as_loaded(session, [submission])
             metrics.submissions_received(session, principal.tenant_id, [submission.role], source="sync")
             record_event(session, tenant_id=principal.tenant_id, action="submission.received",
                          actor=principal.key_id, subject_type="submission", subject_id=submission.id,
@@ -104,7 +111,7 @@ def moderate_now(
                 verdict = None
             else:
                 verdict = record_verdict(session, claim, answer, policy, submission=submission, cached=cached,
-                                         degraded_reason=degraded_reason)
+                                         degraded_reason=degraded_reason, settled=True)
                 if verdict is None:  # pragma: no cover - the row is this transaction's own
                     raise RuntimeError("could not settle a fresh submission")
     if isinstance(answer, ProviderError):

@@ -17,7 +17,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from app import metrics
-from app.models import Decision, ReviewItem, Submission, SubmissionStatus, Verdict, utcnow
+from app.db import insert_as_loaded
+from app.models import Decision, ReviewItem, Submission, SubmissionStatus, Verdict, new_id, utcnow
 from app.moderation.policy import Assessment, Policy, assess
 from app.moderation.providers import ProviderResult
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
@@ -146,12 +147,15 @@ class Outcome:
     # Overrides the policy's (a fail-open or fail-closed verdict, which has no scores to assess).
     decision: Decision | None = None
     degraded_reason: str | None = None
+    # The caller wrote the submission already settled (completed, no claim token) in this same transaction: the
+    # synchronous path's own row, which no one else can see, let alone claim. No fenced UPDATE is needed to settle it.
+    settled: bool = False
 
 
 def record_verdict(
     session: Session, claim: Claim, outcome: ProviderResult, policy: Policy, *, degraded: bool = False,
     cached: bool = False, decision: Decision | None = None, degraded_reason: str | None = None,
-    submission: Submission | None = None,
+    submission: Submission | None = None, settled: bool = False,
 ) -> Verdict | None:
     """Store the verdict, its webhook deliveries and audit events in the caller's transaction, if `claim` still
     holds the submission; None (and nothing written: the fenced UPDATE matched no row) if another worker took it.
@@ -164,7 +168,7 @@ def record_verdict(
         return None
     return record_verdicts(session, [Outcome(claim=claim, submission=submission, result=outcome, policy=policy,
                                              degraded=degraded, cached=cached, decision=decision,
-                                             degraded_reason=degraded_reason)])[0]
+                                             degraded_reason=degraded_reason, settled=settled)])[0]
 
 
 def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdict | None]:
@@ -177,12 +181,15 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
     if not outcomes:
         return []
     now = utcnow()
-    session.flush()  # as an ORM statement's autoflush would: the synchronous path's row is this transaction's own
-    won: dict[str, datetime | None] = dict(session.connection().execute(_SETTLE, {
-        "ids": [item.claim.submission_id for item in outcomes],
-        "claims": [(item.claim.submission_id, item.claim.token) for item in outcomes],
-        "completed": now, "updated": now,
-    }).tuples().all())
+    session.flush()  # as an ORM statement's autoflush would: a row added in this transaction is settled too
+    won: dict[str, datetime | None] = dict.fromkeys([item.claim.submission_id for item in outcomes if item.settled])
+    claimed = [item for item in outcomes if not item.settled]
+    if claimed:
+        won.update(session.connection().execute(_SETTLE, {
+            "ids": [item.claim.submission_id for item in claimed],
+            "claims": [(item.claim.submission_id, item.claim.token) for item in claimed],
+            "completed": now, "updated": now,
+        }).tuples().all())
     recorded: list[tuple[Outcome, Assessment, dict[str, Any] | None, Verdict, ReviewItem | None]] = []
     verdicts: list[Verdict | None] = []
     endpoints = webhook_deliveries.EndpointsOfTenants(session)
@@ -196,7 +203,7 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
         if erased_at is not None and submission.erased_at is None:
             # Erased while the provider worked: show the row as it now is (no text, no metadata).
             session.refresh(submission)
-        else:
+        elif not item.settled:
             _set_written(submission, status=SubmissionStatus.COMPLETED.value, completed_at=now, claim_token=None,
                          updated_at=now, error_code=None, error_message=None)
         assessment, shadow = _assessment(item)
@@ -205,7 +212,6 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
                                cached=item.cached, now=now, shadow=shadow)
         if erased_at is not None:
             verdict.results = []  # erased while the provider worked: keep no per-text trace of the erased texts
-        session.add(verdict)
         review = reviews.open_review(session, submission, verdict)  # a `review` decision queues it for a person
         metrics.verdict_recorded(session, decision=verdict.decision, provider=verdict.provider, cached=item.cached,
                                  degraded=degraded, tenant_id=submission.tenant_id, source=submission.source,
@@ -214,6 +220,9 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
                                                    endpoints=endpoints)
         recorded.append((item, assessment, shadow, verdict, review))
         verdicts.append(verdict)
+    # The verdicts go out as rows in one INSERT, not through the unit of work (their flush was most of a sync call's
+    # recording CPU); the review items and deliveries raised above have no reference to them.
+    insert_as_loaded(session, [verdict for _item, _assessment, _shadow, verdict, _review in recorded])
     endpoints.send()
     for item, assessment, shadow, _verdict, review in recorded:
         _record_verdict_events(session, item, assessment, shadow, review)
@@ -271,6 +280,7 @@ def _verdict_row(
     degraded: bool, cached: bool, now: datetime, shadow: dict[str, Any] | None = None,
 ) -> Verdict:
     return Verdict(
+        id=new_id("vrd"),
         submission_id=submission.id,
         tenant_id=submission.tenant_id,
         decision=assessment.decision.value,

@@ -4,13 +4,16 @@ of reach (Redis down at the moment the breaker is first built), and builds the b
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Sequence
 
+import pytest
 import redis
 
 from app.config import Settings
 from app.moderation.circuit import Breaker, GuardedProvider, shared_breaker
-from app.moderation.providers import ModelInfo, ProviderResult, TextScores
+from app.moderation.providers import ModelInfo, ProviderResult, TextScores, TransientProviderError
+from tests.conftest import TEST_REDIS_URL
 
 
 class _Counting:
@@ -89,3 +92,46 @@ def shared_breaker_storage(guarded: GuardedProvider) -> object:
     thread.start()
     thread.join()
     return seen[0]
+
+
+class _Failing(_Counting):
+    def moderate(self, texts: Sequence[str], model: str | None = None) -> ProviderResult:
+        raise TransientProviderError("upstream_error", "down")
+
+
+def test_the_shared_state_counts_failures_and_a_success_clears_them_in_one_round_trip_per_call() -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    settings = Settings(_env_file=None, broker_url=TEST_REDIS_URL, circuit_failure_threshold=3)  # type: ignore[call-arg]
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    failing = GuardedProvider(_Failing(), breaker=shared_breaker(settings, namespace), fallback=None,
+                              reset_seconds=30)
+    working = GuardedProvider(_Counting(), breaker=shared_breaker(settings, namespace), fallback=None,
+                              reset_seconds=30)
+    counter = f"{namespace}:pybreaker:fail_counter"
+    sent: list[object] = []
+    original = redis.Redis.execute_command
+
+    def counting(self: redis.Redis, *args: object, **options: object) -> object:
+        sent.append(args[0])
+        return original(self, *args, **options)
+
+    try:
+        working.moderate(["a"])
+        for _ in range(2):
+            with pytest.raises(TransientProviderError):
+                failing.moderate(["a"])
+        assert client.get(counter) == b"2"  # counted in Redis, where every process sees them
+        working.moderate(["a"])
+        assert client.get(counter) == b"0"  # a success clears the failures counted before it
+        redis.Redis.execute_command = counting  # type: ignore[method-assign]
+        working.moderate(["a"])
+        redis.Redis.execute_command = original  # type: ignore[method-assign]
+        assert sent == ["MGET"]  # nothing counted: the state read is the call's one round trip
+        for _ in range(3):
+            with pytest.raises(TransientProviderError):
+                failing.moderate(["a"])
+        assert working.circuit_state() == "open"  # failures counted across breakers open the shared circuit
+    finally:
+        redis.Redis.execute_command = original  # type: ignore[method-assign]
+        client.delete(*client.keys(f"{namespace}:*"))
+        client.close()

@@ -214,3 +214,27 @@ def test_the_budget_state_shows_the_limits_and_the_window_use(client: redis.Redi
     assert budget.state().requests_limit == 30
     unlimited = limiter(client, key + "-unlimited")
     assert unlimited.state().requests_left is None and unlimited.state().tokens_limit is None
+
+
+def test_the_window_totals_follow_calls_in_and_out_of_the_window(client: redis.Redis, key: str) -> None:
+    # The script keeps what the window holds as running totals (a call costs the same however full the window is):
+    # they count each call and each correction, drop what leaves the window, and are rebuilt from the log if missing.
+    import time
+
+    budget = limiter(client, key, window=0.5)
+    first = budget.acquire(10, max_wait=0)
+    budget.acquire(5, max_wait=0)
+    budget.settle(first, 30)
+    budget.learn({"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "97",
+                  "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "955"})
+    # Two calls of ours (30 + 5 tokens) and one the provider counted that we did not make (10 tokens).
+    assert budget.state() == BudgetState(requests_limit=100, requests_used=3, tokens_limit=1000, tokens_used=45)
+    client.hdel(f"{key}:weights", "#r", "#t")  # a log written before the totals were kept
+    assert (budget.state().requests_used, budget.state().tokens_used) == (3, 45)
+    time.sleep(0.3)
+    budget.acquire(7, max_wait=0)
+    time.sleep(0.3)  # the first three have left the window, the last is still in it
+    assert (budget.state().requests_used, budget.state().tokens_used) == (1, 7)
+    time.sleep(0.5)
+    assert (budget.state().requests_used, budget.state().tokens_used) == (0, 0)
+    assert client.exists(f"{key}:weights") == 0  # an empty window keeps nothing
