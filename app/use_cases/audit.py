@@ -80,7 +80,7 @@ def _insert_events_moving_head(count: int) -> TextClause:
     ).add_cte(_MOVE_HEAD_CTE)
     # text() would read `:x::JSONB` (the JSON columns' cast) as two parameters: the same cast, spelled as CAST.
     sql = re.sub(r":(\w+)::(\w+)", r"CAST(:\1 AS \2)",
-                 str(statement.compile(dialect=postgresql.dialect(paramstyle="named"))))
+                 str(statement.compile(dialect=postgresql.dialect(paramstyle="named"))))  # type: ignore[no-untyped-call]
     return text(sql).bindparams(
         *(bindparam(f"{key}_{index}", type_=_EVENTS.c[key].type) for key in _EVENT_COLUMNS for index in range(count)),
         bindparam("head", type_=_HEADS.c.chain_id.type), bindparam("seq", type_=_HEADS.c.seq.type),
