@@ -380,8 +380,14 @@ def send_inline(inline: InlineDeliveries, settings: Settings, *,
                 resolve: Resolver = system_resolver) -> list[AttemptResult]:
     """Send the deliveries `inline` holds, side by side, with no transaction open (after the verdicts committed),
     each step of an attempt waiting at most the inline budget. The SSRF guard, the signed bodies and the sender are
-    `deliver`'s."""
-    return _send_all(inline.attempts, settings, resolve, timeout=inline.timeout)
+    `deliver`'s. Never raises: should anything go wrong here, the attempts count as unanswered and are handed to the
+    `webhooks` queue, so the command goes on recording the rest of its batch."""
+    try:
+        return _send_all(inline.attempts, settings, resolve, timeout=inline.timeout)
+    except Exception as exc:  # noqa: BLE001 - the moderation command must go on; the queue attempts them instead
+        log.warning("webhook_inline_send_failed", count=len(inline.attempts), error_type=type(exc).__name__)
+        return [AttemptResult(status_code=None, latency_ms=0, error="not sent", response_excerpt=None, timed_out=True)
+                for _ in inline.attempts]
 
 
 def conclude_inline(session: Session, inline: InlineDeliveries, results: Sequence[AttemptResult],

@@ -211,3 +211,19 @@ def test_off_every_delivery_goes_by_message(
     submit_and_moderate(app, client, tenant, database, api_settings, "have a lovely day", published)
     assert len(delivery_messages(published)) == 1
     assert receiver.requests == []
+
+
+def test_a_failure_while_sending_inline_hands_the_deliveries_over_and_moderation_goes_on(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, inline: Settings,
+    receiver: WebhookReceiver, published: list[Message], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoint_id, _ = create_endpoint(client, tenant, receiver.url, events=["submission.completed"])
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the sending")
+
+    monkeypatch.setattr(webhooks, "_send_all", broken)
+    submit_and_moderate(app, client, tenant, database, inline, "have a lovely day", published)
+    [delivery] = deliveries(client, tenant, endpoint_id)
+    assert row_of(database, delivery["id"]) == ("pending", 0, None, 0)
+    assert delivery_messages(published) == [delivery["id"]]
