@@ -456,6 +456,17 @@ class Settings(BaseSettings):
         default=10.0, gt=0, json_schema_extra=_in(WEBHOOKS),
         description="Timeout of one delivery attempt, in seconds, for connecting and again for reading.",
     )
+    # issue 15 item 2: a verdict's webhooks are sent by the moderation task itself, saving a queue message per text.
+    webhook_inline_seconds: float = Field(
+        default=1.0, ge=0, json_schema_extra=_in(WEBHOOKS),
+        description=(
+            "The moderation worker sends a verdict's webhooks itself (up to 8 at once) right after the verdict "
+            "commits, waiting at most this long (and at most WEBHOOK_TIMEOUT_SECONDS) for each step of an attempt; a "
+            "receiver that has not answered by then gets the delivery from the `webhooks` queue instead, with the "
+            "full timeout, and the worker sends it nothing inline for a minute. 0: every delivery goes through the "
+            "`webhooks` queue (moderation workers never wait on a receiver)."
+        ),
+    )
     webhook_lease_seconds: int = Field(
         default=60, gt=0, json_schema_extra=_in(WEBHOOKS),
         description=(

@@ -29,6 +29,7 @@ from app.moderation.providers import (
     TransientProviderError,
 )
 from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.use_cases import webhook_deliveries
 from app.use_cases.policies import load_policy
 from app.use_cases.verdicts import (
     CLAIMABLE,
@@ -139,8 +140,13 @@ def moderate_submissions(
         if cache is not None:
             hits, works = _cached_answers(provider, cache, works)
             for chunk in _chunks(hits):
+                inline = webhook_deliveries.inline_deliveries(settings)
                 with session.begin():
-                    _record(session, chunk, statuses, cached=True)
+                    _record(session, chunk, statuses, cached=True, inline=inline)
+                if inline:  # the chunk's webhooks, sent now that its verdicts are committed (see below)
+                    results = webhook_deliveries.send_inline(inline, settings)
+                    with session.begin():
+                        webhook_deliveries.conclude_inline(session, inline, results, settings)
         if not works:
             return statuses
 
@@ -153,9 +159,18 @@ def moderate_submissions(
                 statuses[work.submission_id] = status
         # Up to RECORD_CHUNK verdicts per transaction: one commit and one chain-head lock per tenant for the lot (the
         # audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim.
+        # The chunk's webhooks (a few) are then sent from here, with no transaction open, each step of an attempt
+        # waiting at most WEBHOOK_INLINE_SECONDS, and concluded in one more transaction; what got no answer in time,
+        # or a chunk that raised more, goes through the `webhooks` queue (app/use_cases/webhook_deliveries.py,
+        # InlineDeliveries).
         for chunk in _chunks(answered):
+            inline = webhook_deliveries.inline_deliveries(settings)
             with session.begin():
-                _record(session, chunk, statuses, batch_texts=batch_texts)
+                _record(session, chunk, statuses, batch_texts=batch_texts, inline=inline)
+            if inline:
+                results = webhook_deliveries.send_inline(inline, settings)
+                with session.begin():
+                    webhook_deliveries.conclude_inline(session, inline, results, settings)
     return statuses
 
 
@@ -164,12 +179,13 @@ def _chunks(answers: Sequence[tuple[Work, ProviderResult]]) -> list[Sequence[tup
 
 
 def _record(session: Session, chunk: Sequence[tuple[Work, ProviderResult]], statuses: dict[str, str], *,
-            cached: bool = False, batch_texts: int | None = None) -> None:
+            cached: bool = False, batch_texts: int | None = None,
+            inline: webhook_deliveries.InlineDeliveries | None = None) -> None:
     """The chunk's verdicts, in the caller's transaction (see record_verdicts); what became of each goes into
     `statuses` (for the message's own submissions)."""
     verdicts = record_verdicts(session, [
         Outcome(claim=work.claim, submission=work.submission, result=outcome, policy=work.policy, cached=cached)
-        for work, outcome in chunk])
+        for work, outcome in chunk], inline=inline)
     for (work, _), verdict in zip(chunk, verdicts, strict=True):
         status = _recorded(work, verdict, cached=cached, batch_texts=batch_texts)
         if work.submission_id in statuses:

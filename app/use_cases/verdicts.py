@@ -171,9 +171,13 @@ def record_verdict(
                                              degraded_reason=degraded_reason, settled=settled)])[0]
 
 
-def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdict | None]:
+def record_verdicts(session: Session, outcomes: Sequence[Outcome], *,
+                    inline: webhook_deliveries.InlineDeliveries | None = None) -> list[Verdict | None]:
     """Store each outcome's verdict, webhook deliveries and audit events in the caller's transaction, if its claim
     still holds the submission (None in its place, and nothing written for it, if another worker took it).
+
+    `inline`: the caller sends the deliveries itself once the transaction commits, if `inline` takes them (they are
+    then written claimed for it); else their messages are sent.
 
     A chunk costs a handful of statements, not a handful per verdict: one fenced UPDATE settles every submission
     (each matched by its own id and claim token), the verdicts and deliveries are inserted together, the tenant's
@@ -192,7 +196,7 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome]) -> list[Verdi
         }).tuples().all())
     recorded: list[tuple[Outcome, Assessment, dict[str, Any] | None, Verdict, ReviewItem | None]] = []
     verdicts: list[Verdict | None] = []
-    endpoints = webhook_deliveries.EndpointsOfTenants(session)
+    endpoints = webhook_deliveries.EndpointsOfTenants(session, inline)
     for item in outcomes:
         submission = item.submission
         if submission.id not in won:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,17 +106,21 @@ def _conclusion(columns: tuple[str, ...]) -> Update:
 
 class EndpointsOfTenants:
     """The enabled webhook endpoints of each tenant, read once per caller (a chunk of verdicts, in one transaction),
-    and the deliveries raised meanwhile, whose messages the caller sends together (`send`)."""
+    and the deliveries raised meanwhile, which the caller sends together (`send`): by message, or, given `inline`,
+    by the caller itself once the transaction commits."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, inline: InlineDeliveries | None = None) -> None:
         self._session = session
         self._of: dict[str, list[WebhookEndpoint]] = {}
-        self.raised: list[str] = []
+        self._inline = inline
+        self.raised: list[tuple[WebhookDelivery, WebhookEndpoint]] = []
 
     def send(self) -> None:
-        """The messages of the deliveries raised, sent once the transaction commits."""
-        send_after_commit(self._session, *delivery_messages(self.raised))
-        self.raised = []
+        """The deliveries raised: taken by the caller's `inline` (claimed as they are inserted), or their messages
+        sent once the transaction commits."""
+        raised, self.raised = self.raised, []
+        if raised and not (self._inline is not None and self._inline.take(raised)):
+            send_after_commit(self._session, *delivery_messages([delivery.id for delivery, _ in raised]))
 
     def of(self, tenant_id: str) -> list[WebhookEndpoint]:
         if tenant_id not in self._of:
@@ -175,8 +180,9 @@ def raise_submission_events(
     ids = [d.id for d in deliveries]
     if endpoints is None:
         send_after_commit(session, *delivery_messages(ids))
-    else:
-        endpoints.raised.extend(ids)  # the caller sends them with the others it raised
+    else:  # the caller sends them with the others it raised
+        endpoints.raised.extend((delivery, endpoint) for delivery, (endpoint, _, _) in zip(deliveries, targets,
+                                                                                           strict=True))
     return ids
 
 
@@ -293,19 +299,138 @@ def deliver(database: Database, delivery_ids: Sequence[str], settings: Settings,
         with session.begin():
             concluded = conclude_attempts(session, concluding, started_at=started_at, settings=settings)
         outcomes.update((attempt.delivery.id, outcome) for attempt, outcome in zip(attempts, concluded, strict=True))
-    for attempt, result in zip(attempts, results, strict=True):
-        log.info("webhook_attempt", delivery_id=attempt.delivery.id, attempt=attempt.claim.attempt,
-                 outcome=outcomes[attempt.delivery.id], status_code=result.status_code,
-                 latency_ms=result.latency_ms, error=result.error)
+    _log_attempts(attempts, results, outcomes)
     return outcomes
 
 
-def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolver) -> list[AttemptResult]:
-    """Send each attempt (side by side when there are several: receivers wait on their own, none behind another)."""
+def _log_attempts(attempts: Sequence[_Attempt], results: Sequence[AttemptResult], outcomes: dict[str, str],
+                  **fields: object) -> None:
+    for attempt, result in zip(attempts, results, strict=True):
+        log.info("webhook_attempt", delivery_id=attempt.delivery.id, attempt=attempt.claim.attempt,
+                 outcome=outcomes[attempt.delivery.id], status_code=result.status_code,
+                 latency_ms=result.latency_ms, error=result.error, **fields)
+
+
+# ---- a verdict's deliveries, sent by the moderation command itself ---------------------------------------------
+
+# A receiver that let an inline attempt run out of time is sent nothing inline by this process for this long: its
+# deliveries go by message, so a hanging receiver costs a moderation worker one budget a minute, not one a verdict.
+SLOW_RECEIVER_SECONDS = 60.0
+# This process's memory of them: endpoint id -> until when (time.monotonic()).
+_slow_receivers: dict[str, float] = {}
+# The fenced UPDATE that gives an inline attempt which ran out of time back, unconcluded, to the `webhooks` queue:
+# pending and due, its attempt not counted (none was recorded), dispatched now (its message goes after the commit).
+_HAND_OVER = (
+    update(_DELIVERIES)
+    .where(_ROW.id.in_(bindparam("ids", expanding=True)), _ROW.claim_token == bindparam("token"),
+           _ROW.status == DeliveryStatus.DELIVERING.value)
+    .values(status=DeliveryStatus.PENDING.value, claim_token=None, claimed_at=None,
+            attempt_count=_ROW.attempt_count - 1, dispatched_at=bindparam("now"), updated_at=bindparam("now"))
+    .returning(_ROW.id)
+)
+
+
+class InlineDeliveries:
+    """The deliveries a chunk of verdicts raised, sent by the moderation command itself once the chunk's
+    transaction commits, instead of by a `webhooks` worker after a message (WEBHOOK_INLINE_SECONDS; docs/webhooks.md,
+    "Delivery"): one message and one hop fewer per verdict.
+
+    They are inserted already claimed for this command (`delivering`, a fresh fencing token, attempt 1) and signed in
+    the verdict's transaction, so they need no claim of their own and no other worker takes them; a process that
+    dies before concluding them leaves claims that the sweep finds abandoned after WEBHOOK_LEASE_SECONDS, as it does
+    for any attempt. Then `send_inline` (no transaction open) and `conclude_inline` (one transaction)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.timeout = min(settings.webhook_inline_seconds, settings.webhook_timeout_seconds)
+        self.attempts: list[_Attempt] = []
+        self.started_at = utcnow()
+
+    def __bool__(self) -> bool:
+        return bool(self.attempts)
+
+    def take(self, raised: Sequence[tuple[WebhookDelivery, WebhookEndpoint]]) -> bool:
+        """Claim the deliveries raised (added to the session, not yet written) for this command and sign them, if
+        they are few (one message's worth) and none goes to a receiver that ran out of time lately; False, and
+        nothing changed, otherwise."""
+        if self.attempts or len(raised) > DELIVERIES_PER_MESSAGE:
+            return False
+        now_monotonic = time.monotonic()
+        if any(_slow_receivers.get(endpoint.id, 0.0) > now_monotonic for _, endpoint in raised):
+            return False
+        now = utcnow()
+        token = secrets.token_hex(16)
+        for delivery, endpoint in raised:
+            delivery.status = DeliveryStatus.DELIVERING.value
+            delivery.claim_token, delivery.claimed_at, delivery.attempt_count = token, now, 1
+            delivery.dispatched_at = None
+            headers = signed_headers(signing_secrets(endpoint, now), delivery.id, now, delivery.payload)
+            self.attempts.append(_Attempt(DeliveryClaim(delivery_id=delivery.id, token=token, attempt=1), delivery,
+                                          delivery.url, delivery.payload, headers))
+        self.started_at = now
+        return True
+
+
+def inline_deliveries(settings: Settings) -> InlineDeliveries | None:
+    """What collects a verdict chunk's deliveries for the command to send itself; None when WEBHOOK_INLINE_SECONDS
+    is 0 (they go by message)."""
+    return InlineDeliveries(settings) if settings.webhook_inline_seconds > 0 else None
+
+
+def send_inline(inline: InlineDeliveries, settings: Settings, *,
+                resolve: Resolver = system_resolver) -> list[AttemptResult]:
+    """Send the deliveries `inline` holds, side by side, with no transaction open (after the verdicts committed),
+    each step of an attempt waiting at most the inline budget. The SSRF guard, the signed bodies and the sender are
+    `deliver`'s. Never raises: should anything go wrong here, the attempts count as unanswered and are handed to the
+    `webhooks` queue, so the command goes on recording the rest of its batch."""
+    try:
+        return _send_all(inline.attempts, settings, resolve, timeout=inline.timeout)
+    except Exception as exc:  # noqa: BLE001 - the moderation command must go on; the queue attempts them instead
+        log.warning("webhook_inline_send_failed", count=len(inline.attempts), error_type=type(exc).__name__)
+        return [AttemptResult(status_code=None, latency_ms=0, error="not sent", response_excerpt=None, timed_out=True)
+                for _ in inline.attempts]
+
+
+def conclude_inline(session: Session, inline: InlineDeliveries, results: Sequence[AttemptResult],
+                    settings: Settings) -> dict[str, str]:
+    """Conclude the inline attempts in the caller's transaction, as `deliver` does (`conclude_attempts`); an
+    attempt that got no answer within the budget is not concluded but handed over: given back unclaimed and due, its
+    message sent once the transaction commits, so a `webhooks` worker attempts it with the full timeout (the
+    receiver may see it twice: deduplicated on `webhook-id`), and its receiver gets nothing inline from this process
+    for SLOW_RECEIVER_SECONDS. What became of each (`handed_over` for those)."""
+    attempts = inline.attempts
+    outcomes: dict[str, str] = {}
+    concluding = [(a.claim, a.delivery, r) for a, r in zip(attempts, results, strict=True) if not r.timed_out]
+    if concluding:
+        concluded = conclude_attempts(session, concluding, started_at=inline.started_at, settings=settings)
+        outcomes.update((claim.delivery_id, outcome) for (claim, _, _), outcome in zip(concluding, concluded,
+                                                                                        strict=True))
+    late = [a for a, r in zip(attempts, results, strict=True) if r.timed_out]
+    if late:
+        now_monotonic = time.monotonic()
+        for expired in [key for key, until in _slow_receivers.items() if until <= now_monotonic]:
+            del _slow_receivers[expired]
+        for attempt in late:
+            _slow_receivers[attempt.delivery.endpoint_id] = now_monotonic + SLOW_RECEIVER_SECONDS
+        session.flush()  # what an ORM statement's autoflush did
+        handed = set(session.connection().execute(_HAND_OVER, {
+            "ids": [a.delivery.id for a in late], "token": late[0].claim.token, "now": utcnow()}).scalars())
+        send_after_commit(session, *delivery_messages([a.delivery.id for a in late if a.delivery.id in handed]))
+        for attempt in late:
+            outcomes[attempt.delivery.id] = "handed_over" if attempt.delivery.id in handed else "lost"
+    _log_attempts(attempts, results, outcomes, inline=True)
+    return outcomes
+
+
+def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolver, *,
+              timeout: float | None = None) -> list[AttemptResult]:
+    """Send each attempt (side by side when there are several: receivers wait on their own, none behind another),
+    each step of each waiting at most `timeout` (WEBHOOK_TIMEOUT_SECONDS unless given)."""
+    allowed, ports = settings.webhook_networks, settings.webhook_ports
+    wait = settings.webhook_timeout_seconds if timeout is None else timeout
 
     def one(attempt: _Attempt) -> AttemptResult:
-        return send(attempt.url, attempt.body.encode(), attempt.headers, allowed=settings.webhook_networks,
-                    timeout=settings.webhook_timeout_seconds, resolve=resolve, ports=settings.webhook_ports)
+        return send(attempt.url, attempt.body.encode(), attempt.headers, allowed=allowed, timeout=wait,
+                    resolve=resolve, ports=ports)
 
     if len(attempts) == 1:
         return [one(attempts[0])]

@@ -33,6 +33,8 @@ class AttemptResult:
     # None when the receiver answered 2xx; otherwise a short, content-free reason.
     error: str | None
     response_excerpt: str | None
+    # No answer within the timeout (connecting or reading): the receiver may still have taken the request.
+    timed_out: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -50,9 +52,10 @@ def send(
 ) -> AttemptResult:
     started = time.perf_counter()
 
-    def result(status_code: int | None, error: str | None, excerpt: str | None = None) -> AttemptResult:
+    def result(status_code: int | None, error: str | None, excerpt: str | None = None, *,
+               timed_out: bool = False) -> AttemptResult:
         return AttemptResult(status_code=status_code, latency_ms=round((time.perf_counter() - started) * 1000),
-                             error=error, response_excerpt=excerpt)
+                             error=error, response_excerpt=excerpt, timed_out=timed_out)
 
     try:
         target = check_url(url, allowed, resolve, ports=ports)
@@ -78,7 +81,7 @@ def send(
                 last_error = "connection failed"
                 continue
             except httpx.TimeoutException:
-                return result(None, "timed out")
+                return result(None, "timed out", timed_out=True)
             except httpx.HTTPError as exc:
                 return result(None, f"request failed ({type(exc).__name__})")
             try:
@@ -88,7 +91,7 @@ def send(
             finally:
                 response.close()
             return result(response.status_code, _status_error(response.status_code), excerpt)
-        return result(None, last_error)
+        return result(None, last_error, timed_out=last_error == "connection timed out")
 
 
 def _status_error(status: int) -> str | None:

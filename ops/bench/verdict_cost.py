@@ -90,6 +90,7 @@ def steady(database: Database, provider: Any, settings: Settings, principal: Pri
     if profiler is not None:
         profiler.enable()
     outcomes: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
     # This thread's CPU only (time.thread_time): the fake upstream and the receiver answer from threads of their own.
     spent: Counter[str] = Counter()
     for text in texts:
@@ -101,6 +102,7 @@ def steady(database: Database, provider: Any, settings: Settings, principal: Pri
         spent["submit"] += time.thread_time() - began
         while sent:
             message = sent.pop(0)
+            messages[message.task] += 1
             began = time.thread_time()
             if message.task == MODERATE_SUBMISSION:
                 outcomes.update(moderation.moderate_submissions(database, provider, message.args, settings).values())
@@ -113,7 +115,9 @@ def steady(database: Database, provider: Any, settings: Settings, principal: Pri
         profiler.dump_stats(profile)
     cpu1, pg1 = time.process_time(), backend_cpu(pids + meter.backend_pids())
     n = len(texts)
-    print(f"steady: {n} texts one at a time, {dict(outcomes)}")
+    inline = "inline" if settings.webhook_inline_seconds else "by message"
+    print(f"steady: {n} texts one at a time, webhooks {inline}, {dict(outcomes)}")
+    print("  messages per text: " + ", ".join(f"{task} {count / n:.2f}" for task, count in messages.items()))
     print("  per text, this thread's cpu: " + ", ".join(f"{k} {1000 * v / n:.2f} ms" for k, v in spent.items()))
     print(f"  per text (submit + moderate + deliver): process cpu {1000 * (cpu1 - cpu0) / n:.2f} ms, "
           f"postgres cpu {1000 * (pg1 - pg0) / n:.2f} ms, statements {sum(meter.statements.values()) / n:.2f}, "
@@ -132,6 +136,9 @@ def main() -> int:
                         help="one text at a time, as at a light steady load: each is submitted, moderated by the "
                              "OpenAI-compatible provider (the fake upstream, 20 ms) and its webhook delivered before "
                              "the next; CPU and statements per text for the whole of it")
+    parser.add_argument("--inline-seconds", type=float, default=None,
+                        help="WEBHOOK_INLINE_SECONDS (0: every webhook by message, as before issue 15 item 2); the "
+                             "moderation step then includes the inline sending")
     parser.add_argument("--profile", help="write a CPU-time profile of the moderation phase to this file")
     args = parser.parse_args()
 
@@ -146,7 +153,8 @@ def main() -> int:
             "moderation_provider": "openai", "upstream_base_url": upstream.base_url, "upstream_api_key": "sk-cost"}
         settings = Settings(_env_file=None, database_url=url, broker_url="redis://127.0.0.1:6379/0",  # type: ignore[call-arg]
                             broker_key_prefix=f"{name}:", log_level="WARNING", webhook_allowed_networks="127.0.0.0/8",
-                            webhook_allowed_ports="*", cache_ttl_seconds=0, **provider_settings)
+                            webhook_allowed_ports="*", cache_ttl_seconds=0, **provider_settings,
+                            **({} if args.inline_seconds is None else {"webhook_inline_seconds": args.inline_seconds}))
         migrate_database(settings)
         app = create_app(settings)
         database: Database = app.extensions["verdict.db"]

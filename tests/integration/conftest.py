@@ -68,9 +68,9 @@ def start_worker(database_url: str, redis_url: str, database: Database,
     flush_redis(redis_url)  # messages left by earlier tests must not reach this test's upstream
     retire_leftovers(database)  # nor rows they left queued
 
-    def _start(concurrency: int = 2, **overrides: str) -> WorkerProcess:
+    def _start(concurrency: int = 2, queues: str | None = None, **overrides: str) -> WorkerProcess:
         worker = WorkerProcess(worker_env(database_url, redis_url, **overrides),
-                               tmp_path / f"worker-{len(started)}.log", concurrency=concurrency)
+                               tmp_path / f"worker-{len(started)}.log", concurrency=concurrency, queues=queues)
         started.append(worker)
         return worker.start()
 

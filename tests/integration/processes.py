@@ -179,12 +179,13 @@ class WorkerProcess:
     """One `celery worker` process tree (with beat embedded unless `beat=False`), started and stopped (or killed)."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, concurrency: int = 2, beat: bool = True,
-                 name: str | None = None) -> None:
+                 name: str | None = None, queues: str | None = None) -> None:
         self.env = env
         self.log_path = log_path
         self.concurrency = concurrency
         self.beat = beat
         self.name = name
+        self.queues = queues  # `-Q`: every queue unless given
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> WorkerProcess:
@@ -192,6 +193,8 @@ class WorkerProcess:
         options = ["--beat", "--schedule", str(schedule)] if self.beat else []
         if self.name is not None:
             options += ["--hostname", self.name]
+        if self.queues is not None:
+            options += ["--queues", self.queues]
         self._spawn([sys.executable, "-m", "celery", "-A", "workers.entry", "worker", *options,
                      "--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip",
                      "--without-mingle", "--without-heartbeat"])

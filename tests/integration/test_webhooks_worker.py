@@ -1,6 +1,8 @@
 """Webhooks through real worker processes (embedded beat included), to real receivers: verified by the Python and
 the JavaScript Standard Webhooks libraries, redelivered after the receiver comes back, dead after repeated 500s and
-redelivered by hand, a 410, duplicate tasks sending once, and a worker SIGKILLed mid-delivery losing nothing.
+redelivered by hand, a 410, duplicate tasks sending once, and a worker SIGKILLed mid-delivery losing nothing; and a
+verdict's webhooks sent by the moderation task itself: with no `webhooks` consumer, past a hanging receiver, and
+with the worker killed between the verdict's commit and the receiver's answer.
 
 Workers run with a short retry schedule and sweep (WEBHOOK_ENV); timing never decides a result, only how soon it
 arrives."""
@@ -196,4 +198,76 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     received = receiver.wait_for(2)
     # At least once, never lost: the receiver saw the same webhook-id twice and can deduplicate on it.
     assert [r.webhook_id for r in received] == [delivery_id, delivery_id]
+    Webhook(secret).verify(received[-1].body, received[-1].headers)
+
+
+# ---- sent by the moderation task itself (WEBHOOK_INLINE_SECONDS, on by default) --------------------------------
+
+
+def test_a_verdicts_webhooks_arrive_with_no_webhooks_worker(
+    client: FlaskClient, tenant: TenantKey, api_settings: Settings, receiver: WebhookReceiver,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # Nothing consumes the `webhooks` queue (its messages, the sweep's included, stay there): the moderation task
+    # sends the verdict's deliveries itself, right after the verdict commits.
+    start_worker(queues="moderation", **WEBHOOK_ENV)
+    endpoint_id, secret = create_endpoint(client, tenant, receiver.url)
+    accepted = submit(client, tenant, {"input": "you are a fucking idiot"})
+    wait_final(client, tenant, accepted["id"])
+    received = receiver.wait_for(2)
+    assert sorted(Webhook(secret).verify(r.body, r.headers)["type"] for r in received) == [
+        "submission.completed", "submission.flagged"]
+    logged = [wait_delivery(client, tenant, endpoint_id, lambda d, t=t: d["event_type"] == t and succeeded(d))
+              for t in ("submission.completed", "submission.flagged")]
+    assert [[a["status_code"] for a in d["attempts"]] for d in logged] == [[200], [200]]
+
+
+def test_a_hanging_receiver_is_handed_to_the_webhooks_queue_without_holding_moderation(
+    client: FlaskClient, tenant: TenantKey, api_settings: Settings, receiver: WebhookReceiver,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # One pool process: the `webhooks` task that delivers can only run once the moderation task has returned, and
+    # the receiver holds the inline attempt's request until the end of the test.
+    start_worker(concurrency=1, **{**WEBHOOK_ENV, "WEBHOOK_INLINE_SECONDS": "1"})
+    endpoint_id, secret = create_endpoint(client, tenant, receiver.url, events=["submission.completed"])
+    receiver.hold_next()
+    try:
+        accepted = submit(client, tenant, {"input": "have a lovely day"})
+        assert wait_final(client, tenant, accepted["id"])["status"] == "completed"
+        delivered = wait_delivery(client, tenant, endpoint_id, succeeded)
+        # The unanswered inline attempt was not counted: the queue's attempt is the first recorded.
+        assert [a["status_code"] for a in delivered["attempts"]] == [200]
+        received = receiver.wait_for(2)
+        assert [r.webhook_id for r in received] == [delivered["id"]] * 2  # deduplicated on webhook-id
+        Webhook(secret).verify(received[1].body, received[1].headers)
+        # Moderation goes on, the held request still unanswered; this receiver's next delivery goes by message.
+        second = submit(client, tenant, {"input": "thank you so much"})
+        assert wait_final(client, tenant, second["id"])["status"] == "completed"
+        wait_delivery(client, tenant, endpoint_id, lambda d: succeeded(d) and d["id"] != delivered["id"])
+    finally:
+        receiver.release()
+
+
+def test_a_worker_killed_after_the_verdict_commits_and_before_its_webhook_is_answered_loses_nothing(
+    client: FlaskClient, tenant: TenantKey, api_settings: Settings, receiver: WebhookReceiver,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    # A budget long enough for the test to kill the worker while it waits for the receiver.
+    env = {**WEBHOOK_ENV, "WEBHOOK_INLINE_SECONDS": "10", "WEBHOOK_TIMEOUT_SECONDS": "10",
+           "WEBHOOK_LEASE_SECONDS": "30"}
+    doomed = start_worker(**env)
+    endpoint_id, secret = create_endpoint(client, tenant, receiver.url, events=["submission.completed"])
+    receiver.hold_next()
+    accepted = submit(client, tenant, {"input": "have a lovely day"})
+    receiver.wait_for(1)  # the verdict is committed and the moderation task is inside the inline attempt
+    doomed.kill()
+    receiver.release()
+    assert client.get(f"/v1/submissions/{accepted['id']}", headers=tenant.headers).get_json()["status"] == "completed"
+
+    start_worker(**env)
+    delivered = wait_delivery(client, tenant, endpoint_id, succeeded)
+    # The dead task's claim ran out; the sweep recorded the attempt as abandoned and the retry got through.
+    assert [a["error"] for a in delivered["attempts"]] == [ABANDONED_ERROR, None]
+    received = receiver.wait_for(2)
+    assert [r.webhook_id for r in received] == [delivered["id"]] * 2
     Webhook(secret).verify(received[-1].body, received[-1].headers)

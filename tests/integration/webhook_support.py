@@ -29,9 +29,12 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 @pytest.fixture
 def api_settings(app: Flask, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The in-process app's settings with loopback allowed (the receivers listen there); restored after the test."""
+    """The in-process app's settings with loopback allowed (the receivers listen there), and no inline sending: these
+    tests run `deliver` by hand for the messages a worker would get (the inline path has tests of its own,
+    test_webhooks_inline.py); restored after the test."""
     settings: Settings = app.extensions["verdict.settings"]
     monkeypatch.setattr(settings, "webhook_allowed_networks", "127.0.0.0/8")
+    monkeypatch.setattr(settings, "webhook_inline_seconds", 0.0)
     return settings
 
 
