@@ -184,7 +184,8 @@ def test_statements_per_message_do_not_grow_with_its_submissions(
         counts[size] = len(statements)
     # Claim (read, claim), settle (one UPDATE, the verdicts' INSERT, the tenant's endpoints, the audit chain's head
     # and events): the same handful for 2 submissions as for 16, where a statement or more per verdict would show.
-    assert counts[16] == counts[2], counts
+    # One more for 16: past 4 events the head's move is a statement of its own again (app/use_cases/audit.py).
+    assert counts[2] <= counts[16] <= counts[2] + 1, counts
     assert counts[2] <= 12, counts
 
 
