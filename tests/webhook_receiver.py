@@ -32,6 +32,7 @@ class ReceivedRequest:
     headers: dict[str, str]  # lower-case names
     body: bytes
     received_at: float = 0.0  # time.time() when the request was read (the benchmark's webhook latency)
+    peer: tuple[str, int] | None = None  # the sender's address and port: one per connection it opened
 
     @property
     def json(self) -> Any:
@@ -83,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         request = ReceivedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                                  time.time())
+                                  time.time(), (str(self.client_address[0]), int(self.client_address[1])))
         answer = receiver._take(request)
         if answer is None:  # held, then the receiver stopped: drop the connection without an answer
             self.close_connection = True

@@ -4,7 +4,9 @@ no proxies), keeping a short excerpt of the answer. See docs/webhooks.md."""
 from __future__ import annotations
 
 import functools
+import os
 import ssl
+import threading
 import time
 import unicodedata
 from collections.abc import Collection, Mapping, Sequence
@@ -24,6 +26,34 @@ def _tls_context() -> ssl.SSLContext:
     """The TLS settings of every attempt (httpx's defaults: the certifi CAs, verified), built once per process:
     loading the CA bundle costs tens of milliseconds of CPU, which a new client per attempt paid every time."""
     return httpx.create_ssl_context(trust_env=False)
+
+
+# Receivers whose keep-alive connections a process keeps (the least recently used name is forgotten past it).
+_CLIENTS_KEPT = 64
+_clients: dict[tuple[str, str], httpx.Client] = {}
+_clients_lock = threading.Lock()
+# A forked process must not share its parent's sockets: it opens its own.
+os.register_at_fork(after_in_child=_clients.clear)
+
+
+def _client(scheme: str, server_name: str) -> httpx.Client:
+    """This process's client for one receiver name: its connections are kept alive and reused by the next attempts
+    to the same name (a new connection for every attempt cost both sides a TCP handshake and the receiver often a
+    thread). Never shared across names: a TLS connection stays with the name its certificate was verified for, and
+    the pool inside is keyed by the checked address the request goes to. No proxies from the environment (a proxy
+    would resolve the name itself), no redirects; the timeout is each request's own."""
+    key = (scheme, server_name)
+    with _clients_lock:
+        client = _clients.pop(key, None)
+        if client is None:
+            client = httpx.Client(follow_redirects=False, trust_env=False, verify=_tls_context(),
+                                  limits=httpx.Limits(max_connections=16, max_keepalive_connections=8,
+                                                      keepalive_expiry=5.0))
+            if len(_clients) >= _CLIENTS_KEPT:
+                # Forgotten, not closed: another thread may be sending through it; its sockets close when it goes.
+                _clients.pop(next(iter(_clients)))
+        _clients[key] = client  # the most recently used last
+        return client
 
 
 @dataclass(frozen=True)
@@ -66,32 +96,33 @@ def send(
     request_headers = {"Host": parsed.netloc.decode("ascii"), "Content-Type": "application/json",
                        "User-Agent": USER_AGENT, **headers}
     extensions = {"sni_hostname": parsed.raw_host.decode("ascii")} if target.scheme == "https" else {}
-    # No proxies from the environment (a proxy would resolve the name itself), no redirects, no retries here.
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls_context()) as client:
-        last_error = "connection failed"
-        for address in target.addresses:
-            request = client.build_request("POST", parsed.copy_with(host=address.split("%", 1)[0]),
-                                           content=body, headers=request_headers, extensions=extensions)
-            try:
-                response = client.send(request, stream=True)
-            except httpx.ConnectTimeout:
-                last_error = "connection timed out"
-                continue  # the next checked address may answer
-            except httpx.ConnectError:
-                last_error = "connection failed"
-                continue
-            except httpx.TimeoutException:
-                return result(None, "timed out", timed_out=True)
-            except httpx.HTTPError as exc:
-                return result(None, f"request failed ({type(exc).__name__})")
-            try:
-                excerpt = _read_excerpt(response)
-            except httpx.HTTPError:
-                excerpt = None
-            finally:
-                response.close()
-            return result(response.status_code, _status_error(response.status_code), excerpt)
-        return result(None, last_error, timed_out=last_error == "connection timed out")
+    # No retries here: a failed attempt goes back to its row, due later.
+    client = _client(target.scheme, parsed.raw_host.decode("ascii"))
+    last_error = "connection failed"
+    for address in target.addresses:
+        request = client.build_request("POST", parsed.copy_with(host=address.split("%", 1)[0]),
+                                       content=body, headers=request_headers, extensions=extensions,
+                                       timeout=httpx.Timeout(timeout, pool=timeout))
+        try:
+            response = client.send(request, stream=True)
+        except httpx.ConnectTimeout:
+            last_error = "connection timed out"
+            continue  # the next checked address may answer
+        except httpx.ConnectError:
+            last_error = "connection failed"
+            continue
+        except httpx.TimeoutException:
+            return result(None, "timed out", timed_out=True)
+        except httpx.HTTPError as exc:
+            return result(None, f"request failed ({type(exc).__name__})")
+        try:
+            excerpt = _read_excerpt(response)
+        except httpx.HTTPError:
+            excerpt = None
+        finally:
+            response.close()
+        return result(response.status_code, _status_error(response.status_code), excerpt)
+    return result(None, last_error, timed_out=last_error == "connection timed out")
 
 
 def _status_error(status: int) -> str | None:

@@ -592,21 +592,26 @@ class Bench:
             post_headers = {**headers, "Content-Type": "application/json"}
 
             def post(number: int) -> None:
-                if getattr(connections, "conn", None) is None:
-                    connections.conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                conn: http.client.HTTPConnection = connections.conn
-                try:
-                    conn.request("POST", "/v1/submissions", headers=post_headers,
-                                 body=json.dumps({"input": f"steady text {number}: have a lovely day"}))
-                    response = conn.getresponse()
-                    body = response.read()
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    connections.conn = None
-                    errors.append(0)
-                    return
+                body = json.dumps({"input": f"steady text {number}: have a lovely day"})
+                # A kept-alive connection the server has closed meanwhile (gunicorn's keep-alive timeout) fails
+                # before the request reaches it: sent again once on a new connection, as httpx's pool does.
+                for fresh in (getattr(connections, "conn", None) is None, True):
+                    if fresh:
+                        connections.conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                    conn: http.client.HTTPConnection = connections.conn
+                    try:
+                        conn.request("POST", "/v1/submissions", headers=post_headers, body=body)
+                        response = conn.getresponse()
+                        answer = response.read()
+                        break
+                    except (OSError, http.client.HTTPException):
+                        conn.close()
+                        connections.conn = None
+                        if fresh:
+                            errors.append(0)
+                            return
                 if response.status == 202:
-                    ids.append(json.loads(body)["id"])
+                    ids.append(json.loads(answer)["id"])
                 else:
                     errors.append(response.status)
 

@@ -112,3 +112,22 @@ def test_proxies_from_the_environment_are_not_used(receiver: WebhookReceiver,
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     assert send(receiver.url, b"{}", HEADERS, allowed=LOOPBACK, timeout=5).succeeded
+
+
+def test_attempts_to_one_receiver_reuse_its_connection_and_names_never_share_one(receiver: WebhookReceiver) -> None:
+    for _ in range(3):
+        assert send(receiver.url, b"{}", HEADERS, allowed=LOOPBACK, timeout=5).succeeded
+    # Another name for the same address gets a connection of its own (a TLS one is bound to the name it verified).
+    other = send(f"http://hooks.test:{receiver.port}/", b"{}", HEADERS, allowed=LOOPBACK, timeout=5,
+                 resolve=dns({"hooks.test": ["127.0.0.1"]}))
+    assert other.succeeded
+    peers = [request.peer for request in receiver.wait_for(4)]
+    assert peers[0] == peers[1] == peers[2], peers
+    assert peers[3] != peers[0], peers
+
+
+def test_a_kept_connection_the_receiver_dropped_is_replaced(receiver: WebhookReceiver) -> None:
+    assert send(receiver.url, b"{}", HEADERS, allowed=LOOPBACK, timeout=5).succeeded
+    receiver.stop()
+    receiver.start()
+    assert send(receiver.url, b"{}", HEADERS, allowed=LOOPBACK, timeout=5).succeeded
