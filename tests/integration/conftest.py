@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
 from app.db import Database
 from app.models import Submission, SubmissionStatus, utcnow
+from app.outbox import Message
 from tests.conftest import BROKER_KEY_PREFIX, TenantKey, flush_redis
 from tests.fake_upstream import FakeUpstream
 from tests.integration.processes import WorkerProcess
@@ -77,6 +79,16 @@ def start_worker(database_url: str, redis_url: str, database: Database,
     yield _start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def sent(database: Database) -> Iterator[list[Message]]:
+    """Every message published while the test runs, in order (nothing reaches the broker)."""
+    recorded: list[Message] = []
+    saved = database.outbox.publisher
+    database.outbox.publisher = recorded.extend
+    yield recorded
+    database.outbox.publisher = saved
 
 
 @integration_fixture

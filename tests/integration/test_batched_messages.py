@@ -48,15 +48,6 @@ class RecordingProvider:
 
 
 @pytest.fixture
-def sent(database: Database) -> Iterator[list[Message]]:
-    recorded: list[Message] = []
-    saved = database.outbox.publisher
-    database.outbox.publisher = recorded.extend
-    yield recorded
-    database.outbox.publisher = saved
-
-
-@pytest.fixture
 def model(database: Database) -> Iterator[str]:
     name = f"batched-{uuid.uuid4().hex[:12]}"
     yield name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -64,15 +64,6 @@ def held(app: Flask, monkeypatch: pytest.MonkeyPatch) -> HeldGroups:
     holder = HeldGroups(committer, THREADS)
     monkeypatch.setattr(committer, "store", holder)
     return holder
-
-
-@pytest.fixture
-def sent(database: Database) -> Iterator[list[Message]]:
-    recorded: list[Message] = []
-    saved = database.outbox.publisher
-    database.outbox.publisher = recorded.extend
-    yield recorded
-    database.outbox.publisher = saved
 
 
 def post_together(app: Flask, held: HeldGroups, requests: list[Callable[[FlaskClient], Any]],

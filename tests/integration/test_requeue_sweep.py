@@ -22,20 +22,6 @@ from tests.conftest import TenantKey
 
 
 @pytest.fixture
-def sent(database: Database) -> Iterator[list[Message]]:
-    """Every message published while the test runs (nothing reaches the broker)."""
-    recorded: list[Message] = []
-    saved = database.outbox.publisher
-
-    def record(messages: Sequence[Message]) -> None:
-        recorded.extend(messages)
-
-    database.outbox.publisher = record
-    yield recorded
-    database.outbox.publisher = saved
-
-
-@pytest.fixture
 def model() -> Iterator[str]:
     """Rows of a model no other test uses, retired afterwards so no worker or sweep of another test meets them."""
     name = f"requeue-sweep-{uuid.uuid4().hex}"
