@@ -140,7 +140,13 @@ def moderate_submissions(
         if cache is not None:
             hits, works = _cached_answers(provider, cache, works)
             for chunk in _chunks(hits):
-                _record_and_deliver(session, chunk, statuses, settings, cached=True)
+                inline = webhook_deliveries.inline_deliveries(settings)
+                with session.begin():
+                    _record(session, chunk, statuses, cached=True, inline=inline)
+                if inline:  # the chunk's webhooks, sent now that its verdicts are committed (see below)
+                    results = webhook_deliveries.send_inline(inline, settings)
+                    with session.begin():
+                        webhook_deliveries.conclude_inline(session, inline, results, settings)
         if not works:
             return statuses
 
@@ -151,25 +157,21 @@ def moderate_submissions(
                 status = _settle_failure(session, work, error, settings, fallback_answer)
             if work.submission_id in statuses:
                 statuses[work.submission_id] = status
+        # Up to RECORD_CHUNK verdicts per transaction: one commit and one chain-head lock per tenant for the lot (the
+        # audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim.
+        # The chunk's webhooks (a few) are then sent from here, with no transaction open, each step of an attempt
+        # waiting at most WEBHOOK_INLINE_SECONDS, and concluded in one more transaction; what got no answer in time,
+        # or a chunk that raised more, goes through the `webhooks` queue (app/use_cases/webhook_deliveries.py,
+        # InlineDeliveries).
         for chunk in _chunks(answered):
-            _record_and_deliver(session, chunk, statuses, settings, batch_texts=batch_texts)
+            inline = webhook_deliveries.inline_deliveries(settings)
+            with session.begin():
+                _record(session, chunk, statuses, batch_texts=batch_texts, inline=inline)
+            if inline:
+                results = webhook_deliveries.send_inline(inline, settings)
+                with session.begin():
+                    webhook_deliveries.conclude_inline(session, inline, results, settings)
     return statuses
-
-
-def _record_and_deliver(session: Session, chunk: Sequence[tuple[Work, ProviderResult]], statuses: dict[str, str],
-                        settings: Settings, *, cached: bool = False, batch_texts: int | None = None) -> None:
-    """Up to RECORD_CHUNK verdicts in one transaction: one commit and one chain-head lock per tenant for the lot (the
-    audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim. The chunk's
-    webhooks (a few) are then sent from here, with no transaction open, each step of an attempt waiting at most
-    WEBHOOK_INLINE_SECONDS, and concluded in one more transaction; what got no answer in time, or a chunk that
-    raised more, goes through the `webhooks` queue (app/use_cases/webhook_deliveries.py, InlineDeliveries)."""
-    inline = webhook_deliveries.inline_deliveries(settings)
-    with session.begin():
-        _record(session, chunk, statuses, cached=cached, batch_texts=batch_texts, inline=inline)
-    if inline:
-        results = webhook_deliveries.send_inline(inline, settings)
-        with session.begin():
-            webhook_deliveries.conclude_inline(session, inline, results, settings)
 
 
 def _chunks(answers: Sequence[tuple[Work, ProviderResult]]) -> list[Sequence[tuple[Work, ProviderResult]]]:
