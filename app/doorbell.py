@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import redis
 import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.config import Settings
 from app.outbox import MODERATE_QUEUED, Message, Publisher
@@ -38,6 +40,9 @@ from app.outbox import MODERATE_QUEUED, Message, Publisher
 log = structlog.get_logger(__name__)
 
 DOORBELL_KEY = "verdict-doorbell"
+# The connection is opened on first use (redis-py opens new ones in a forked process). One try, no backoff: a Redis
+# that does not answer must not hold up the API request that rings (it falls back to the submissions' own messages).
+CLIENT_OPTIONS: dict[str, object] = {"socket_timeout": 2, "socket_connect_timeout": 2, "retry": Retry(NoBackoff(), 0)}
 # The one message a doorbell is.
 DOORBELL_MESSAGE = Message(MODERATE_QUEUED, ())
 
@@ -99,6 +104,5 @@ def build_doorbell(settings: Settings) -> Doorbell | None:
     its own message)."""
     if not settings.broker_url.startswith(("redis://", "rediss://")) or settings.doorbell_ttl_ms == 0:
         return None
-    # The connection is opened on first use, and redis-py opens new ones in a forked process.
-    client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+    client = redis.Redis.from_url(settings.broker_url, **CLIENT_OPTIONS)
     return Doorbell(client, prefix=settings.broker_key_prefix, ttl_ms=settings.doorbell_ttl_ms)
