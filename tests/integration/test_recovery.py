@@ -180,8 +180,8 @@ def test_duplicate_messages_are_skipped(
     for submission_id in ids:
         for _ in range(3):
             celery.send_task(MODERATE_SUBMISSION, args=[submission_id])
-    # The API's one message (its doorbell) for the five and the 20 + 15 copies: every one consumed. A copy that came first may
-    # have decided its row (and the others with it, in its batch); every other copy was skipped.
+    # The API's one message (its doorbell) for the five and the 20 + 15 copies: every one consumed. A copy that came
+    # first may have decided its row (and the others with it, in its batch); every other copy was skipped.
     wait_for(lambda: finished_runs(worker) >= 36, "every duplicate message to be consumed")
     assert skipped_runs(worker) >= 35 - len(ids)
     assert_exactly_once(database, ids)
