@@ -136,7 +136,10 @@ def moderate_submissions(
         if others_queued and _room(works, capacity) > 0 and settings.batch_max_wait_ms:
             time.sleep(settings.batch_max_wait_ms / 1000)
             with session.begin():
-                works += _claim_more(session, model, room=_room(works, capacity), settings=settings)[0]
+                more = _claim_more(session, model, room=_room(works, capacity), settings=settings)[0]
+            works += more
+            if not ids:
+                statuses.update(dict.fromkeys((work.submission_id for work in more), "skipped"))
 
         batch_texts = sum(len(w.texts) for w in works)
         if cache is not None:
