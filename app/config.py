@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     broker_key_prefix: str = Field(
         default="", json_schema_extra=_in(STORAGE),
         description=(
-            "Prefix for every key Verdict writes in Redis (broker messages, the upstream budget, circuit breaker, "
-            "cache and per-key rate limits), so several deployments (or test runs) can share one Redis. Empty: none."
+            "Prefix for every key Verdict writes in Redis (broker messages, the doorbell, the upstream budget, "
+            "circuit breaker, cache and per-key rate limits), so several deployments (or test runs) can share one "
+            "Redis. Empty: none."
         ),
     )
     var_dir: Path = Field(
@@ -394,6 +395,16 @@ class Settings(BaseSettings):
             "REQUEUE_AFTER_SECONDS): it covers a broker that lost its messages (a Redis restarted without "
             "persistence), while a backlog merely waiting in a healthy queue is left alone. One whose message was "
             "never accepted (the broker was down) is sent again after REQUEUE_AFTER_SECONDS."
+        ),
+    )
+    doorbell_ttl_ms: int = Field(
+        default=2000, ge=0, le=60_000, json_schema_extra=_in(PROCESSING),
+        description=(
+            "With a Redis broker, new submissions ring a doorbell (one message that says \"claim what is queued\", "
+            "sent only when none is pending) instead of sending a message each. A doorbell counts as pending for at "
+            "most this long: a doorbell message that was lost holds up new submissions no longer than this (the next "
+            "submission rings again; with none, the sweep sends them after REDISPATCH_AFTER_SECONDS). 0: no doorbell, "
+            "one message per submission as with any other broker."
         ),
     )
     sweep_interval_seconds: float = Field(

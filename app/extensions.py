@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from app.config import Settings
     from app.db import Database
+    from app.doorbell import Doorbell
     from app.moderation.cache import VerdictCache
     from app.moderation.providers import ModerationProvider
 
@@ -20,6 +21,7 @@ DATABASE = "verdict.db"
 PROVIDER = "verdict.provider"
 CACHE = "verdict.cache"
 CELERY = "celery"
+DOORBELL = "verdict.doorbell"
 
 
 def current_settings() -> Settings:
@@ -45,3 +47,8 @@ def current_cache() -> VerdictCache | None:
 def current_celery() -> Celery:
     celery_app: Celery = current_app.extensions[CELERY]
     return celery_app
+
+
+def current_doorbell() -> Doorbell | None:
+    doorbell: Doorbell | None = current_app.extensions.get(DOORBELL)
+    return doorbell

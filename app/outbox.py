@@ -15,6 +15,8 @@ log = structlog.get_logger(__name__)
 # Task names: the contract between whoever sends a message and the worker that runs it. Messages already queued
 # name their task by these strings, so they never change when a Python function is renamed.
 MODERATE_SUBMISSION = "moderation.moderate_submission"
+# The doorbell (app/doorbell.py): a moderation message that names no ids, "claim what is queued".
+MODERATE_QUEUED = "moderation.moderate_queued"
 REQUEUE_STALLED = "moderation.requeue_stalled"
 DELIVER_WEBHOOK = "webhooks.deliver"
 DISPATCH_WEBHOOKS = "webhooks.dispatch_due"
@@ -31,11 +33,14 @@ _PENDING = "verdict.outbox"
 @dataclass(frozen=True)
 class Message:
     """One task message: the task's name, its arguments (ids, never objects) and an optional delay in seconds,
-    which the sender keeps below the broker's visibility timeout."""
+    which the sender keeps below the broker's visibility timeout. `ring`: a doorbell may stand for it (new
+    submissions' moderation messages, app/doorbell.py); where there is no doorbell (a broker that is not Redis) it is
+    sent as it is."""
 
     task: str
     args: tuple[str, ...]
     countdown: float | None = None
+    ring: bool = False
 
 
 Publisher = Callable[[Sequence[Message]], None]

@@ -20,7 +20,8 @@ from kombu.transport import sqlalchemy as kombu_sqlalchemy
 
 from app.config import Settings
 from app.db import Database
-from app.extensions import CELERY, PROVIDER
+from app.doorbell import build_doorbell
+from app.extensions import CELERY, DOORBELL, PROVIDER
 from app.forking import settle_before_fork
 from app.outbox import (
     DELIVER_WEBHOOK,
@@ -149,8 +150,11 @@ def celery_init_app(app: Flask, settings: Settings, database: Database) -> Celer
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
     app.extensions[CELERY] = celery_app
-    # Committed transactions' messages leave through this Celery app.
-    database.outbox.publisher = celery_publisher(celery_app)
+    # Committed transactions' messages leave through this Celery app; with a Redis broker, new submissions' through
+    # the doorbell (app/doorbell.py).
+    doorbell = app.extensions[DOORBELL] = build_doorbell(settings)
+    publisher = celery_publisher(celery_app)
+    database.outbox.publisher = publisher if doorbell is None else doorbell.publisher(publisher)
     # A submission whose message the broker refused is re-sent by the sweep soon, not after REDISPATCH_AFTER_SECONDS.
     database.outbox.on_publish_failure = functools.partial(mark_undispatched, database)
 

@@ -8,11 +8,12 @@ from typing import Any
 
 from celery import shared_task
 
-from app.extensions import current_cache, current_database, current_provider, current_settings
+from app.extensions import current_cache, current_database, current_doorbell, current_provider, current_settings
 from app.outbox import (
     DELIVER_WEBHOOK,
     DISPATCH_WEBHOOKS,
     ERASE_EXPIRED_CONTENT,
+    MODERATE_QUEUED,
     MODERATE_SUBMISSION,
     PURGE_IDEMPOTENCY_KEYS,
     RELEASE_EXPIRED_CLAIMS,
@@ -33,8 +34,19 @@ def moderate_submission(submission_id: str, *more_ids: str) -> str:
                                                     current_settings(), cache=current_cache()))
 
 
+@shared_task(name=MODERATE_QUEUED, acks_late=True, reject_on_worker_lost=True)
+def moderate_queued() -> str:
+    # The doorbell (app/doorbell.py): claim what is queued, a provider call's worth, after answering the doorbell.
+    doorbell = current_doorbell()
+    return _summary(moderation.moderate_submissions(
+        current_database(), current_provider(), [], current_settings(), cache=current_cache(),
+        answer_doorbell=None if doorbell is None else doorbell.answer))
+
+
 def _summary(outcomes: dict[str, str]) -> str:
     """What became of a message's ids, as the worker logs it: the one outcome of a message with one id."""
+    if not outcomes:
+        return "nothing"  # a doorbell that found nothing queued
     if len(outcomes) == 1:
         return next(iter(outcomes.values()))
     counts = Counter(outcomes.values())

@@ -4,13 +4,13 @@ again what the queue lost. See docs/moderation.md and docs/architecture.md."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, and_, bindparam, case, or_, select, update
+from sqlalchemy import Select, and_, bindparam, case, exists, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
 from app import metrics
@@ -28,7 +28,7 @@ from app.moderation.providers import (
     TextScores,
     TransientProviderError,
 )
-from app.outbox import MODERATE_SUBMISSION, Message, send_after_commit
+from app.outbox import MODERATE_QUEUED, MODERATE_SUBMISSION, Message, send_after_commit
 from app.use_cases import webhook_deliveries
 from app.use_cases.policies import load_policy
 from app.use_cases.verdicts import (
@@ -54,21 +54,27 @@ RECORD_CHUNK = 50
 MESSAGE_TEXTS = 100
 
 
-def moderation_messages(submissions: Sequence[tuple[str, int]], *, max_texts: int = MESSAGE_TEXTS) -> list[Message]:
+def moderation_messages(submissions: Sequence[tuple[str, int]], *, max_texts: int = MESSAGE_TEXTS,
+                        ring: bool = False) -> list[Message]:
     """The messages that send `submissions` (ids with their text counts) to the queue: one per provider call's
-    worth, in order, so a worker claims a message's submissions together and no message is left to be skipped."""
+    worth, in order, so a worker claims a message's submissions together and no message is left to be skipped.
+    `ring`: the doorbell may stand for them (new submissions; app/doorbell.py)."""
     messages: list[Message] = []
     ids: list[str] = []
     texts = 0
     for submission_id, text_count in submissions:
         if ids and texts + text_count > max_texts:
-            messages.append(Message(MODERATE_SUBMISSION, tuple(ids)))
+            messages.append(Message(MODERATE_SUBMISSION, tuple(ids), ring=ring))
             ids, texts = [], 0
         ids.append(submission_id)
         texts += text_count
     if ids:
-        messages.append(Message(MODERATE_SUBMISSION, tuple(ids)))
+        messages.append(Message(MODERATE_SUBMISSION, tuple(ids), ring=ring))
     return messages
+
+
+# The doorbell rung again by a worker that answered one and left rows queued (see moderate_queued).
+RING_AGAIN = Message(MODERATE_QUEUED, (), ring=True)
 
 
 @dataclass(frozen=True)
@@ -94,12 +100,17 @@ class Work:
 
 def moderate_submissions(
     database: Database, provider: ModerationProvider, submission_ids: Sequence[str], settings: Settings,
-    cache: VerdictCache | None = None,
+    cache: VerdictCache | None = None, *, answer_doorbell: Callable[[], object] | None = None,
 ) -> dict[str, str]:
     """Moderate the submissions one message names (a provider call's worth, as the sender chunked them), and with
     them as many other queued submissions as fill the call. Returns what became of each of `submission_ids`:
     `completed`, `failed`, `retry` (back in the queue, its message sent), `requeued` (more than one provider call
     could take: sent again in a message of its own) or `skipped` (nothing to do: done, or another worker holds it).
+
+    A message that names no ids is the doorbell (app/doorbell.py): `answer_doorbell` (its key's DEL) is called first,
+    before the queue is read, then a provider call's worth of the oldest queued submissions is claimed (expired
+    claims first), and if any are left the doorbell is rung again once that claim commits, before the provider is
+    asked, so another worker process claims the next batch meanwhile. One that finds nothing rings nothing.
 
     A command in steps, each its own transaction: claim the batch; with no transaction open, ask the cache and the
     provider; then settle every submission (up to RECORD_CHUNK verdicts per transaction, each fenced by its own
@@ -108,33 +119,27 @@ def moderate_submissions(
     ids = list(dict.fromkeys(submission_ids))
     statuses = dict.fromkeys(ids, "skipped")
     capacity = provider.max_batch
+    if not ids and answer_doorbell is not None:
+        # No wakeup is lost: whoever found the doorbell pending committed its rows before, and the SELECT that
+        # follows this DEL sees them (app/doorbell.py).
+        answer_doorbell()
     with database.session() as session:
         with session.begin():
-            own, left = _own_rows(session, ids, capacity=capacity, settings=settings)
-            if not own and not left:
-                # All done, or held by live claims: a redelivered or duplicate message. Nothing to do.
-                return statuses
-            if left:
-                _send_again(session, left, capacity=capacity)
-                statuses.update(dict.fromkeys((row.id for row in left), "requeued"))
-            more, others_queued = _more_rows(
-                session, own[0].model, room=capacity - sum(row.text_count for row in own), settings=settings,
-                besides={row.id for row in own},
-            ) if own else ([], False)
-            # The message's own rows and the others that fill the call, claimed by one UPDATE.
-            batch = _claim(session, own + more, settings)
-            for submission_id in ids:
-                if submission_id in batch.failed:
-                    statuses[submission_id] = "failed"
-            works = batch.works
+            works, others_queued = (_claim_named(session, ids, statuses, capacity=capacity, settings=settings) if ids
+                                    else _claim_queued(session, capacity=capacity, settings=settings))
             if not works:
                 return statuses
+            if not ids:  # a doorbell reports what became of the submissions it claimed
+                statuses.update(dict.fromkeys((work.submission_id for work in works), "skipped"))
             model = works[0].model
         # Under load (something else was queued) wait once, briefly, for more to arrive; an idle worker never waits.
         if others_queued and _room(works, capacity) > 0 and settings.batch_max_wait_ms:
             time.sleep(settings.batch_max_wait_ms / 1000)
             with session.begin():
-                works += _claim_more(session, model, room=_room(works, capacity), settings=settings)[0]
+                more = _claim_more(session, model, room=_room(works, capacity), settings=settings)[0]
+            works += more
+            if not ids:
+                statuses.update(dict.fromkeys((work.submission_id for work in more), "skipped"))
 
         batch_texts = sum(len(w.texts) for w in works)
         if cache is not None:
@@ -196,6 +201,50 @@ def _room(batch: Sequence[Work], capacity: int) -> int:
     return capacity - sum(len(work.texts) for work in batch)
 
 
+def _claim_named(session: Session, ids: Sequence[str], statuses: dict[str, str], *, capacity: int,
+                 settings: Settings) -> tuple[list[Work], bool]:
+    """Claim a message's own submissions and the other queued ones that fill the call, in the caller's transaction
+    (those it names that do not fit are sent again at once); the work, and whether others were queued."""
+    own, left = _own_rows(session, ids, capacity=capacity, settings=settings)
+    if not own and not left:
+        # All done, or held by live claims: a redelivered or duplicate message. Nothing to do.
+        return [], False
+    if left:
+        _send_again(session, left, capacity=capacity)
+        statuses.update(dict.fromkeys((row.id for row in left), "requeued"))
+    more, others_queued = _more_rows(
+        session, own[0].model, room=capacity - sum(row.text_count for row in own), settings=settings,
+        besides={row.id for row in own},
+    ) if own else ([], False)
+    # The message's own rows and the others that fill the call, claimed by one UPDATE.
+    batch = _claim(session, own + more, settings)
+    for submission_id in ids:
+        if submission_id in batch.failed:
+            statuses[submission_id] = "failed"
+    return batch.works, others_queued
+
+
+def _claim_queued(session: Session, *, capacity: int, settings: Settings) -> tuple[list[Work], bool]:
+    """A doorbell's batch, in the caller's transaction: the oldest claimable submission (an expired claim first) and
+    the queued ones of its model that fill the call, claimed by one UPDATE; the doorbell rung again once this
+    commits if any others are left (of any model: a doorbell that did not take them must leave one pending). The
+    work, and whether others were left."""
+    now = utcnow()
+    parameters: dict[str, Any] = {"now": now,
+                                  "lease_cutoff": now - timedelta(seconds=settings.processing_lease_seconds)}
+    first = session.scalars(_NEXT, parameters).first()
+    if first is None:
+        return [], False  # nothing queued (or all of it held by other workers): nothing rings
+    more, _ = _more_rows(session, first.model, room=capacity - first.text_count, settings=settings,
+                         besides={first.id})
+    batch = _claim(session, [first, *more], settings)
+    # Not SKIP LOCKED: a row another transaction merely locked (read, but not taken) must not be missed.
+    left = bool(session.scalar(_ANY_CLAIMABLE, parameters))
+    if left:
+        send_after_commit(session, RING_AGAIN)
+    return batch.works, left
+
+
 @dataclass
 class _Claimed:
     works: list[Work]
@@ -248,6 +297,13 @@ _OWN = _locking(select(Submission).where(Submission.id.in_(bindparam("ids", expa
 _EXPIRED_CLAIM = and_(Submission.status == SubmissionStatus.PROCESSING.value,
                       Submission.claimed_at < bindparam("lease_cutoff"))
 _DUE = and_(Submission.status == SubmissionStatus.QUEUED.value, Submission.enqueued_at <= bindparam("now"))
+
+
+# A doorbell's first row: the oldest claimable (an expired claim ahead of the queue), whatever its model.
+_NEXT = _locking(select(Submission).where(or_(_EXPIRED_CLAIM, _DUE))
+                 .order_by(case((_EXPIRED_CLAIM, 0), else_=1), Submission.enqueued_at).limit(1))
+# Whether anything claimable is left once a doorbell's batch is claimed (its own rows are then `processing`).
+_ANY_CLAIMABLE = select(exists().where(or_(_EXPIRED_CLAIM, _DUE)))
 
 
 def _more(*criteria: Any) -> Select[tuple[Submission]]:

@@ -145,8 +145,8 @@ def prepare_submissions(
 
 def store_submissions(session: Session, prepared: Sequence[PreparedSubmissions]) -> None:
     """Write prepared submissions (of one request, or of a group of requests: any tenants) in the caller's
-    transaction: one INSERT of every row, their events (appended at commit, each chain's head locked once), and as
-    few moderation messages as a provider call's worth allows, sent once it commits.
+    transaction: one INSERT of every row, their events (appended at commit, each chain's head locked once), and their
+    moderation messages, sent once it commits: the doorbell rung, or as few as a provider call's worth allows.
 
     The rows are written as rows, not as objects of the session (nothing here reads them back: issue 15, the unit
     of work's flush was ~12 % of an intake's CPU); the columns not given take their defaults (status `queued`).
@@ -164,8 +164,10 @@ def store_submissions(session: Session, prepared: Sequence[PreparedSubmissions])
                 details=event.details,
             )
         metrics.submissions_received(session, one.tenant_id, one.roles, source="async")
-    # A provider call's worth of submissions per message: a worker claims them together, none is left to be skipped.
-    send_after_commit(session, *moderation_messages([(row["id"], row["text_count"]) for row in rows]))
+    # With a Redis broker these ring the doorbell instead (one message for whatever is queued, sent only when none
+    # is pending: app/doorbell.py). Without one, a provider call's worth of submissions per message: a worker
+    # claims them together, none is left to be skipped.
+    send_after_commit(session, *moderation_messages([(row["id"], row["text_count"]) for row in rows], ring=True))
 
 
 def tenant_mask_default(session: Session, principal: Principal) -> bool | None:

@@ -33,9 +33,9 @@ from app import create_app  # noqa: E402
 from app.cli import migrate_database  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.db import Database  # noqa: E402
-from app.extensions import PROVIDER  # noqa: E402
+from app.extensions import DOORBELL, PROVIDER  # noqa: E402
 from app.models import WebhookDelivery  # noqa: E402
-from app.outbox import DELIVER_WEBHOOK, MODERATE_SUBMISSION, Message  # noqa: E402
+from app.outbox import DELIVER_WEBHOOK, MODERATE_QUEUED, MODERATE_SUBMISSION, Message  # noqa: E402
 from app.schemas.common import Limits  # noqa: E402
 from app.schemas.submissions import SubmissionIn  # noqa: E402
 from app.use_cases import moderation, webhook_deliveries  # noqa: E402
@@ -140,6 +140,10 @@ def main() -> int:
                         help="WEBHOOK_INLINE_SECONDS (0: every webhook by message, as before issue 15 item 2); the "
                              "moderation step then includes the inline sending")
     parser.add_argument("--profile", help="write a CPU-time profile of the moderation phase to this file")
+    parser.add_argument("--doorbell", action="store_true",
+                        help="new submissions ring the doorbell (app/doorbell.py, on this run's Redis key) instead of "
+                             "sending a message each, as with a Redis broker; without it, a message per POST (the "
+                             "embedded default's way, and the way before the doorbell)")
     args = parser.parse_args()
 
     name = f"verdict_cost_{uuid.uuid4().hex[:8]}"
@@ -161,7 +165,8 @@ def main() -> int:
         provider = app.extensions[PROVIDER]
         provider.warm_up()
         sent: list[Message] = []
-        database.outbox.publisher = sent.extend
+        doorbell = app.extensions[DOORBELL]
+        database.outbox.publisher = doorbell.publisher(sent.extend) if args.doorbell else sent.extend
         with database.transaction() as session:
             issued = create_key(session, tenant_name=name, scopes=("submit", "read", "admin"))
             principal = Principal(key_id=issued.key.id, tenant_id=issued.key.tenant_id,
@@ -182,29 +187,34 @@ def main() -> int:
                     items = [SubmissionIn.model_validate({"input": t}, context={"limits": limits})
                              for t in texts[start:start + args.per_post]]
                     submit_content(session, principal, items, request_id=None)
-            queued = [m for m in sent if m.task == MODERATE_SUBMISSION]
+            moderating = (MODERATE_SUBMISSION, MODERATE_QUEUED)
+            queued = [m for m in sent if m.task in moderating]
             sent.clear()
             meter = Meter(database)
             pids = meter.backend_pids()
             cpu0, pg0 = time.process_time(), backend_cpu(pids)
             outcomes: Counter[str] = Counter()
-            messages = 0
+            messages: Counter[str] = Counter()
             profiler = cProfile.Profile(time.process_time) if args.profile else None
             if profiler is not None:
                 profiler.enable()
             while queued:
                 message = queued.pop(0)
-                messages += 1
-                outcomes.update(moderation.moderate_submissions(database, provider, message.args, settings).values())
-                queued.extend(m for m in sent if m.task == MODERATE_SUBMISSION)
-                sent[:] = [m for m in sent if m.task != MODERATE_SUBMISSION]
+                messages[message.task] += 1
+                answer = doorbell.answer if message.task == MODERATE_QUEUED else None
+                statuses = moderation.moderate_submissions(database, provider, message.args, settings,
+                                                           answer_doorbell=answer)
+                outcomes.update(statuses.values() if statuses else ["nothing"])
+                queued.extend(m for m in sent if m.task in moderating)
+                sent[:] = [m for m in sent if m.task not in moderating]
             if profiler is not None:
                 profiler.disable()
                 profiler.dump_stats(args.profile)
             cpu1, pg1 = time.process_time(), backend_cpu(pids + meter.backend_pids())
             verdicts = args.texts
             statements = sum(meter.statements.values())
-            print(f"moderation: {verdicts} verdicts, {messages} messages {dict(outcomes)}")
+            print(f"moderation: {verdicts} verdicts, {sum(messages.values())} messages {dict(messages)}, "
+                  f"{sum(messages.values()) / verdicts:.3f} per verdict, outcomes {dict(outcomes)}")
             print(f"  per verdict: worker cpu {1000 * (cpu1 - cpu0) / verdicts:.2f} ms, "
                   f"postgres cpu {1000 * (pg1 - pg0) / verdicts:.2f} ms, "
                   f"statements {statements / verdicts:.2f}, commits {meter.commits / verdicts:.3f}")
