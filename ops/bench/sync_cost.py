@@ -16,10 +16,10 @@ workers, from /proc) and, for what it is worth on a shared machine, the latency 
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import cProfile
 import gc
+import http.client
+import json
 import os
 import signal
 import subprocess
