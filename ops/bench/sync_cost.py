@@ -1,7 +1,9 @@
 """What one synchronous `POST /v1/moderations` costs the API process (issue 15 item 3), measured in-process: the Flask
 test client, one client thread, real PostgreSQL and Redis, the fake upstream in a process of its own (its CPU is not
 counted). Counted per call, never timed by the wall clock: the calling thread's CPU time (the test client runs the
-whole request in it), the process's, statements, transactions, PostgreSQL round trips (psycopg's network waits) and
+whole request in it), the process's, statements, transactions, psycopg's waits (one per statement, commit
+and the pool's reset of a returned connection, which sends nothing when no transaction is open; a transaction's
+BEGIN is sent in its first statement's wait: with one transaction, PostgreSQL round trips = statements + 2) and
 Redis round trips, and garbage collections (how many, of which generation, and their CPU).
 
 A distinct text per call, so every call goes upstream (no cache hit), as the bench's sync phase.
@@ -92,7 +94,7 @@ def instrument(meter: Meter, engine: Any) -> None:
         original(self, command, check_health)
 
     redis.connection.AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
-    import psycopg.waiting as waiting  # the connection waits once per exchange with the server (a pipeline's: once)
+    import psycopg.waiting as waiting  # see the module's docstring
 
     real_wait: Any = waiting.wait
 
@@ -239,7 +241,7 @@ def main() -> int:
               f"(p50 {1000 * per_call[n // 2]:.2f}, p99 {1000 * per_call[int(n * 0.99)]:.2f}, max "
               f"{1000 * per_call[-1]:.2f}), process cpu {1000 * process_cpu / n:.2f} ms per call")
         print(f"  statements {sum(meter.statements.values()) / n:.2f}, transactions {meter.transactions / n:.2f}, "
-              f"PostgreSQL round trips {meter.pg_waits / n:.2f}, Redis round trips {meter.redis_round_trips / n:.2f} "
+              f"psycopg waits {meter.pg_waits / n:.2f}, Redis round trips {meter.redis_round_trips / n:.2f} "
               f"per call")
         print(f"  gc: {dict(sorted(meter.gc.items()))} collections by generation, {1000 * meter.gc_cpu / n:.3f} ms "
               f"cpu per call")
