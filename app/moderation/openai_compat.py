@@ -4,6 +4,7 @@ budget, tolerant of label spelling and strict about what would make a verdict wr
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -53,6 +54,8 @@ class OpenAICompatibleProvider:
         self._api_key = api_key
         self._timeout = timeout
         self._client: httpx.Client | None = None
+        # Parsed once, not from a string on every call (httpx parses a string URL per request).
+        self._url = httpx.URL(f"{self.base_url}{self.path}")
         self._limiter = limiter
         # How long one call may wait for rate-limit capacity before it gives its texts back to the queue.
         self._capacity_wait = capacity_wait
@@ -60,7 +63,7 @@ class OpenAICompatibleProvider:
     def _http(self) -> httpx.Client:
         # Created on first use, so a forked worker process never shares its parent's sockets.
         if self._client is None:
-            headers = {"User-Agent": "verdict/0.1"}
+            headers = {"User-Agent": "verdict/0.1", "Content-Type": "application/json"}
             if self._api_key:
                 headers["Authorization"] = f"Bearer {self._api_key}"
             self._client = httpx.Client(timeout=self._timeout, headers=headers, follow_redirects=False)
@@ -84,11 +87,14 @@ class OpenAICompatibleProvider:
         if len(texts) > self.max_batch:
             raise PermanentProviderError("batch_too_large", f"at most {self.max_batch} texts per upstream call")
         requested_model = model or self.model
-        body = {"model": requested_model, "input": list(texts)}
+        # The body serialized here (compact, as httpx's `json=` would) and sent as content: the client's headers
+        # carry its Content-Type, so no per-request headers are merged.
+        body = json.dumps({"model": requested_model, "input": list(texts)}, ensure_ascii=False,
+                          separators=(",", ":"), allow_nan=False).encode()
         permit = self._wait_for_capacity(texts)
         started = time.monotonic()
         try:
-            response = self._http().post(f"{self.base_url}{self.path}", json=body)
+            response = self._http().post(self._url, content=body)
         except httpx.TimeoutException as exc:
             _count_call("timeout", started)
             raise TransientProviderError("upstream_timeout", "the moderation provider timed out") from exc

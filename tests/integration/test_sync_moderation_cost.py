@@ -22,12 +22,13 @@ from tests.integration.test_sync_moderation import UPSTREAM_KEY, openai_app
 from tests.lanes import integration_fixture
 
 # At most one key lookup (authentication: the key cache answers a warm key), then the call's own writes: the
-# submission (created completed: no settling UPDATE), the verdict, the audit chain's head (lock, update) and the
-# events (one INSERT).
-MAX_STATEMENTS = 6
-# The key's rate limits (app/api/rate_limits.py: requests, then tokens) and the call's own: cache lookup, circuit
-# state (with its failure count: a success with none counted writes nothing), upstream budget, cache fill.
-MAX_REDIS_ROUND_TRIPS = 6
+# submission (created completed: no settling UPDATE), the verdict, the audit chain's head (locked; it moves in the
+# events' INSERT, a data-modifying CTE) and the events (one INSERT).
+MAX_STATEMENTS = 5
+# The key's rate limits (app/api/rate_limits.py: requests and tokens in one script call) and the call's own: cache
+# lookup, circuit state (with its failure count: a success with none counted writes nothing), upstream budget,
+# cache fill.
+MAX_REDIS_ROUND_TRIPS = 5
 
 
 @integration_fixture

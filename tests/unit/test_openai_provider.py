@@ -75,7 +75,14 @@ def test_sends_model_and_bearer_key_in_one_request(make_provider: MakeProvider, 
     assert request.method == "POST"
     assert request.path == "/v1/moderations"
     assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    assert request.headers["content-type"] == "application/json"
     assert request.json == {"model": MODEL, "input": ["one", "two"]}
+
+
+def test_sends_texts_as_utf8_json(make_provider: MakeProvider, upstream: FakeUpstream) -> None:
+    make_provider().moderate(["café ☕", 'a "quoted" line\n'])
+    (request,) = upstream.requests
+    assert request.json == {"model": MODEL, "input": ["café ☕", 'a "quoted" line\n']}
 
 
 def test_per_call_model_is_sent_and_reported(make_provider: MakeProvider, upstream: FakeUpstream) -> None:
