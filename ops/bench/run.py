@@ -71,6 +71,39 @@ def log(message: str) -> None:
     print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
 
 
+class KeptConnection:
+    """One keep-alive `http.client` connection to the API, for a load generator that shares the machine with what it
+    measures: ~0.26 ms of CPU a request here, against ~1.05 ms through httpx, CPU that would otherwise count in the
+    figures it measures (a latency, or the machine's busy share). One per client thread: not thread-safe."""
+
+    def __init__(self, url: str) -> None:
+        self._target = urlsplit(url)
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, headers: dict[str, str], body: str) -> tuple[int, bytes]:
+        """The answer's status and body; status 0 when no connection could be made. A kept-alive connection the
+        server has closed meanwhile (gunicorn's keep-alive timeout) fails before the request reaches it: sent again
+        once on a new connection, as httpx's pool does."""
+        for fresh in (self._conn is None, True):
+            if fresh:
+                self._conn = http.client.HTTPConnection(self._target.hostname, self._target.port, timeout=30)
+            assert self._conn is not None
+            try:
+                self._conn.request("POST", path, headers=headers, body=body)
+                response = self._conn.getresponse()
+                return response.status, response.read()
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = None
+                if fresh:
+                    return 0, b""
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -396,22 +429,29 @@ class Bench:
 
     # -- phase 2: intake -------------------------------------------------------------------------------------
 
-    def load(self, request: Callable[[httpx.Client], httpx.Response], expected: int, *, seconds: float | None = None,
-             threads: int | None = None) -> tuple[float, list[float]]:
+    def load(self, request: Callable[[Any], int], expected: int, *, seconds: float | None = None,
+             threads: int | None = None, client: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
+        """`threads` clients sending `request` (given the client, it returns the answer's status) back to back for
+        `seconds`: requests/s and every latency (ms). Each client thread has its own `client()` (an httpx client
+        unless given)."""
         duration = self.args.intake_seconds if seconds is None else seconds
         threads = self.args.intake_threads if threads is None else threads
+        new_client = client or (lambda: httpx.Client(timeout=30))
         latencies: list[list[float]] = [[] for _ in range(threads)]
         errors: list[int] = []
         stop_at = time.monotonic() + duration
 
         def run(slot: int) -> None:
-            with httpx.Client(timeout=30) as http:
+            http = new_client()
+            try:
                 while time.monotonic() < stop_at:
                     began = time.perf_counter()
-                    response = request(http)
+                    status = request(http)
                     latencies[slot].append((time.perf_counter() - began) * 1000)
-                    if response.status_code != expected:
-                        errors.append(response.status_code)
+                    if status != expected:
+                        errors.append(status)
+            finally:
+                http.close()
 
         began = time.monotonic()
         workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
@@ -428,11 +468,11 @@ class Bench:
     def intake(self, url: str) -> None:
         key = self.new_key()
         headers = {"Authorization": f"Bearer {key}"}
-        base_rps, base_lat = self.load(lambda http: http.get(f"{url}/v1/models", headers=headers), 200)
+        base_rps, base_lat = self.load(lambda http: http.get(f"{url}/v1/models", headers=headers).status_code, 200)
         counter = iter(range(10**9))
         rps, lat = self.load(lambda http: http.post(
             f"{url}/v1/submissions", json={"input": f"intake text {next(counter)}: have a lovely day"},
-            headers=headers), 202)
+            headers=headers).status_code, 202)
         self.results.update(intake_rps=rps, intake_ratio=rps / base_rps, intake_p50_ms=percentile(lat, 0.5),
                             intake_p99_ms=percentile(lat, 0.99), baseline_rps=base_rps,
                             baseline_p50_ms=percentile(base_lat, 0.5), baseline_p99_ms=percentile(base_lat, 0.99))
@@ -454,20 +494,27 @@ class Bench:
             env = self.base_env(MODERATION_PROVIDER="openai", UPSTREAM_BASE_URL=fake.base_url,
                                 UPSTREAM_API_KEY=UPSTREAM_KEY, MODERATION_FALLBACK_PROVIDER="local")
             api, url = self.start_api(env, name="api-sync", port=args.api_port + 1)
-            headers = {"Authorization": f"Bearer {key}"}
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
             counter = iter(range(10**9))
 
-            def moderate(http: httpx.Client) -> httpx.Response:
-                return http.post(f"{url}/v1/moderations", headers=headers,
-                                 json={"input": f"sync text {next(counter)}: have a lovely day"})
+            def moderate(http: KeptConnection) -> int:
+                status, _ = http.post("/v1/moderations", headers,
+                                      json.dumps({"input": f"sync text {next(counter)}: have a lovely day"}))
+                return status
 
-            with httpx.Client(timeout=30) as http:  # warm: connections, the first policy load
-                for _ in range(5):
-                    moderate(http)
+            # The clients are kept cheap (KeptConnection): their own CPU would count in the latency measured.
+            def client() -> KeptConnection:
+                return KeptConnection(url)
+
+            warm = client()  # warm: a connection, the first policy load
+            for _ in range(5):
+                moderate(warm)
+            warm.close()
             # One client: the latency one call adds (the RESULT figure); then --sync-threads clients, where the
             # two cores' queueing adds to it (in the report).
-            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=1)
-            loaded_rps, loaded = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads)
+            rps, latencies = self.load(moderate, 200, seconds=args.sync_seconds, threads=1, client=client)
+            loaded_rps, loaded = self.load(moderate, 200, seconds=args.sync_seconds, threads=args.sync_threads,
+                                           client=client)
             memory = api.memory_per_process_mb()
             self.stop(api)
         upstream_calls = fake.requests
@@ -584,36 +631,19 @@ class Bench:
             ids: list[str] = []
             errors: list[int] = []
 
-            # The load generator shares the machine with what it measures, so it is kept cheap: one keep-alive
-            # http.client connection per sending thread (~0.26 ms of CPU a request here, against ~1.05 ms through
-            # httpx), not an httpx client.
-            target = urlsplit(url)
+            # The load generator shares the machine with what it measures, so it is kept cheap (KeptConnection).
             connections = threading.local()
             post_headers = {**headers, "Content-Type": "application/json"}
 
             def post(number: int) -> None:
-                body = json.dumps({"input": f"steady text {number}: have a lovely day"})
-                # A kept-alive connection the server has closed meanwhile (gunicorn's keep-alive timeout) fails
-                # before the request reaches it: sent again once on a new connection, as httpx's pool does.
-                for fresh in (getattr(connections, "conn", None) is None, True):
-                    if fresh:
-                        connections.conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                    conn: http.client.HTTPConnection = connections.conn
-                    try:
-                        conn.request("POST", "/v1/submissions", headers=post_headers, body=body)
-                        response = conn.getresponse()
-                        answer = response.read()
-                        break
-                    except (OSError, http.client.HTTPException):
-                        conn.close()
-                        connections.conn = None
-                        if fresh:
-                            errors.append(0)
-                            return
-                if response.status == 202:
+                if getattr(connections, "kept", None) is None:
+                    connections.kept = KeptConnection(url)
+                status, answer = connections.kept.post(
+                    "/v1/submissions", post_headers, json.dumps({"input": f"steady text {number}: have a lovely day"}))
+                if status == 202:
                     ids.append(json.loads(answer)["id"])
                 else:
-                    errors.append(response.status)
+                    errors.append(status)
 
             log(f"steady: {count} texts at {a.steady_rate:g}/s, upstream latency {a.steady_latency * 1000:.0f} ms")
             with ThreadPoolExecutor(64) as pool:
