@@ -471,7 +471,7 @@ class Settings(BaseSettings):
     webhook_inline_seconds: float = Field(
         default=1.0, ge=0, json_schema_extra=_in(WEBHOOKS),
         description=(
-            "The moderation worker sends a verdict's webhooks itself (up to 8 at once) right after the verdict "
+            "The moderation worker sends a verdict's webhooks itself (8 at a time) right after the verdict "
             "commits, waiting at most this long (and at most WEBHOOK_TIMEOUT_SECONDS) for each step of an attempt; a "
             "receiver that has not answered by then gets the delivery from the `webhooks` queue instead, with the "
             "full timeout, and the worker sends it nothing inline for a minute. 0: every delivery goes through the "

@@ -51,3 +51,5 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # httpx logs every request's full URL at INFO, and a webhook URL may hold the receiver's token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # So does urllib3 (the webhook sender's) at DEBUG.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -164,10 +164,10 @@ def moderate_submissions(
                 statuses[work.submission_id] = status
         # Up to RECORD_CHUNK verdicts per transaction: one commit and one chain-head lock per tenant for the lot (the
         # audit events are appended at commit, app/use_cases/audit.py); each is fenced by its own claim.
-        # The chunk's webhooks (a few) are then sent from here, with no transaction open, each step of an attempt
-        # waiting at most WEBHOOK_INLINE_SECONDS, and concluded in one more transaction; what got no answer in time,
-        # or a chunk that raised more, goes through the `webhooks` queue (app/use_cases/webhook_deliveries.py,
-        # InlineDeliveries).
+        # The chunk's webhooks (however many: 8 at a time) are then sent from here, with no transaction open, each
+        # step of an attempt waiting at most WEBHOOK_INLINE_SECONDS, and concluded in one more transaction; what got
+        # no answer in time, or was not sent because its receiver did not answer, goes through the `webhooks` queue
+        # (app/use_cases/webhook_deliveries.py, InlineDeliveries and send_inline).
         for chunk in _chunks(answered):
             inline = webhook_deliveries.inline_deliveries(settings)
             with session.begin():

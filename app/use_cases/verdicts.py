@@ -176,8 +176,8 @@ def record_verdicts(session: Session, outcomes: Sequence[Outcome], *,
     """Store each outcome's verdict, webhook deliveries and audit events in the caller's transaction, if its claim
     still holds the submission (None in its place, and nothing written for it, if another worker took it).
 
-    `inline`: the caller sends the deliveries itself once the transaction commits, if `inline` takes them (they are
-    then written claimed for it); else their messages are sent.
+    `inline`: the caller sends the deliveries itself once the transaction commits, those `inline` takes (all but the
+    ones to a receiver it found slow lately; they are then written claimed for it); the others' messages are sent.
 
     A chunk costs a handful of statements, not a handful per verdict: one fenced UPDATE settles every submission
     (each matched by its own id and claim token), the verdicts and deliveries are inserted together, the tenant's

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, Update, bindparam, or_, select, update
+from sqlalchemy import Table, Update, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -92,6 +94,10 @@ _CLAIMED_WITH_ENDPOINTS = (
 )
 
 
+_ATTEMPTS: Table = WebhookDeliveryAttempt.__table__  # type: ignore[assignment]
+_INSERT_ATTEMPTS = insert(_ATTEMPTS)
+
+
 @functools.cache
 def _conclusion(columns: tuple[str, ...]) -> Update:
     """The fenced UPDATE that moves deliveries on, writing `columns` (a handful of shapes: succeeded, retry, dead)."""
@@ -117,9 +123,11 @@ class EndpointsOfTenants:
 
     def send(self) -> None:
         """The deliveries raised: taken by the caller's `inline` (claimed as they are inserted), or their messages
-        sent once the transaction commits."""
+        sent once the transaction commits (those `inline` did not take: to a receiver that ran out of time lately)."""
         raised, self.raised = self.raised, []
-        if raised and not (self._inline is not None and self._inline.take(raised)):
+        if self._inline is not None:
+            raised = self._inline.take(raised)
+        if raised:
             send_after_commit(self._session, *delivery_messages([delivery.id for delivery, _ in raised]))
 
     def of(self, tenant_id: str) -> list[WebhookEndpoint]:
@@ -348,18 +356,22 @@ class InlineDeliveries:
     def __bool__(self) -> bool:
         return bool(self.attempts)
 
-    def take(self, raised: Sequence[tuple[WebhookDelivery, WebhookEndpoint]]) -> bool:
-        """Claim the deliveries raised (added to the session, not yet written) for this command and sign them, if
-        they are few (one message's worth) and none goes to a receiver that ran out of time lately; False, and
-        nothing changed, otherwise."""
-        if self.attempts or len(raised) > DELIVERIES_PER_MESSAGE:
-            return False
+    def take(self, raised: Sequence[tuple[WebhookDelivery, WebhookEndpoint]],
+             ) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+        """Claim the deliveries raised (added to the session, not yet written) for this command and sign them, however
+        many (a chunk of verdicts may raise dozens: they are sent SEND_THREADS at a time), but those to a receiver
+        that ran out of time lately; the ones not taken are returned (all of them if this already holds a chunk's),
+        unchanged, to go by message."""
+        if self.attempts:
+            return list(raised)
         now_monotonic = time.monotonic()
-        if any(_slow_receivers.get(endpoint.id, 0.0) > now_monotonic for _, endpoint in raised):
-            return False
+        left = [(d, e) for d, e in raised if _slow_receivers.get(e.id, 0.0) > now_monotonic]
+        taken = [(d, e) for d, e in raised if _slow_receivers.get(e.id, 0.0) <= now_monotonic]
+        if not taken:
+            return left
         now = utcnow()
         token = secrets.token_hex(16)
-        for delivery, endpoint in raised:
+        for delivery, endpoint in taken:
             delivery.status = DeliveryStatus.DELIVERING.value
             delivery.claim_token, delivery.claimed_at, delivery.attempt_count = token, now, 1
             delivery.dispatched_at = None
@@ -367,7 +379,7 @@ class InlineDeliveries:
             self.attempts.append(_Attempt(DeliveryClaim(delivery_id=delivery.id, token=token, attempt=1), delivery,
                                           delivery.url, delivery.payload, headers))
         self.started_at = now
-        return True
+        return left
 
 
 def inline_deliveries(settings: Settings) -> InlineDeliveries | None:
@@ -378,12 +390,16 @@ def inline_deliveries(settings: Settings) -> InlineDeliveries | None:
 
 def send_inline(inline: InlineDeliveries, settings: Settings, *,
                 resolve: Resolver = system_resolver) -> list[AttemptResult]:
-    """Send the deliveries `inline` holds, side by side, with no transaction open (after the verdicts committed),
-    each step of an attempt waiting at most the inline budget. The SSRF guard, the signed bodies and the sender are
-    `deliver`'s. Never raises: should anything go wrong here, the attempts count as unanswered and are handed to the
-    `webhooks` queue, so the command goes on recording the rest of its batch."""
+    """Send the deliveries `inline` holds, side by side (SEND_THREADS at a time), with no transaction open (after the
+    verdicts committed), each step of an attempt waiting at most the inline budget. So that a receiver that hangs
+    does not hold the command for one budget per delivery: once an attempt to an endpoint ran out of time, the
+    chunk's others to it are not sent, and none starts later than INLINE_START_BUDGETS budgets after the first;
+    those not sent are handed over with the late ones (`conclude_inline`). The SSRF guard, the signed bodies and the
+    sender are `deliver`'s. Never raises: should anything go wrong here, the attempts count as unanswered and are
+    handed to the `webhooks` queue, so the command goes on recording the rest of its batch."""
     try:
-        return _send_all(inline.attempts, settings, resolve, timeout=inline.timeout)
+        return _send_all(inline.attempts, settings, resolve, timeout=inline.timeout,
+                         start_by=time.monotonic() + INLINE_START_BUDGETS * inline.timeout)
     except Exception as exc:  # noqa: BLE001 - the moderation command must go on; the queue attempts them instead
         log.warning("webhook_inline_send_failed", count=len(inline.attempts), error_type=type(exc).__name__)
         return [AttemptResult(status_code=None, latency_ms=0, error="not sent", response_excerpt=None, timed_out=True)
@@ -409,8 +425,9 @@ def conclude_inline(session: Session, inline: InlineDeliveries, results: Sequenc
         now_monotonic = time.monotonic()
         for expired in [key for key, until in _slow_receivers.items() if until <= now_monotonic]:
             del _slow_receivers[expired]
-        for attempt in late:
-            _slow_receivers[attempt.delivery.endpoint_id] = now_monotonic + SLOW_RECEIVER_SECONDS
+        for attempt, result in zip(attempts, results, strict=True):
+            if result.timed_out and result is not _NOT_SENT:  # the receiver of one not sent may be fine
+                _slow_receivers[attempt.delivery.endpoint_id] = now_monotonic + SLOW_RECEIVER_SECONDS
         session.flush()  # what an ORM statement's autoflush did
         handed = set(session.connection().execute(_HAND_OVER, {
             "ids": [a.delivery.id for a in late], "token": late[0].claim.token, "now": utcnow()}).scalars())
@@ -421,21 +438,61 @@ def conclude_inline(session: Session, inline: InlineDeliveries, results: Sequenc
     return outcomes
 
 
+# Attempts sent side by side by one process: a message's (DELIVERIES_PER_MESSAGE), or an inline chunk's that many
+# at a time.
+SEND_THREADS = DELIVERIES_PER_MESSAGE
+# No inline attempt starts later than this many inline budgets after the chunk's first (see `send_inline`).
+INLINE_START_BUDGETS = 2
+# What an inline attempt that was not sent (`send_inline`) counts as: unanswered, so it is handed over.
+_NOT_SENT = AttemptResult(status_code=None, latency_ms=0, error="not sent inline", response_excerpt=None,
+                          timed_out=True)
+
+_send_pool: ThreadPoolExecutor | None = None
+_send_pool_lock = threading.Lock()
+
+
+def _forget_send_pool() -> None:
+    """In a forked child: the parent's threads are not there; the child makes its own pool on first use."""
+    global _send_pool, _send_pool_lock  # noqa: PLW0603 - one pool per process
+    _send_pool, _send_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_send_pool)
+
+
+def _sending_pool() -> ThreadPoolExecutor:
+    """This process's threads for sending attempts side by side, made on first use (a pool per message or chunk
+    cost its thread start-ups each time: a good part of a delivery's CPU)."""
+    global _send_pool  # noqa: PLW0603 - one pool per process, made on first use (after a fork, in the child)
+    with _send_pool_lock:
+        if _send_pool is None:
+            _send_pool = ThreadPoolExecutor(max_workers=SEND_THREADS, thread_name_prefix="webhook")
+        return _send_pool
+
+
 def _send_all(attempts: Sequence[_Attempt], settings: Settings, resolve: Resolver, *,
-              timeout: float | None = None) -> list[AttemptResult]:
-    """Send each attempt (side by side when there are several: receivers wait on their own, none behind another),
-    each step of each waiting at most `timeout` (WEBHOOK_TIMEOUT_SECONDS unless given)."""
+              timeout: float | None = None, start_by: float | None = None) -> list[AttemptResult]:
+    """Send each attempt (side by side when there are several, SEND_THREADS at a time: receivers wait on their own,
+    none behind another), each step of each waiting at most `timeout` (WEBHOOK_TIMEOUT_SECONDS unless given).
+    `start_by` (time.monotonic()): an attempt not begun by then, or to an endpoint an attempt of this call ran out of
+    time for, is not sent (`_NOT_SENT`)."""
     allowed, ports = settings.webhook_networks, settings.webhook_ports
     wait = settings.webhook_timeout_seconds if timeout is None else timeout
+    timed_out: set[str] = set()  # endpoint ids
 
     def one(attempt: _Attempt) -> AttemptResult:
-        return send(attempt.url, attempt.body.encode(), attempt.headers, allowed=allowed, timeout=wait,
-                    resolve=resolve, ports=ports)
+        endpoint_id = attempt.delivery.endpoint_id
+        if start_by is not None and (endpoint_id in timed_out or time.monotonic() > start_by):
+            return _NOT_SENT
+        result = send(attempt.url, attempt.body.encode(), attempt.headers, allowed=allowed, timeout=wait,
+                      resolve=resolve, ports=ports)
+        if result.timed_out:
+            timed_out.add(endpoint_id)
+        return result
 
     if len(attempts) == 1:
         return [one(attempts[0])]
-    with ThreadPoolExecutor(max_workers=len(attempts), thread_name_prefix="webhook") as pool:
-        return list(pool.map(one, attempts))
+    return list(_sending_pool().map(one, attempts))
 
 
 def conclude_attempt(
@@ -498,28 +555,31 @@ def conclude_attempts(
         ).scalars())
     outcomes: list[str] = []
     events: list[dict[str, Any]] = []
-    with session.no_autoflush:  # the attempt rows go out together, with the first event
-        for (claim, delivery, result), (outcome, _) in zip(attempts, planned, strict=True):
-            if delivery.id not in won:
-                log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
-                outcomes.append("lost")
-                continue
-            outcomes.append(outcome)
-            events.extend(_concluded(session, claim, delivery, result, outcome, started_at=started_at, now=now))
+    rows: list[dict[str, Any]] = []
+    for (claim, delivery, result), (outcome, _) in zip(attempts, planned, strict=True):
+        if delivery.id not in won:
+            log.warning("webhook_attempt_discarded_claim_lost", delivery_id=claim.delivery_id)
+            outcomes.append("lost")
+            continue
+        outcomes.append(outcome)
+        rows.append({"delivery_id": delivery.id, "number": claim.attempt, "started_at": started_at,
+                     "status_code": result.status_code, "latency_ms": result.latency_ms, "error": result.error,
+                     "response_excerpt": result.response_excerpt})
+        events.extend(_concluded(session, claim, delivery, result, outcome, now=now))
+    if rows:
+        # The attempt rows in one plain INSERT (nothing reads them back in this transaction): a unit-of-work flush
+        # of ORM objects, returning their ids, cost a few milliseconds per conclusion.
+        session.connection().execute(_INSERT_ATTEMPTS, rows)
     for fields in events:
         record_event(session, **fields)
     return outcomes
 
 
 def _concluded(session: Session, claim: DeliveryClaim, delivery: WebhookDelivery, result: AttemptResult,
-               outcome: str, *, started_at: datetime, now: datetime) -> list[dict[str, Any]]:
-    """What a concluded attempt writes besides the delivery's state: its attempt row, a 410's disabled endpoint;
+               outcome: str, *, now: datetime) -> list[dict[str, Any]]:
+    """What a concluded attempt writes besides the delivery's state and its attempt row: a 410's disabled endpoint;
     and the fields of its audit events, returned."""
     metrics.webhook_attempt_concluded(session, outcome, result.latency_ms)
-    session.add(WebhookDeliveryAttempt(
-        delivery_id=delivery.id, number=claim.attempt, started_at=started_at, status_code=result.status_code,
-        latency_ms=result.latency_ms, error=result.error, response_excerpt=result.response_excerpt,
-    ))
     disabled = result.gone and _disable_endpoint(session, delivery.endpoint_id, now)
     details = {"endpoint_id": delivery.endpoint_id, "event_type": delivery.event_type,
                "submission_id": delivery.submission_id, "attempts": claim.attempt,

@@ -1,12 +1,15 @@
 """A verdict's webhooks sent by the moderation command itself, right after the verdict commits (issue 15 item 2;
 WEBHOOK_INLINE_SECONDS), in this process against real PostgreSQL and a real receiver: delivered with no message
-sent, audited and logged as `deliver` does; a receiver that does not answer within the budget handed over to the
-`webhooks` queue unconcluded (and sent nothing inline for a while); a process that died after the commit and before
-sending leaving a claim the sweep recovers; a chunk raising more than one message's worth going by message.
+sent, audited and logged as `deliver` does, however many a chunk raises; a receiver that does not answer within the
+budget handed over to the `webhooks` queue unconcluded (and sent nothing inline for a while), and in a large chunk sent
+one round of attempts at most; a process that died after the commit and before sending leaving a claim the sweep
+recovers.
 The same through real worker processes is in test_webhooks_worker.py."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -187,19 +190,80 @@ def test_a_process_that_died_after_the_commit_and_before_sending_leaves_the_deli
     assert [r.webhook_id for r in receiver.wait_for(1)] == [delivery["id"]]
 
 
-def test_more_deliveries_than_one_message_holds_go_by_message(
+def test_a_chunk_raising_more_than_one_message_holds_is_sent_inline_too(
     app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, inline: Settings,
     receiver: WebhookReceiver, published: list[Message],
 ) -> None:
-    # 5 endpoints x 2 events (flagged and completed): 10 deliveries, more than the 8 sent side by side.
+    # 5 endpoints x 2 events (flagged and completed): 10 deliveries, more than the SEND_THREADS sent side by side.
     for _ in range(5):
         create_endpoint(client, tenant, receiver.url)
     submit_and_moderate(app, client, tenant, database, inline, ABUSIVE, published)
-    assert len(delivery_messages(published)) == 10
-    assert receiver.requests == []
+    assert delivery_messages(published) == []
+    assert len(receiver.requests) == 10 > webhooks.SEND_THREADS
     with database.transaction() as session:
-        assert set(session.scalars(select(WebhookDelivery.status)
-                                   .where(WebhookDelivery.tenant_id == tenant.tenant_id))) == {"pending"}
+        assert list(session.scalars(select(WebhookDelivery.status)
+                                    .where(WebhookDelivery.tenant_id == tenant.tenant_id))) == ["succeeded"] * 10
+
+
+class Hanging:
+    """A receiver that takes connections and never answers (they wait in its accept queue): `connections()` says how
+    many were opened to it."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}/hook"
+        self._taken: list[socket.socket] = []
+
+    def connections(self) -> int:
+        self._socket.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._taken.append(self._socket.accept()[0])
+        return len(self._taken)
+
+    def close(self) -> None:
+        for taken in self._taken:
+            taken.close()
+        self._socket.close()
+
+
+def test_a_hanging_receiver_in_a_large_chunk_is_sent_at_most_one_round_and_the_rest_is_handed_over(
+    app: Flask, client: FlaskClient, tenant: TenantKey, database: Database, inline: Settings,
+    receiver: WebhookReceiver, published: list[Message],
+) -> None:
+    hanging = Hanging()
+    try:
+        hanging_id, _ = create_endpoint(client, tenant, hanging.url, events=["submission.completed"])
+        healthy_id, _ = create_endpoint(client, tenant, receiver.url, events=["submission.completed"])
+        count = webhooks.SEND_THREADS + 4
+        ids = []
+        for n in range(count):
+            response = client.post("/v1/submissions", json={"input": f"have a lovely day {n}"}, headers=tenant.headers)
+            assert response.status_code == 202, response.get_json()
+            ids.append(response.get_json()["id"])
+        published.clear()
+        outcome = moderation.moderate_submissions(database, app.extensions["verdict.provider"], ids, inline)
+        assert outcome == dict.fromkeys(ids, "completed")
+
+        # One chunk, 2 x `count` deliveries side by side: the hanging receiver got no more attempts than run at once
+        # (once one ran out of time the chunk sent it nothing more), none concluded: all handed over, by message.
+        assert hanging.connections() <= webhooks.SEND_THREADS < count
+        to_hanging = [d["id"] for d in deliveries(client, tenant, hanging_id)]
+        assert len(to_hanging) == count
+        assert {row_of(database, delivery_id) for delivery_id in to_hanging} == {("pending", 0, None, 0)}
+        assert all(attempts_of(database, delivery_id) == [] for delivery_id in to_hanging)
+        messaged = delivery_messages(published)
+        assert set(to_hanging) <= set(messaged)
+        # The healthy receiver's: delivered inline (or, on a very slow machine, handed over too): none lost.
+        to_healthy = deliveries(client, tenant, healthy_id)
+        assert len(to_healthy) == count
+        succeeded = {d["id"] for d in to_healthy if d["status"] == "succeeded"}
+        assert succeeded | (set(messaged) - set(to_hanging)) == {d["id"] for d in to_healthy}
+        assert {r.webhook_id for r in receiver.requests} >= succeeded
+        # Only the receiver that ran out of time is sent nothing inline for a while; not the ones merely not sent.
+        assert set(webhooks._slow_receivers) == {hanging_id}
+    finally:
+        hanging.close()
 
 
 def test_off_every_delivery_goes_by_message(

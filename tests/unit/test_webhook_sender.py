@@ -1,14 +1,25 @@
 """One delivery attempt against a real local receiver: the connection goes to the checked address with the
-original Host, redirects are not followed, proxies are not used, and only a short excerpt of the answer is kept."""
+original Host (and, over TLS, the original name for SNI and the certificate check), redirects are not followed,
+proxies are not used, and only a short excerpt of the answer is kept."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_network
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from app.webhooks import sender
 from app.webhooks.sender import EXCERPT_CHARS, send
 from tests.lanes import integration_fixture
 from tests.webhook_receiver import Answer, WebhookReceiver
@@ -131,3 +142,70 @@ def test_a_kept_connection_the_receiver_dropped_is_replaced(receiver: WebhookRec
     receiver.stop()
     receiver.start()
     assert send(receiver.url, b"{}", HEADERS, allowed=LOOPBACK, timeout=5).succeeded
+
+
+# ---- TLS: verified against the URL's name (SNI and the certificate check), whatever checked address it goes to ----
+
+
+@integration_fixture
+def tls_receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, list[str | None]]]:
+    """An HTTPS receiver on 127.0.0.1 with a certificate for `hooks.test` only, from a CA the sender is made to trust;
+    the port and the SNI names it was sent."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = datetime.now(UTC)
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(key.public_key())
+          .serial_number(1).not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks.test")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("hooks.test")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    client_context = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    monkeypatch.setattr(sender, "_tls_context", lambda: client_context)
+    monkeypatch.setattr(sender, "_clients", {})
+    names: list[str | None] = []
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server_context.sni_callback = lambda sock, name, ctx: names.append(name)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            """Silent."""
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = server_context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port, names
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_is_verified_against_the_urls_name_sent_by_sni(tls_receiver: tuple[int, list[str | None]]) -> None:
+    port, names = tls_receiver
+    result = send(f"https://hooks.test:{port}/in", b"{}", HEADERS, allowed=LOOPBACK, timeout=5, ports=None,
+                  resolve=dns({"hooks.test": ["127.0.0.1"]}))
+    assert result.succeeded, result
+    assert names == ["hooks.test"]
+
+
+def test_a_certificate_for_another_name_is_refused(tls_receiver: tuple[int, list[str | None]]) -> None:
+    port, names = tls_receiver
+    result = send(f"https://other.test:{port}/in", b"{}", HEADERS, allowed=LOOPBACK, timeout=5, ports=None,
+                  resolve=dns({"other.test": ["127.0.0.1"]}))
+    assert not result.succeeded and result.status_code is None and result.error == "connection failed"
+    assert names == ["other.test"]
