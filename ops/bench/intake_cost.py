@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import redis
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -38,9 +33,7 @@ from app.config import Settings  # noqa: E402
 from app.db import Database  # noqa: E402
 from app.outbox import MODERATE_SUBMISSION, Message  # noqa: E402
 from app.use_cases.keys import create_key  # noqa: E402
-
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+from ops.bench.scratch import REDIS_URL, create_scratch, drop_scratch  # noqa: E402
 
 
 class Meter:
@@ -123,11 +116,7 @@ def main() -> int:
     parser.add_argument("--idempotency", action="store_true", help="every POST carries its own Idempotency-Key")
     args = parser.parse_args()
 
-    name = f"intake_cost_{uuid.uuid4().hex[:8]}"
-    url = make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name).render_as_string(
-        hide_password=False)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name, url = create_scratch("intake_cost")
     database: Database | None = None
     try:
         settings = Settings(_env_file=None, database_url=url, broker_url=REDIS_URL,  # type: ignore[call-arg]
@@ -170,11 +159,7 @@ def main() -> int:
     finally:
         if database is not None:
             database.engine.dispose()
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{name}:*"):
-            client.delete(key)
+        drop_scratch(name)
     return 0
 
 

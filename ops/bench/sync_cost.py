@@ -27,16 +27,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import redis
 import redis.connection
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -48,9 +45,8 @@ from app.db import Database  # noqa: E402
 from app.extensions import PROVIDER  # noqa: E402
 from app.forking import settle_before_fork  # noqa: E402
 from app.use_cases.keys import create_key  # noqa: E402
+from ops.bench.scratch import REDIS_URL, create_scratch, drop_scratch  # noqa: E402
 
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 UPSTREAM_KEY = "sk-upstream-sync-cost"
 
 
@@ -178,11 +174,7 @@ def main() -> int:
     parser.add_argument("--profile", help="write a CPU-time profile (the client thread's) to this file")
     args = parser.parse_args()
 
-    name = f"sync_cost_{uuid.uuid4().hex[:8]}"
-    url = make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name).render_as_string(
-        hide_password=False)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name, url = create_scratch("sync_cost")
     fake = subprocess.Popen([sys.executable, "-m", "tests.fake_upstream", "--port", "0", "--api-key", UPSTREAM_KEY,
                              "--latency", str(args.latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -253,11 +245,7 @@ def main() -> int:
         if fake.poll() is None:
             os.killpg(fake.pid, signal.SIGINT)
             fake.wait(timeout=20)
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{name}:*"):
-            client.delete(key)
+        drop_scratch(name)
     return 0
 
 

@@ -16,15 +16,12 @@ import cProfile
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import event, select
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -43,10 +40,10 @@ from app.use_cases.authentication import Principal  # noqa: E402
 from app.use_cases.keys import create_key  # noqa: E402
 from app.use_cases.submissions import submit_content  # noqa: E402
 from app.use_cases.webhook_endpoints import create_endpoint  # noqa: E402
+from ops.bench.scratch import create_scratch, drop_scratch  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 from tests.webhook_receiver import WebhookReceiver  # noqa: E402
 
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -146,11 +143,7 @@ def main() -> int:
                              "embedded default's way, and the way before the doorbell)")
     args = parser.parse_args()
 
-    name = f"verdict_cost_{uuid.uuid4().hex[:8]}"
-    url = make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name).render_as_string(
-        hide_password=False)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    name, url = create_scratch("verdict_cost")
     upstream = FakeUpstream(api_key="sk-cost", latency=0.02).__enter__() if args.steady else None
     try:
         provider_settings: dict[str, Any] = {"moderation_provider": "local"} if upstream is None else {
@@ -252,8 +245,7 @@ def main() -> int:
     finally:
         if upstream is not None:
             upstream.__exit__(None, None, None)
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_scratch(name)
     return 0
 
 
