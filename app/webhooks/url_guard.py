@@ -3,6 +3,7 @@ WEBHOOK_ALLOWED_NETWORKS opens a network; checked on registration and before eve
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -70,7 +71,7 @@ def check_url(url: str, allowed: Sequence[Network], resolve: Resolver = system_r
     reached on (None: any)."""
     try:
         parts = urlsplit(url)
-        httpx.URL(url)  # what the sender will parse, so a URL that passes here can be sent
+        httpx.URL(url)  # a strict parser (RFC 3986, IDNA): a URL that passes here is well formed
     except (ValueError, httpx.InvalidURL) as exc:
         raise UnsafeUrl("is not a valid URL", code="invalid_url") from exc
     if parts.scheme not in {"http", "https"}:
@@ -121,6 +122,16 @@ class ResolutionTimedOut(OSError):
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_resolver_pool() -> None:
+    """In a forked child: the parent's threads are not there (a pool made before the fork would never run a
+    lookup); the child makes its own pool on first use."""
+    global _pool, _pool_lock  # noqa: PLW0603 - one pool per process
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_resolver_pool)
 
 
 def _resolver_pool() -> ThreadPoolExecutor:

@@ -3,6 +3,7 @@ network; IPv4 and IPv6, IPv4 inside IPv6, names that resolve to private addresse
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -195,3 +196,20 @@ def test_resolve_once_keeps_a_hosts_failure() -> None:
     with pytest.raises(UnsafeUrl) as refused:
         check_url("https://nowhere.invalid/", (), resolve)
     assert refused.value.code == "unresolvable_host"
+
+
+@pytest.mark.integration  # it forks (tests/lanes.py)
+def test_a_forked_child_looks_hosts_up_on_threads_of_its_own() -> None:
+    # The parent's pool exists (and has threads) before the fork; the child has none of those threads, so with the
+    # parent's pool its lookups would never run and every URL would fail as not resolved in time.
+    resolve_once(["https://before-fork.example.com/"], lambda host, port: ["93.184.216.34"], timeout=5)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if the lookup ran
+        code = 1
+        try:
+            resolve = resolve_once(["https://child.example.com/"], lambda host, port: ["93.184.216.34"], timeout=5)
+            code = 0 if check_url("https://child.example.com/", (), resolve).addresses == ("93.184.216.34",) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
