@@ -454,12 +454,16 @@ def verify_chain(
     session: Session, chain_id: str, *, start_seq: int | None = None, end_seq: int | None = None,
     batch_size: int = 1000,
 ) -> Verification:
-    """Recompute the stored chain (all of it, or start_seq..end_seq) and name the first broken event."""
+    """Recompute the stored chain (all of it, or start_seq..end_seq) and name the first broken event.
+
+    Writers go on appending while a chain is verified, so the head the stream is checked against is read again
+    after streaming, and the events appended meanwhile (up to that head) are verified too. Checking against the head
+    read before streaming would call every event committed during the stream "inserted without the writer" (a false
+    tamper alarm on any busy chain); reading it after the stream is sound, because the writer moves the head in the
+    same transaction as its events, so every event up to a head that can be read has been committed.
+    """
     first = start_seq or 1
-    head = session.execute(
-        select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.chain_id == chain_id)
-    ).one_or_none()
-    head_seq, head_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+    head_seq, _ = _chain_head(session, chain_id)
     if first > 1 and first > head_seq:
         # A range that starts past the head holds no event yet: nothing to verify, and nothing missing. Calling it
         # "deleted from the end" would be a false tamper alarm (issue 17 item 6); the full chain's check is unchanged.
@@ -471,15 +475,39 @@ def verify_chain(
             select(AuditEvent.hash).where(AuditEvent.chain_id == chain_id, AuditEvent.seq == first - 1)
         )
     verifier = ChainVerifier(first_seq=first if first <= head_seq else None, anchor_hash=anchor)
-    with closing(stream_events(session, chain_id, start_seq=first, end_seq=end_seq, batch_size=batch_size)) as events:
-        for event in events:
-            if not verifier.feed(canonical_fields(event), event.hash):
-                break
+    _feed(verifier, session, chain_id, first, end_seq, batch_size)
+    head_seq, head_hash = _chain_head(session, chain_id)
+    seen = verifier.last_seq or first - 1
+    until = head_seq if end_seq is None else min(end_seq, head_seq)
+    if verifier.broken is None and seen < until:
+        _feed(verifier, session, chain_id, seen + 1, until, batch_size)  # appended while the first stream ran
     if end_seq is None or end_seq >= head_seq:
         verifier.check_head(head_seq, head_hash)
-    elif verifier.broken is None and (verifier.last_seq or first - 1) < end_seq:
-        last = verifier.last_seq or first - 1
-        verifier.mark_broken(last + 1, "missing", f"seq {span(last + 1, end_seq)} is missing (deleted)", None)
+    else:
+        _check_range_end(verifier, first, end_seq)
     result = verifier.result()
     return Verification(chain=chain_id, count=result.count, first_seq=result.first_seq, last_seq=result.last_seq,
                         head_hash=result.head_hash, broken=result.broken, notes=result.notes)
+
+
+def _chain_head(session: Session, chain_id: str) -> tuple[int, str]:
+    """The chain's head as committed now (seq 0 and the genesis hash for a chain with no event yet)."""
+    head = session.execute(
+        select(AuditChainHead.seq, AuditChainHead.hash).where(AuditChainHead.chain_id == chain_id)
+    ).one_or_none()
+    return (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+
+
+def _feed(verifier: ChainVerifier, session: Session, chain_id: str, low: int, high: int | None,
+          batch_size: int) -> None:
+    with closing(stream_events(session, chain_id, start_seq=low, end_seq=high, batch_size=batch_size)) as events:
+        for event in events:
+            if not verifier.feed(canonical_fields(event), event.hash):
+                break
+
+
+def _check_range_end(verifier: ChainVerifier, first: int, end_seq: int) -> None:
+    """A range that ends before the head must reach its end: events missing at its end were deleted."""
+    last = verifier.last_seq or first - 1
+    if verifier.broken is None and last < end_seq:
+        verifier.mark_broken(last + 1, "missing", f"seq {span(last + 1, end_seq)} is missing (deleted)", None)

@@ -15,6 +15,7 @@ from sqlalchemy import select, text
 from app.audit_chain import SYSTEM_CHAIN, canonical_fields, hash_fields
 from app.db import Database
 from app.models import AuditChainHead, AuditEvent, AuthFailureWindow, utcnow
+from app.use_cases import audit
 from app.use_cases.audit import record_event, verify_chain
 from app.use_cases.keys import revoke_key
 from tests.conftest import TenantKey, issue_key
@@ -230,6 +231,65 @@ def test_a_range_past_the_head_is_empty_and_ok(database: Database, tenant: Tenan
     sql(database, "DELETE FROM audit_events WHERE chain_id = :c AND seq >= :s", c=tenant.tenant_id, s=head - 1)
     assert (verify(database, tenant.tenant_id, start_seq=head - 1).broken.code) == "missing"
     assert verify(database, tenant.tenant_id).broken.code == "missing"
+
+
+def test_an_event_inserted_past_the_head_without_the_writer_is_found(database: Database, tenant: TenantKey) -> None:
+    append(database, tenant.tenant_id, 3)
+    head = events_of(database, tenant.tenant_id)[-1].seq
+    # A well-formed event one seq past the head, linked to the newest event and hashed as the writer would hash it,
+    # inserted without moving the head: every link holds, so only the head check can tell.
+    columns = [c.name for c in AuditEvent.__table__.columns if c.name not in ("id", "seq", "prev_hash", "hash")]
+    sql(database, f"INSERT INTO audit_events (seq, prev_hash, hash, {', '.join(columns)}) "
+        f"SELECT seq + 1, hash, '', {', '.join(columns)} FROM audit_events WHERE chain_id = :c AND seq = :s",
+        c=tenant.tenant_id, s=head)
+    forged = events_of(database, tenant.tenant_id)[-1]
+    sql(database, "UPDATE audit_events SET hash = :h WHERE chain_id = :c AND seq = :s",
+        h=hash_fields(canonical_fields(forged)), c=tenant.tenant_id, s=head + 1)
+    result = verify(database, tenant.tenant_id)
+    assert result.broken is not None
+    assert (result.broken.seq, result.broken.code) == (head + 1, "head_mismatch"), result.broken
+    assert "inserted without going through the writer" in result.broken.reason
+
+
+def appending_while_streaming(monkeypatch: pytest.MonkeyPatch, database: Database, tenant_id: str, count: int,
+                              when: str) -> None:
+    """Make the verifier's first stream append `count` events from another transaction, before its query runs or
+    after it has read its last row, as a writer does on a busy chain."""
+    original = audit.stream_events
+    calls = []
+
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        if len(calls) == 1 and when == "before-stream":
+            append(database, tenant_id, count)
+        yield from original(*args, **kwargs)
+        if len(calls) == 1 and when == "after-stream":
+            append(database, tenant_id, count)
+
+    monkeypatch.setattr(audit, "stream_events", stream)
+
+
+@pytest.mark.parametrize("when", ["before-stream", "after-stream"])
+def test_events_appended_while_a_chain_is_verified_are_not_a_tamper_alarm(
+        database: Database, tenant: TenantKey, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    append(database, tenant.tenant_id, 3)
+    head = events_of(database, tenant.tenant_id)[-1].seq
+    appending_while_streaming(monkeypatch, database, tenant.tenant_id, 2, when)
+    result = verify(database, tenant.tenant_id)
+    assert result.ok, result.broken
+    assert (result.count, result.last_seq) == (head + 2, head + 2)
+    assert result.head_hash == events_of(database, tenant.tenant_id)[-1].hash
+
+
+@pytest.mark.parametrize("when", ["before-stream", "after-stream"])
+def test_a_range_reaching_past_the_head_while_events_are_appended_verifies(
+        database: Database, tenant: TenantKey, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    append(database, tenant.tenant_id, 3)
+    head = events_of(database, tenant.tenant_id)[-1].seq
+    appending_while_streaming(monkeypatch, database, tenant.tenant_id, 4, when)
+    result = verify(database, tenant.tenant_id, start_seq=2, end_seq=head + 2)
+    assert result.ok, result.broken
+    assert (result.first_seq, result.last_seq) == (2, head + 2)
 
 
 def test_an_empty_chain_verifies(database: Database) -> None:
