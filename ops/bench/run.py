@@ -65,6 +65,8 @@ RESULT_FIELDS = (
     ("api_rss_mb", ".0f"), ("worker_rss_mb", ".0f"),
 )
 PHASES = ("upstream", "intake", "sync", "e2e", "steady")
+# Where an intake request's CPU goes (per request, each route): the API's processes, PostgreSQL, the client threads.
+INTAKE_CPU_PARTS = ("api", "pg", "clients")
 
 
 def log(message: str) -> None:
@@ -465,21 +467,40 @@ class Bench:
         flat = [v for slot in latencies for v in slot]
         return len(flat) / elapsed, flat
 
-    def intake(self, url: str) -> None:
+    def intake(self, url: str, api: Proc) -> None:
         key = self.new_key()
         headers = {"Authorization": f"Bearer {key}"}
-        base_rps, base_lat = self.load(lambda http: http.get(f"{url}/v1/models", headers=headers).status_code, 200)
+        base_rps, base_lat = self._intake_cpu("baseline", api, lambda: self.load(
+            lambda http: http.get(f"{url}/v1/models", headers=headers).status_code, 200))
         counter = iter(range(10**9))
-        rps, lat = self.load(lambda http: http.post(
+        rps, lat = self._intake_cpu("intake", api, lambda: self.load(lambda http: http.post(
             f"{url}/v1/submissions", json={"input": f"intake text {next(counter)}: have a lovely day"},
-            headers=headers).status_code, 202)
+            headers=headers).status_code, 202))
         self.results.update(intake_rps=rps, intake_ratio=rps / base_rps, intake_p50_ms=percentile(lat, 0.5),
                             intake_p99_ms=percentile(lat, 0.99), baseline_rps=base_rps,
                             baseline_p50_ms=percentile(base_lat, 0.5), baseline_p99_ms=percentile(base_lat, 0.99))
-        log(f"intake: POST /v1/submissions {rps:.0f} req/s (p50 {self.results['intake_p50_ms']:.1f} ms, "
-            f"p99 {self.results['intake_p99_ms']:.1f} ms); GET /v1/models {base_rps:.0f} req/s "
-            f"(p50 {self.results['baseline_p50_ms']:.1f} ms, p99 {self.results['baseline_p99_ms']:.1f} ms)")
+        r = self.results
+        log(f"intake: POST /v1/submissions {rps:.0f} req/s (p50 {r['intake_p50_ms']:.1f} ms, "
+            f"p99 {r['intake_p99_ms']:.1f} ms); GET /v1/models {base_rps:.0f} req/s "
+            f"(p50 {r['baseline_p50_ms']:.1f} ms, p99 {r['baseline_p99_ms']:.1f} ms); CPU per request, "
+            + "; ".join(f"{route}: " + ", ".join(f"{part} {r[f'{label}_{part}_cpu_ms']:.2f} ms"
+                                                 for part in INTAKE_CPU_PARTS)
+                        for route, label in (("POST", "intake"), ("GET", "baseline"))))
         self.abandon_unfinished()
+
+    def _intake_cpu(self, label: str, api: Proc,
+                    run: Callable[[], tuple[float, list[float]]]) -> tuple[float, list[float]]:
+        """Run one intake load and record the CPU each part spent per request: the API's processes, PostgreSQL's
+        backends and this process's client threads. On two cores the parts share the machine, so a route's rate is
+        about 2 / the sum of its parts; the parts say which one to cut."""
+        api_cpu, pg_before, own = api.cpu_seconds(), self.postgres_cpu(), time.process_time()
+        rps, latencies = run()
+        requests = max(1, len(latencies))
+        pg = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in self.postgres_cpu().items())
+        self.results.update({f"{label}_api_cpu_ms": 1000 * (api.cpu_seconds() - api_cpu) / requests,
+                             f"{label}_pg_cpu_ms": 1000 * pg / requests,
+                             f"{label}_clients_cpu_ms": 1000 * (time.process_time() - own) / requests})
+        return rps, latencies
 
     # -- phase: the synchronous path -------------------------------------------------------------------------
 
@@ -792,6 +813,9 @@ class Bench:
              f"{r['intake_rps']:.1f} req/s, p50 {r['intake_p50_ms']:.1f} ms, p99 {r['intake_p99_ms']:.1f} ms",
              f"`GET /v1/models`: {r['baseline_rps']:.1f} req/s, p50 {r['baseline_p50_ms']:.1f} ms, "
              f"p99 {r['baseline_p99_ms']:.1f} ms", f"{r['intake_ratio']:.3f}"),
+            ("intake: CPU per request (API / PostgreSQL / clients)",
+             " / ".join(f"{r[f'intake_{part}_cpu_ms']:.2f}" for part in INTAKE_CPU_PARTS) + " ms",
+             " / ".join(f"{r[f'baseline_{part}_cpu_ms']:.2f}" for part in INTAKE_CPU_PARTS) + " ms", ""),
             (f"end to end: {a.e2e_texts} texts, submit to stored verdict, local engine",
              f"{r['e2e_tps']:.1f} texts/s", f"no-op Celery task: {r['noop_tps']:.1f} tasks/s",
              f"{r['e2e_ratio']:.3f}"),
@@ -908,7 +932,7 @@ def main() -> int:
         if "upstream" in phases:
             bench.upstream(url)
         if "intake" in phases:
-            bench.intake(url)
+            bench.intake(url, api)
         if "sync" in phases:
             bench.sync_path()
         if "e2e" in phases:
